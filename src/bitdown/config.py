@@ -1,0 +1,311 @@
+"""Quantization configuration: presets, per-layer overrides, and the resolved per-layer plan.
+
+A `QuantConfig` says how every conv / linear layer of a model is product-quantized. The plan for
+one layer is resolved with coremltools-style precedence:
+
+    module name (regex, full match on the fully qualified name)  >  layer type  >  preset
+
+Layer types are `conv1x1`, `convkxk` (any kernel larger than 1x1, depthwise included), `linear`,
+or a class name (`Conv2d`, `Linear`, a user subclass name). A type-kind key wins over a class-name
+key. The paper's presets (Stock et al. 2020, section 4.1):
+
+    small: 3x3 (any kxk) convs d = kh*kw,   1x1 convs d = 4, linear d = 4
+    large: kxk convs d = 2*kh*kw,           1x1 convs d = 8, linear d = 4
+    256 centroids everywhere (one-byte codes), and K is clamped per layer to the largest power of
+    two strictly below n_subvectors / 4.
+
+The stem conv (the first conv in forward order) is left uncompressed by default, as in the paper.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+PRESETS: dict[str, dict[str, int]] = {
+    # kind -> block size; 'convkxk' is a multiplier of the kernel area (1 = one kernel per block)
+    "small": {"convkxk": 1, "conv1x1": 4, "linear": 4},
+    "large": {"convkxk": 2, "conv1x1": 8, "linear": 4},
+}
+LAYER_KINDS = ("conv1x1", "convkxk", "linear")
+OVERRIDE_KEYS = ("block_size", "n_centroids", "skip")
+MAX_CENTROIDS = 1 << 15  # codes are stored as int16 at most
+
+
+@dataclass
+class EMConfig:
+    """Options of the output-aware EM (see em.py). Unknown keys are rejected by `from_dict`."""
+
+    n_iter: int = 30
+    tol: float = 1e-5               # stop when the relative objective decrease is below this
+    init: str = "kmeans++"          # 'kmeans++' | 'random' (random subset of the subvectors)
+    n_restarts: int = 1             # several seeded inits, the best objective is kept
+    objective: str = "pooled"       # 'pooled' (one Gram, the paper) | 'per_block' (one Gram per block position)
+    error_feedback: bool = False    # GPTQ-style: assign codes block by block, pushing the error forward
+    damp: float = 0.01              # relative diagonal damping of the full Gram for error feedback
+    code_reopt: int = 0             # sweeps of code re-optimisation on the exact objective (full Gram)
+    codebook_refit: bool = False    # refit the codebook on the exact objective (full Gram) after codes
+
+    def __post_init__(self) -> None:
+        if self.n_iter < 0:
+            raise ValueError(f"n_iter must be >= 0, got {self.n_iter}")
+        if self.tol < 0:
+            raise ValueError(f"tol must be >= 0, got {self.tol}")
+        if self.init not in ("kmeans++", "random"):
+            raise ValueError(f"init must be 'kmeans++' or 'random', got {self.init!r}")
+        if self.n_restarts < 1:
+            raise ValueError(f"n_restarts must be >= 1, got {self.n_restarts}")
+        if self.objective not in ("pooled", "per_block"):
+            raise ValueError(f"objective must be 'pooled' or 'per_block', got {self.objective!r}")
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"damp must be in [0, 1), got {self.damp}")
+        if self.code_reopt < 0:
+            raise ValueError(f"code_reopt must be >= 0, got {self.code_reopt}")
+
+    @property
+    def needs_full_gram(self) -> bool:
+        return self.error_feedback or self.code_reopt > 0 or self.codebook_refit
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EMConfig":
+        return cls(**_checked(d, {f.name for f in fields(cls)}, "EM option"))
+
+
+@dataclass
+class LayerPlan:
+    """The resolved quantization of one layer (what the quantizer does and what the file stores)."""
+
+    name: str
+    kind: str                 # conv1x1 | convkxk | linear
+    weight_shape: tuple[int, ...]
+    block_size: int
+    n_centroids: int          # after clamping
+    groups: int = 1
+
+    @property
+    def row_length(self) -> int:
+        return math.prod(self.weight_shape[1:])
+
+    @property
+    def n_subvectors(self) -> int:
+        return math.prod(self.weight_shape) // self.block_size
+
+    @property
+    def code_bits(self) -> float:
+        return math.log2(self.n_centroids)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["weight_shape"] = list(self.weight_shape)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "LayerPlan":
+        d = dict(d)
+        d["weight_shape"] = tuple(d["weight_shape"])
+        return cls(**d)
+
+
+@dataclass
+class QuantConfig:
+    """How to quantize a model: a preset, global settings, overrides, and the EM options.
+
+    `name_overrides` / `type_overrides` map a regex (full match on the module's fully qualified
+    name) / a layer type to a dict with any of `block_size`, `n_centroids`, `skip`.
+    """
+
+    preset: str = "small"
+    n_centroids: int = 256
+    quantize_stem: bool = False
+    name_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    type_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    em: EMConfig = field(default_factory=EMConfig)
+    seed: int = 0
+    calib_images: int = 1024        # images used for the statistics of each layer
+    batch_size: int = 128
+    bn_recalibrate: bool = True     # re-estimate BatchNorm running statistics after quantization
+    bn_images: int = 2048           # images used for that
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        _check_centroids(self.n_centroids, "n_centroids")
+        if isinstance(self.em, dict):
+            self.em = EMConfig.from_dict(self.em)
+        for pattern, ov in self.name_overrides.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"name override {pattern!r} is not a valid regex: {e}") from None
+            _check_override(ov, f"name override {pattern!r}")
+        for key, ov in self.type_overrides.items():
+            _check_override(ov, f"type override {key!r}")
+        for k in ("calib_images", "batch_size", "bn_images"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        d = _checked(d, {f.name for f in fields(cls)}, "config key")
+        return cls(**d)
+
+
+def _checked(d: dict[str, Any], allowed: set[str], what: str) -> dict[str, Any]:
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown}; allowed: {sorted(allowed)}")
+    return dict(d)
+
+
+def _check_centroids(k: int, what: str) -> None:
+    if not isinstance(k, int) or k < 2 or k > MAX_CENTROIDS or k & (k - 1):
+        raise ValueError(f"{what} must be a power of two in [2, {MAX_CENTROIDS}], got {k!r}")
+
+
+def _check_override(ov: dict[str, Any] | None, what: str) -> None:
+    if ov is None:
+        return
+    if not isinstance(ov, dict):
+        raise ValueError(f"{what} must be a dict with keys {OVERRIDE_KEYS}, got {type(ov).__name__}")
+    unknown = sorted(set(ov) - set(OVERRIDE_KEYS))
+    if unknown:
+        raise ValueError(f"{what}: unknown key(s) {unknown}; allowed: {list(OVERRIDE_KEYS)}")
+    if "block_size" in ov and (not isinstance(ov["block_size"], int) or ov["block_size"] < 1):
+        raise ValueError(f"{what}: block_size must be a positive int, got {ov['block_size']!r}")
+    if "n_centroids" in ov:
+        _check_centroids(ov["n_centroids"], f"{what}: n_centroids")
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """`conv1x1`, `convkxk`, `linear`, or None for a module bitdown does not quantize."""
+    if isinstance(module, nn.Conv2d):
+        return "conv1x1" if tuple(module.kernel_size) == (1, 1) else "convkxk"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    return None
+
+
+def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every Conv2d / Linear, in registration order (use forward_order for forward order)."""
+    return [(n, m) for n, m in model.named_modules() if layer_kind(m) is not None]
+
+
+def clamp_centroids(n_centroids: int, n_subvectors: int) -> int:
+    """The paper's clamp: K at most the largest power of two strictly below n_subvectors / 4."""
+    limit = n_subvectors / 4
+    k = 1
+    while k * 2 < limit:
+        k *= 2
+    return min(n_centroids, k)
+
+
+def resolve_layer(name: str, module: nn.Module, config: QuantConfig, is_stem: bool = False,
+                  ) -> tuple[LayerPlan | None, str]:
+    """The plan for one layer, or (None, reason) when it stays uncompressed.
+
+    Raises ValueError when a block size was forced by an override and does not divide the layer.
+    """
+    kind = layer_kind(module)
+    if kind is None:
+        return None, "not a Conv2d/Linear"
+    weight = module.weight
+    shape = tuple(weight.shape)
+    row = math.prod(shape[1:])
+    if kind == "convkxk":
+        kh, kw = module.kernel_size
+        block_size = PRESETS[config.preset]["convkxk"] * kh * kw
+    else:
+        block_size = PRESETS[config.preset][kind]
+    n_centroids = config.n_centroids
+    skip = is_stem and not config.quantize_stem
+    forced = False
+    reason = "stem conv (quantize_stem=False)" if skip else ""
+
+    for key in (type(module).__name__, kind):  # a kind key wins over a class-name key
+        if key not in config.type_overrides:
+            continue
+        ov = config.type_overrides[key]
+        if ov is None:
+            skip, reason = True, f"type override {key!r} is None"
+            continue
+        if "block_size" in ov:
+            block_size, forced = ov["block_size"], True
+        n_centroids = ov.get("n_centroids", n_centroids)
+        if "skip" in ov:
+            skip, reason = bool(ov["skip"]), f"type override {key!r}"
+    for pattern, ov in config.name_overrides.items():
+        if re.fullmatch(pattern, name):
+            if ov is None:
+                skip, reason = True, f"name override {pattern!r} is None"
+                continue
+            if "block_size" in ov:
+                block_size, forced = ov["block_size"], True
+            n_centroids = ov.get("n_centroids", n_centroids)
+            if "skip" in ov:
+                skip, reason = bool(ov["skip"]), f"name override {pattern!r}"
+    if skip:
+        return None, reason or "skipped by override"
+    if row % block_size:
+        msg = (f"layer {name!r}: block_size {block_size} does not divide its row length {row} "
+               f"(weight {list(shape)})")
+        if forced:
+            raise ValueError(msg)
+        return None, msg
+    n_sub = math.prod(shape) // block_size
+    k = clamp_centroids(n_centroids, n_sub)
+    if k < 2:
+        return None, f"layer {name!r}: only {n_sub} subvectors, too few for 2 centroids"
+    if k != n_centroids:
+        log.debug("%s: n_centroids clamped %d -> %d (%d subvectors)", name, n_centroids, k, n_sub)
+    groups = module.groups if isinstance(module, nn.Conv2d) else 1
+    return LayerPlan(name, kind, shape, block_size, k, groups), ""
+
+
+def resolve_plan(model: nn.Module, config: QuantConfig, order: list[str] | None = None,
+                 ) -> tuple[list[LayerPlan], dict[str, str]]:
+    """Plans for every quantizable layer (in `order` if given) and the reasons for those skipped.
+
+    The stem is the first conv in `order` (forward order) or, without it, in registration order.
+    """
+    layers = dict(quantizable_layers(model))
+    if not layers:
+        raise ValueError("the model has no Conv2d or Linear layer to quantize")
+    names = order if order is not None else list(layers)
+    unknown = [n for n in names if n not in layers]
+    if unknown:
+        raise ValueError(f"layers {unknown} are not Conv2d/Linear modules of the model")
+    convs = [n for n in names if isinstance(layers[n], nn.Conv2d)]
+    stem = convs[0] if convs else None
+    _check_patterns_match(config, layers)
+    plans, skipped = [], {}
+    for name in names:
+        plan, reason = resolve_layer(name, layers[name], config, is_stem=(name == stem))
+        if plan is None:
+            skipped[name] = reason
+            log.info("leaving %s uncompressed: %s", name, reason)
+        else:
+            plans.append(plan)
+    if not plans:
+        raise ValueError(f"no layer left to quantize; skipped: {skipped}")
+    return plans, skipped
+
+
+def _check_patterns_match(config: QuantConfig, layers: dict[str, nn.Module]) -> None:
+    names = list(layers)
+    for pattern in config.name_overrides:
+        if not any(re.fullmatch(pattern, n) for n in names):
+            raise ValueError(f"name override {pattern!r} matches no Conv2d/Linear layer; "
+                             f"layers are e.g. {names[:5]}")
+    types = {layer_kind(m) for m in layers.values()} | {type(m).__name__ for m in layers.values()}
+    for key in config.type_overrides:
+        if key not in types:
+            raise ValueError(f"type override {key!r} matches no layer; types here: {sorted(types)}")

@@ -1,0 +1,375 @@
+"""Output-aware product quantization of one layer: an EM (k-means) on the weight subvectors.
+
+A weight W is (C_out, R) after flattening each output filter in (C_in, kh, kw) order; each row is
+cut into nb = R / d subvectors m_{o,b} of d consecutive entries, and each is replaced by a
+codeword c_{k(o,b)} of a codebook C (K, d). With X the layer's input patches (stats.py), the
+paper's objective is the error of the layer's outputs,
+
+    ||X (W - W_hat)^T||^2 = sum_o (w_o - w_hat_o)^T H (w_o - w_hat_o),    H = X^T X  (R x R).
+
+Dropping the cross-block terms of H gives the two objectives the EM minimises exactly:
+
+    pooled     sum_{o,b} (m_{o,b} - c)^T G (m_{o,b} - c),      G = sum_b H_bb         (the paper's)
+    per_block  sum_{o,b} (m_{o,b} - c)^T H_bb (m_{o,b} - c),   one Gram per block position
+
+E-step: argmin_k  -2 (G m)^T c_k + c_k^T G c_k  (one matmul, G m computed once).
+M-step: c_k = (sum_{m in S_k} G_m)^-1 sum_{m in S_k} G_m m  (the mean for the pooled objective).
+Empty clusters are refilled by splitting the most populated one.
+
+Beyond the paper (all on the full H, the exact objective; options of EMConfig):
+- error_feedback: GPTQ/GPTVQ-style assignment, block after block, pushing each block's output
+  error onto the blocks not yet quantized through the Cholesky factor of H^-1;
+- codebook_refit: the codebook minimising the exact objective for fixed codes (conjugate gradient);
+- code_reopt: coordinate descent over the codes on the exact objective.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import EMConfig
+
+log = logging.getLogger(__name__)
+
+ROW_CHUNK = 1 << 20  # E-step scores per chunk (4 MB of float32: the (chunk, K) matrix stays in cache)
+
+
+@dataclass
+class EMResult:
+    codebook: torch.Tensor          # (K, d) float32
+    codes: torch.Tensor             # (C_out, nb) int64
+    objective: float                # final value of the minimised objective
+    history: list[float] = field(default_factory=list)  # objective after every EM iteration
+    n_iter: int = 0
+    rel_error: float = float("nan")  # sqrt(objective / energy): relative output error on calibration data
+    exact: bool = False             # whether `objective` is the exact (full-H) one
+
+    def weight(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.codebook[self.codes].reshape(shape)
+
+
+def subvectors(weight: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(C_out, ...) weight -> (C_out, nb, d) subvectors of consecutive row entries."""
+    rows = weight.detach().reshape(weight.shape[0], -1)                    # (C_out, R)
+    if rows.shape[1] % block_size:
+        raise ValueError(f"block_size {block_size} does not divide the row length {rows.shape[1]} "
+                         f"of a weight of shape {list(weight.shape)}")
+    return rows.reshape(rows.shape[0], -1, block_size)                     # (C_out, nb, d)
+
+
+def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"{name} has non-finite (NaN/inf) values")
+
+
+class _Metric:
+    """The per-subvector Gram metric: G_p for every subvector's block position p = (group, b)."""
+
+    def __init__(self, grams: torch.Tensor, c_out: int, pooled: bool):
+        # grams: (g, nb, d, d) float64; a pooled metric is one Gram expanded to (1, nb, d, d)
+        self.grams = grams
+        self.pooled = pooled
+        self.g = grams.shape[0]
+        self.c_out = c_out
+
+    def split(self, m: torch.Tensor) -> torch.Tensor:
+        return m.reshape(self.g, self.c_out // self.g, *m.shape[1:])        # (g, opg, nb, d)
+
+    def apply(self, m: torch.Tensor) -> torch.Tensor:
+        """G_p m for every subvector: (C_out, nb, d) -> (C_out, nb, d)."""
+        gm = torch.einsum("gobd,gbde->gobe", self.split(m), self.grams.to(m.dtype))
+        return gm.reshape(m.shape)
+
+    def quad(self, c: torch.Tensor) -> torch.Tensor:
+        """c_k^T G_p c_k for every position: (K, d) -> (g, nb, K), or (1, 1, K) when pooled."""
+        if self.pooled:
+            return torch.einsum("kd,de,ke->k", c, self.grams[0, 0].to(c.dtype), c)[None, None]
+        return torch.einsum("kd,gbde,ke->gbk", c, self.grams.to(c.dtype), c)
+
+
+def _assign(mg: torch.Tensor, metric: _Metric, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """E-step. mg: (C_out, nb, d) = G m. Returns codes (C_out, nb) and the score minimum (C_out, nb),
+    where score = -2 (G m)^T c + c^T G c = cost - m^T G m. Scores are float32 (an argmin)."""
+    c = codebook.float()                                                   # (K, d)
+    cgc = metric.quad(codebook.double()).float()                           # (g, nb, K) or (1, 1, K)
+    g, (c_out, nb, d) = metric.g, mg.shape
+    k = c.shape[0]
+    opg = c_out // g
+    codes = torch.empty(c_out, nb, dtype=torch.long)
+    best = torch.empty(c_out, nb, dtype=torch.float32)
+    rows_per_chunk = max(1, ROW_CHUNK // (nb * k))                          # keeps the scores in cache
+    for o0 in range(0, c_out, rows_per_chunk):
+        o1 = min(c_out, o0 + rows_per_chunk)
+        x = mg[o0:o1].float().reshape(-1, d)                               # (rows*nb, d)
+        if metric.pooled:
+            scores = torch.addmm(cgc[0, 0], x, c.T, alpha=-2.0)            # (rows*nb, K)
+        else:
+            scores = (x @ c.T).view(o1 - o0, nb, k).mul_(-2.0)             # (rows, nb, K)
+            scores = scores.add_(cgc[torch.arange(o0, o1) // opg]).view(-1, k)
+        val, idx = scores.min(dim=1)                                       # (rows*nb,)
+        best[o0:o1], codes[o0:o1] = val.view(o1 - o0, nb), idx.view(o1 - o0, nb)
+    return codes, best
+
+
+def _update(m: torch.Tensor, mg: torch.Tensor, codes: torch.Tensor, metric: _Metric, codebook: torch.Tensor,
+            pooled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """M-step: the exact minimiser for each non-empty cluster. Returns (codebook, counts)."""
+    k, d = codebook.shape
+    flat = codes.reshape(-1)                                               # (N,)
+    counts = torch.bincount(flat, minlength=k)                             # (K,)
+    new = codebook.clone().to(m.dtype)                                     # (K, d)
+    nonempty = counts > 0
+    if pooled:
+        sums = torch.zeros(k, d, dtype=m.dtype).index_add_(0, flat, m.reshape(-1, d))   # (K, d)
+        new[nonempty] = sums[nonempty] / counts[nonempty, None].to(m.dtype)
+    else:
+        g, nb = metric.g, metric.grams.shape[1]
+        pos = (torch.arange(m.shape[0]) // (m.shape[0] // g))[:, None] * nb + torch.arange(nb)[None, :]
+        pc = torch.bincount(flat * (g * nb) + pos.reshape(-1), minlength=k * g * nb)    # (K*P,)
+        a = torch.einsum("kp,pde->kde", pc.reshape(k, g * nb).double(),
+                         metric.grams.reshape(g * nb, d, d))                # (K, d, d)
+        rhs = torch.zeros(k, d, dtype=torch.float64).index_add_(0, flat, mg.reshape(-1, d).double())  # (K, d)
+        idx = nonempty.nonzero().squeeze(1)
+        a_ne = a[idx]                                                      # (K', d, d)
+        ridge = 1e-9 * a_ne.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
+        a_ne = a_ne + ridge[:, None, None] * torch.eye(d, dtype=torch.float64)
+        sol = torch.linalg.solve(a_ne, rhs[idx].unsqueeze(-1)).squeeze(-1)  # (K', d)
+        new[idx] = sol.to(m.dtype)
+    return new, counts
+
+
+def _split_empty(codebook: torch.Tensor, counts: torch.Tensor) -> int:
+    """Refill every empty cluster by splitting the currently most populated one (in place)."""
+    counts = counts.clone()
+    empty = (counts == 0).nonzero().squeeze(1).tolist()
+    eps = 1.0 / 1024
+    sign = torch.ones(codebook.shape[1], dtype=codebook.dtype)
+    sign[1::2] = -1                                                        # (d,)
+    for e in empty:
+        j = int(counts.argmax())
+        if counts[j] <= 1:
+            break
+        c = codebook[j].clone()
+        scale = c.abs().clamp_min(c.abs().max() * 1e-3 + 1e-12)
+        codebook[e] = c + eps * sign * scale
+        codebook[j] = c - eps * sign * scale
+        counts[e] = counts[j] // 2
+        counts[j] -= counts[e]
+    return len(empty)
+
+
+def _whitener(gram: torch.Tensor) -> torch.Tensor:
+    """L with L L^T = G (+ a tiny ridge), float64 (d, d)."""
+    d = gram.shape[0]
+    ridge = 1e-8 * gram.diagonal().mean().clamp_min(1e-30)
+    return torch.linalg.cholesky(gram + ridge * torch.eye(d, dtype=gram.dtype))
+
+
+def _init(points: torch.Tensor, k: int, method: str, gen: torch.Generator) -> torch.Tensor:
+    """Initial codebook rows chosen among `points` (N, d) (whitened, Euclidean). Returns indices (K,)."""
+    n = points.shape[0]
+    if method == "random":
+        return torch.randperm(n, generator=gen)[:k]
+    # k-means++ (Arthur & Vassilvitskii 2007), on the whitened subvectors
+    idx = torch.empty(k, dtype=torch.long)
+    idx[0] = torch.randint(n, (1,), generator=gen)
+    d2 = (points - points[idx[0]]).pow(2).sum(1)                           # (N,)
+    for i in range(1, k):
+        total = d2.sum()
+        if total <= 0:                                                      # fewer distinct points than k
+            idx[i] = torch.randint(n, (1,), generator=gen)
+        else:
+            u = torch.rand(1, generator=gen, dtype=torch.float64) * total
+            idx[i] = torch.searchsorted(torch.cumsum(d2.double(), 0), u).clamp_max(n - 1)
+        d2 = torch.minimum(d2, (points - points[idx[i]]).pow(2).sum(1))
+    return idx
+
+
+def kmeans(weight: torch.Tensor, block_grams: torch.Tensor, n_centroids: int, config: EMConfig | None = None,
+           seed: int = 0, full_gram: torch.Tensor | None = None) -> EMResult:
+    """Quantize `weight` (C_out, ...) with `n_centroids` codewords of size d, minimising the output
+    error under the input statistics. block_grams: (groups, nb, d, d) from stats.LayerStats;
+    full_gram: (groups, R, R), needed by error_feedback / code_reopt / codebook_refit."""
+    config = config or EMConfig()
+    check_weight(weight)
+    g, nb, d, _ = block_grams.shape
+    m = subvectors(weight, d).double()                                     # (C_out, nb, d)
+    c_out = m.shape[0]
+    if m.shape[1] != nb or c_out % g:
+        raise ValueError(f"statistics of shape {list(block_grams.shape)} do not match a weight of shape "
+                         f"{list(weight.shape)} with block_size {d}")
+    if not torch.isfinite(block_grams).all():
+        raise ValueError("input statistics contain NaN/inf")
+    if config.needs_full_gram and full_gram is None:
+        raise ValueError("error_feedback / code_reopt / codebook_refit need the full input Gram (full_gram)")
+    pooled = config.objective == "pooled"
+    gram = block_grams.sum(dim=(0, 1))                                      # (d, d)
+    metric = _Metric(gram.expand(1, nb, d, d) if pooled else block_grams, c_out, pooled)
+    mg = metric.apply(m)                                                   # (C_out, nb, d)
+    energy = float((m * mg).sum())                                         # sum m^T G m
+    n = c_out * nb
+    if n_centroids < 1:
+        raise ValueError(f"n_centroids must be >= 1, got {n_centroids}")
+
+    if n <= n_centroids:  # degenerate: every subvector gets its own codeword
+        log.warning("%d subvectors for %d centroids: exact copy, %d codewords unused", n, n_centroids, n_centroids - n)
+        codebook = torch.zeros(n_centroids, d, dtype=torch.float64)
+        codebook[:n] = m.reshape(-1, d)
+        res = EMResult(codebook.float(), torch.arange(n).reshape(c_out, nb), 0.0, [0.0], 0, 0.0)
+    else:
+        white = m.reshape(-1, d) @ _whitener(gram)                         # (N, d): ||.||^2 = pooled metric
+        best: EMResult | None = None
+        for r in range(config.n_restarts):
+            gen = torch.Generator().manual_seed(seed * 1000003 + r)
+            idx = _init(white.float(), n_centroids, config.init, gen)
+            res = _em(m, mg, metric, m.reshape(-1, d)[idx].clone(), config, pooled, energy)
+            log.debug("restart %d: objective %.6g after %d iterations", r, res.objective, res.n_iter)
+            if best is None or res.objective < best.objective:
+                best = res
+        res = best
+    if config.needs_full_gram:
+        res = _refine_exact(weight, res, full_gram, config)
+    return res
+
+
+def _em(m, mg, metric, codebook, config: EMConfig, pooled: bool, energy: float) -> EMResult:
+    history: list[float] = []
+    codes, score = _assign(mg, metric, codebook)
+    history.append(energy + float(score.double().sum()))
+    it = 0
+    for it in range(1, config.n_iter + 1):
+        codebook, counts = _update(m, mg, codes, metric, codebook, pooled)
+        n_empty = _split_empty(codebook, counts)
+        codes, score = _assign(mg, metric, codebook)
+        obj = energy + float(score.double().sum())
+        history.append(obj)
+        prev = history[-2]
+        if n_empty == 0 and prev - obj <= config.tol * max(abs(prev), 1e-30):
+            break
+    obj = max(history[-1], 0.0)
+    return EMResult(codebook.float(), codes, obj, history, it, math.sqrt(obj / energy) if energy > 0 else 0.0)
+
+
+# ----------------------------------------------------------------------------- exact objective (full H)
+
+def _damped(full_gram: torch.Tensor, damp: float) -> torch.Tensor:
+    """H + damp * mean(diag H) * I per group, with dead inputs (zero diagonal) given a unit diagonal."""
+    h = full_gram.clone()                                                  # (g, R, R)
+    diag = h.diagonal(dim1=1, dim2=2)                                      # (g, R) view
+    dead = diag == 0
+    diag[dead] = 1.0
+    diag += damp * diag.mean(dim=1, keepdim=True)
+    return h
+
+
+def exact_objective(weight: torch.Tensor, weight_hat: torch.Tensor, full_gram: torch.Tensor) -> tuple[float, float]:
+    """sum_o (w_o - w_hat_o)^T H_g(o) (w_o - w_hat_o) and sum_o w_o^T H w_o: the output error of the
+    layer on the calibration inputs (bias excluded), and its energy."""
+    g = full_gram.shape[0]
+    w = weight.detach().reshape(g, weight.shape[0] // g, -1).double()         # (g, opg, R)
+    e = w - weight_hat.detach().reshape(w.shape).double()                     # (g, opg, R)
+    err = float(torch.einsum("gor,grs,gos->", e, full_gram, e))
+    energy = float(torch.einsum("gor,grs,gos->", w, full_gram, w))
+    return err, energy
+
+
+def _refine_exact(weight: torch.Tensor, res: EMResult, full_gram: torch.Tensor, config: EMConfig) -> EMResult:
+    k, d = res.codebook.shape
+    g = full_gram.shape[0]
+    c_out = weight.shape[0]
+    w = weight.detach().reshape(g, c_out // g, -1).double()                   # (g, opg, R)
+    h = _damped(full_gram, config.damp) if config.error_feedback else full_gram
+    codebook = res.codebook.double()                                         # (K, d)
+    codes = res.codes.reshape(g, c_out // g, -1).clone()                     # (g, opg, nb)
+    if config.error_feedback:
+        codes = _gptq_assign(w, codebook, h)
+    if config.codebook_refit:
+        codebook = _refit_codebook(w, codebook, codes, full_gram)
+    for _ in range(config.code_reopt):
+        codes = _reopt_codes(w, codebook, codes, full_gram)
+        if config.codebook_refit:
+            codebook = _refit_codebook(w, codebook, codes, full_gram)
+    err, energy = exact_objective(weight, codebook[codes].reshape(weight.shape), full_gram)
+    history = res.history + [err]
+    return EMResult(codebook.float(), codes.reshape(c_out, -1), err, history, res.n_iter,
+                    math.sqrt(err / energy) if energy > 0 else 0.0, exact=True)
+
+
+def _gptq_assign(w: torch.Tensor, codebook: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Codes chosen block by block with GPTQ error feedback. w: (g, opg, R); h: damped (g, R, R)."""
+    g, opg, r = w.shape
+    d = codebook.shape[1]
+    codes = torch.empty(g, opg, r // d, dtype=torch.long)
+    for gi in range(g):
+        hinv = torch.cholesky_inverse(torch.linalg.cholesky(h[gi]))          # (R, R)
+        u = torch.linalg.cholesky(hinv, upper=True)                         # (R, R), H^-1 = U^T U
+        wg = w[gi].clone()                                                  # (opg, R)
+        for b in range(r // d):
+            s = slice(b * d, (b + 1) * d)
+            u_inv = torch.linalg.inv(u[s, s])                               # (d, d)
+            wb = wg[:, s]                                                   # (opg, d)
+            cw = codebook @ u_inv                                           # (K, d) whitened codewords
+            dist = (wb @ u_inv).pow(2).sum(1, keepdim=True) - 2 * (wb @ u_inv) @ cw.T + cw.pow(2).sum(1)
+            cb = dist.argmin(1)                                             # (opg,)
+            codes[gi, :, b] = cb
+            err = (wb - codebook[cb]) @ u_inv                               # (opg, d)
+            wg[:, (b + 1) * d:] -= err @ u[s, (b + 1) * d:]                 # push the error forward
+    return codes
+
+
+def _refit_codebook(w: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor, h: torch.Tensor,
+                    n_steps: int = 25) -> torch.Tensor:
+    """Codebook minimising sum_o (w_o - C[codes_o])^T H (w_o - C[codes_o]) for fixed codes, by
+    conjugate gradient (the objective is a quadratic in C)."""
+    k, d = codebook.shape
+    flat = codes.reshape(-1)                                                # (N,)
+
+    def grad(c: torch.Tensor) -> torch.Tensor:                              # dF/dC / 2
+        resid = c[codes].reshape(w.shape) - w                               # (g, opg, R)
+        hr = torch.einsum("gor,grs->gos", resid, h)                         # (g, opg, R)
+        return torch.zeros(k, d, dtype=c.dtype).index_add_(0, flat, hr.reshape(-1, d))
+
+    def curvature(p: torch.Tensor) -> float:                                # sum Δ^T H Δ
+        delta = p[codes].reshape(w.shape)
+        return float(torch.einsum("gor,grs,gos->", delta, h, delta))
+
+    c = codebook.clone()
+    r = -grad(c)
+    p = r.clone()
+    rr = float((r * r).sum())
+    for _ in range(n_steps):
+        curv = curvature(p)
+        if curv <= 0 or rr <= 1e-30:
+            break
+        alpha = rr / curv
+        c += alpha * p
+        r = -grad(c)  # recomputed (not updated) for numerical safety
+        rr_new = float((r * r).sum())
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    return c
+
+
+def _reopt_codes(w: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """One sweep of coordinate descent over blocks: each code re-chosen on the exact objective with
+    the other blocks of its row fixed. Never increases the objective."""
+    g, opg, r = w.shape
+    k, d = codebook.shape
+    codes = codes.clone()
+    resid = codebook[codes].reshape(w.shape) - w                           # (g, opg, R)
+    hr = torch.einsum("gor,grs->gos", resid, h)                            # (g, opg, R)
+    for b in range(r // d):
+        s = slice(b * d, (b + 1) * d)
+        hbb = h[:, s, s]                                                    # (g, d, d)
+        cur = codebook[codes[:, :, b]]                                      # (g, opg, d)
+        lin = hr[:, :, s] - torch.einsum("gde,goe->god", hbb, cur)          # (g, opg, d)
+        chc = torch.einsum("kd,gde,ke->gk", codebook, hbb, codebook)        # (g, K)
+        score = 2 * lin @ codebook.T + chc[:, None, :]                      # (g, opg, K)
+        new = score.argmin(-1)                                              # (g, opg)
+        delta = codebook[new] - cur                                         # (g, opg, d)
+        codes[:, :, b] = new
+        hr += torch.einsum("god,grd->gor", delta, h[:, :, s])               # H is symmetric
+    return codes

@@ -1,0 +1,171 @@
+"""Calibration statistics of a layer's inputs, accumulated by a forward hook, never raw activations.
+
+For a layer with weight rows of length R = C_in/groups * kh * kw (conv, in (C_in, kh, kw) order)
+or R = in_features (linear), let X be the matrix whose rows are the layer's input patches: one row
+per output position of every calibration image (conv: `unfold` honouring stride, padding, dilation
+and groups; linear: one row per input row). A subvector is `block_size` = d consecutive entries of
+a weight row, so X splits into nb = R / d column blocks X_b. We accumulate, in float64:
+
+    block_grams[g, b] = X_{g,b}^T X_{g,b}         (groups, nb, d, d)   per block position
+    gram              = sum_{g,b} block_grams      (d, d)               the paper's pooled Gram
+    full_gram[g]      = X_g^T X_g                  (groups, R, R)       only when asked (GPTQ-style)
+
+plus the number of rows. Sums and counts only, so two `LayerStats` merge by addition (and can be
+all-reduced across processes).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+CHUNK_ELEMENTS = 1 << 24  # unfold at most ~16M input-patch values at a time (64 MB fp32)
+
+
+@dataclass
+class LayerStats:
+    block_size: int
+    block_grams: torch.Tensor            # (groups, nb, d, d) float64
+    full_gram: torch.Tensor | None       # (groups, R, R) float64, or None
+    n_rows: int = 0                      # rows of X per group (output positions x images)
+    n_images: int = 0
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """The pooled d x d Gram sum_b X_b^T X_b, float64."""
+        return self.block_grams.sum(dim=(0, 1))  # (d, d)
+
+    def merge(self, other: "LayerStats") -> "LayerStats":
+        if self.block_grams.shape != other.block_grams.shape:
+            raise ValueError(f"cannot merge statistics of shapes {tuple(self.block_grams.shape)} "
+                             f"and {tuple(other.block_grams.shape)}")
+        full = None
+        if self.full_gram is not None and other.full_gram is not None:
+            full = self.full_gram + other.full_gram
+        return LayerStats(self.block_size, self.block_grams + other.block_grams, full,
+                          self.n_rows + other.n_rows, self.n_images + other.n_images)
+
+
+def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input patches as rows: (groups, n_rows, R)."""
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros":
+            raise ValueError(f"padding_mode {module.padding_mode!r} is not supported (only 'zeros')")
+        if isinstance(module.padding, str):
+            raise ValueError("string padding ('same'/'valid') is not supported; use integer padding")
+        g = module.groups
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                        stride=module.stride)                                 # (N, C_in*kh*kw, L)
+        n, rk, length = cols.shape
+        cols = cols.view(n, g, rk // g, length)                                # (N, g, R, L)
+        return cols.permute(1, 0, 3, 2).reshape(g, n * length, rk // g)         # (g, N*L, R)
+    if isinstance(module, nn.Linear):
+        return x.reshape(1, -1, x.shape[-1])                                   # (1, rows, R)
+    raise TypeError(f"no input statistics for {type(module).__name__}")
+
+
+def _images_per_chunk(module: nn.Module, x: torch.Tensor) -> int:
+    if not isinstance(module, nn.Conv2d) or x.dim() != 4:
+        return max(1, x.shape[0])
+    kh, kw = module.kernel_size
+    per_image = x[0].numel() * kh * kw // (module.stride[0] * module.stride[1])
+    return max(1, CHUNK_ELEMENTS // max(1, per_image))
+
+
+class StatsCollector:
+    """Accumulates `LayerStats` for one module through a forward hook. Use as a context manager
+    (the hook is removed on exit), or call `remove()`."""
+
+    def __init__(self, name: str, module: nn.Module, block_size: int, full_gram: bool = False):
+        weight = module.weight
+        row = math.prod(weight.shape[1:])
+        if row % block_size:
+            raise ValueError(f"{name}: block_size {block_size} does not divide the row length {row}")
+        self.name, self.module, self.d = name, module, block_size
+        g = module.groups if isinstance(module, nn.Conv2d) else 1
+        nb = row // block_size
+        self.stats = LayerStats(block_size, torch.zeros(g, nb, block_size, block_size, dtype=torch.float64),
+                                torch.zeros(g, row, row, dtype=torch.float64) if full_gram else None)
+        self._handle = module.register_forward_pre_hook(self._hook)
+
+    @torch.no_grad()
+    def _hook(self, module: nn.Module, inputs: tuple) -> None:
+        x = inputs[0].detach()
+        if not torch.isfinite(x).all():
+            raise ValueError(f"non-finite (NaN/inf) input activations reach layer {self.name!r}")
+        st, d = self.stats, self.d
+        step = _images_per_chunk(module, x)
+        for i in range(0, x.shape[0], step):
+            rows = layer_rows(module, x[i:i + step]).double()            # (g, M, R)
+            g, m, r = rows.shape
+            blocks = rows.view(g, m, r // d, d).transpose(1, 2)         # (g, nb, M, d)
+            st.block_grams += blocks.transpose(2, 3) @ blocks            # (g, nb, d, d)
+            if st.full_gram is not None:
+                st.full_gram += rows.transpose(1, 2) @ rows              # (g, R, R)
+            st.n_rows += m
+        st.n_images += x.shape[0] if isinstance(module, nn.Conv2d) else 0
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def __enter__(self) -> "StatsCollector":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early once the layers of interest have run."""
+
+
+def run_until(model: nn.Module, batches: Iterable[torch.Tensor], last: nn.Module,
+              progress: Callable[[int], None] | None = None) -> int:
+    """Forward every batch through `model`, stopping each pass right after `last` has run.
+    Returns the number of images seen."""
+    def stop(*_):
+        raise StopForward
+
+    handle = last.register_forward_hook(stop)
+    n = 0
+    try:
+        with torch.no_grad():
+            for x in batches:
+                try:
+                    model(x)
+                except StopForward:
+                    pass
+                n += x.shape[0]
+                if progress is not None:
+                    progress(x.shape[0])
+    finally:
+        handle.remove()
+    return n
+
+
+def collect_stats(model: nn.Module, layers: dict[str, tuple[nn.Module, int]], batches: Iterable[torch.Tensor],
+                  full_gram: bool = False, stop_after: nn.Module | None = None) -> dict[str, LayerStats]:
+    """Statistics of several layers in one pass over `batches`. `layers`: name -> (module, block_size)."""
+    collectors = [StatsCollector(n, m, d, full_gram) for n, (m, d) in layers.items()]
+    try:
+        if stop_after is not None:
+            run_until(model, batches, stop_after)
+        else:
+            with torch.no_grad():
+                for x in batches:
+                    model(x)
+    finally:
+        for c in collectors:
+            c.remove()
+    out = {c.name: c.stats for c in collectors}
+    for name, st in out.items():
+        if st.n_rows == 0:
+            raise ValueError(f"layer {name!r} received no input: is it used in forward()?")
+    return out
