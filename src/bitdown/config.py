@@ -10,7 +10,7 @@ or a class name (`Conv2d`, `Linear`, a user subclass name). A type-kind key wins
 key. The paper's presets (Stock et al. 2020, section 4.1):
 
     small: 3x3 (any kxk) convs d = kh*kw,   1x1 convs d = 4, linear d = 4
-    large: kxk convs d = 2*kh*kw,           1x1 convs d = 8, linear d = 4
+    large: kxk convs d = 2*kh*kw (at most the row: depthwise keeps d = kh*kw), 1x1 d = 8, linear d = 4
     256 centroids everywhere (one-byte codes), and K is clamped per layer to the largest power of
     two strictly below n_subvectors / 4.
 
@@ -221,8 +221,8 @@ def resolve_layer(name: str, module: nn.Module, config: QuantConfig, is_stem: bo
     shape = tuple(weight.shape)
     row = math.prod(shape[1:])
     if kind == "convkxk":
-        kh, kw = module.kernel_size
-        block_size = PRESETS[config.preset]["convkxk"] * kh * kw
+        kh, kw = module.kernel_size  # whole kernels per block, at most one row (depthwise: one kernel)
+        block_size = min(PRESETS[config.preset]["convkxk"] * kh * kw, row)
     else:
         block_size = PRESETS[config.preset][kind]
     n_centroids = config.n_centroids

@@ -10,7 +10,9 @@ a weight row, so X splits into nb = R / d column blocks X_b. We accumulate, in f
     gram              = sum_{g,b} block_grams      (d, d)               the paper's pooled Gram
     full_gram[g]      = X_g^T X_g                  (groups, R, R)       only when asked (GPTQ-style)
 
-plus the number of rows. Sums and counts only, so two `LayerStats` merge by addition (and can be
+plus the number of rows. Products are computed in float32 on chunks of at most CHUNK_ELEMENTS
+input values (so each partial sum covers a bounded number of rows) and accumulated in float64.
+Sums and counts only, so two `LayerStats` merge by addition (and can be
 all-reduced across processes).
 """
 from __future__ import annotations
@@ -53,21 +55,25 @@ class LayerStats:
                           self.n_rows + other.n_rows, self.n_images + other.n_images)
 
 
-def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input patches as rows: (groups, n_rows, R)."""
+def layer_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input patches in unfold layout: (N, groups, R, L), L = patches per image
+    (conv: output positions; linear: N = 1 and L = all input rows)."""
     if isinstance(module, nn.Conv2d):
         if module.padding_mode != "zeros":
             raise ValueError(f"padding_mode {module.padding_mode!r} is not supported (only 'zeros')")
         if isinstance(module.padding, str):
             raise ValueError("string padding ('same'/'valid') is not supported; use integer padding")
         g = module.groups
-        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
-                        stride=module.stride)                                 # (N, C_in*kh*kw, L)
+        if module.kernel_size == (1, 1) and module.padding == (0, 0):           # no im2col needed
+            sh, sw = module.stride
+            cols = x[:, :, ::sh, ::sw].reshape(x.shape[0], x.shape[1], -1)      # (N, C_in, L)
+        else:
+            cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                            stride=module.stride)                               # (N, C_in*kh*kw, L)
         n, rk, length = cols.shape
-        cols = cols.view(n, g, rk // g, length)                                # (N, g, R, L)
-        return cols.permute(1, 0, 3, 2).reshape(g, n * length, rk // g)         # (g, N*L, R)
+        return cols.view(n, g, rk // g, length)                                 # (N, g, R, L)
     if isinstance(module, nn.Linear):
-        return x.reshape(1, -1, x.shape[-1])                                   # (1, rows, R)
+        return x.reshape(-1, x.shape[-1]).T.reshape(1, 1, x.shape[-1], -1)      # (1, 1, R, rows)
     raise TypeError(f"no input statistics for {type(module).__name__}")
 
 
@@ -103,13 +109,15 @@ class StatsCollector:
         st, d = self.stats, self.d
         step = _images_per_chunk(module, x)
         for i in range(0, x.shape[0], step):
-            rows = layer_rows(module, x[i:i + step]).double()            # (g, M, R)
-            g, m, r = rows.shape
-            blocks = rows.view(g, m, r // d, d).transpose(1, 2)         # (g, nb, M, d)
-            st.block_grams += blocks.transpose(2, 3) @ blocks            # (g, nb, d, d)
+            p = layer_patches(module, x[i:i + step].float())             # (N, g, R, L)
+            n, g, r, length = p.shape
+            blocks = p.reshape(n * g * (r // d), d, length)               # (N*g*nb, d, L)
+            bg = torch.bmm(blocks, blocks.transpose(1, 2))                 # (N*g*nb, d, d)
+            st.block_grams += bg.view(n, g, r // d, d, d).sum(0).double()  # (g, nb, d, d)
             if st.full_gram is not None:
-                st.full_gram += rows.transpose(1, 2) @ rows              # (g, R, R)
-            st.n_rows += m
+                rows = p.permute(1, 2, 0, 3).reshape(g, r, n * length)      # (g, R, N*L)
+                st.full_gram += torch.bmm(rows, rows.transpose(1, 2)).double()  # (g, R, R)
+            st.n_rows += n * length
         st.n_images += x.shape[0] if isinstance(module, nn.Conv2d) else 0
 
     def remove(self) -> None:
@@ -128,12 +136,12 @@ class StopForward(Exception):
 
 def run_until(model: nn.Module, batches: Iterable[torch.Tensor], last: nn.Module,
               progress: Callable[[int], None] | None = None) -> int:
-    """Forward every batch through `model`, stopping each pass right after `last` has run.
-    Returns the number of images seen."""
+    """Forward every batch through `model`, stopping each pass right before `last` computes (its
+    earlier-registered pre-hooks, e.g. a StatsCollector, still run). Returns the number of images seen."""
     def stop(*_):
         raise StopForward
 
-    handle = last.register_forward_hook(stop)
+    handle = last.register_forward_pre_hook(stop)
     n = 0
     try:
         with torch.no_grad():

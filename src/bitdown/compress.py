@@ -1,0 +1,281 @@
+"""The compression pipeline: model + unlabelled images -> product-quantized model.
+
+    calibration images --(forward order)--> for each layer, in forward order:
+        statistics of its inputs in the *current* student (upstream layers already quantized)
+        -> output-aware EM -> the layer becomes a PQConv2d / PQLinear (codebook rounded to fp16)
+        -> [per-layer fine-tuning, finetune.py]  -> checkpoint
+    -> BatchNorm statistics re-estimated -> [global fine-tuning] -> model (with `.bitdown` info)
+
+Every layer's statistics come from a forward pass that stops right before that layer, so
+quantizing L layers costs about L/2 forward passes over the calibration images.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from .config import LayerPlan, QuantConfig, quantizable_layers, resolve_plan
+from .em import kmeans
+from .modules import empty_pq_like, is_pq, quantize_module
+from .size import size_report
+from .stats import StatsCollector, StopForward, run_until
+
+log = logging.getLogger(__name__)
+
+VOLATILE = ("resumed",)  # CompressionInfo.extra keys that describe the run, not the result
+
+
+@dataclass
+class CompressionInfo:
+    """What `compress` did; saved as the file's metadata."""
+
+    arch: dict[str, Any]
+    config: dict[str, Any]
+    plans: list[LayerPlan]
+    skipped: dict[str, str]
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)   # per-layer EM results
+    timings: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def metadata(self, model: nn.Module | None = None) -> dict[str, Any]:
+        """The file's metadata: deterministic given the inputs and seed (no timings, no resume
+        markers), so a resumed run writes the same bytes as an uninterrupted one."""
+        em = {n: {k: v for k, v in d.items() if not k.endswith("_s")} for n, d in self.layers.items()}
+        extra = {k: v for k, v in self.extra.items() if k not in VOLATILE}
+        meta = {"arch": self.arch, "config": self.config, "layers": [p.to_json() for p in self.plans],
+                "skipped": self.skipped, "em": em, "extra": extra}
+        if model is not None:
+            meta["size"] = {k: v for k, v in size_report(model, self.plans).to_json().items() if k != "layers"}
+        return meta
+
+
+# ----------------------------------------------------------------------------- data
+
+def _images(batch: Any) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, dict) and isinstance(batch.get("image"), torch.Tensor):
+        return batch["image"]
+    raise TypeError(f"data must yield image tensors or (images, labels) tuples, got {type(batch).__name__}")
+
+
+def take_images(data: Iterable, n: int, batch_size: int) -> list[torch.Tensor]:
+    """The first `n` images of `data` (an iterable of batches), re-batched to `batch_size`."""
+    chunks, count = [], 0
+    for batch in data:
+        x = _images(batch)
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        if not torch.is_floating_point(x):
+            raise TypeError(f"calibration images must be float tensors, got {x.dtype}")
+        chunks.append(x[: n - count])
+        count += chunks[-1].shape[0]
+        if count >= n:
+            break
+    if count == 0:
+        raise ValueError("the calibration data is empty: no image was read")
+    if not all(torch.isfinite(c).all() for c in chunks):
+        raise ValueError("the calibration images contain NaN/inf values")
+    return list(torch.cat(chunks).split(batch_size))
+
+
+def forward_order(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Names of the Conv2d/Linear layers in the order forward() first calls them."""
+    order: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda _m, _i, n=n: order.append(n) if n not in order else None)
+               for n, m in quantizable_layers(model)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: list[torch.Tensor]) -> int:
+    """Re-estimate every BatchNorm's running mean/var as the plain average over `batches`
+    (the rest of the model in eval mode). Returns the number of BatchNorm layers updated."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    was_training = model.training
+    momenta = [bn.momentum for bn in bns]
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None          # cumulative moving average: exact mean over the batches
+        bn.train()
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for bn, mom in zip(bns, momenta):
+            bn.momentum = mom
+        model.train(was_training)
+    return len(bns)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+def _check_model(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ValueError(f"parameter {name!r} of the model has non-finite (NaN/inf) values")
+    if any(is_pq(m) for m in model.modules()):
+        raise ValueError("the model is already (partly) product-quantized")
+
+
+def _min_rows_check(plan: LayerPlan, n_rows: int, n_images: int) -> None:
+    nb = plan.row_length // plan.block_size
+    if n_rows * nb < plan.n_centroids:
+        need = -(-plan.n_centroids * max(1, n_images) // max(1, n_rows * nb))
+        raise ValueError(f"layer {plan.name!r}: {n_rows * nb} calibration subvector samples from {n_images} "
+                         f"images are fewer than its {plan.n_centroids} centroids need; give at least "
+                         f"{need} calibration images")
+
+
+def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None, *, arch: dict | None = None,
+             inplace: bool = False, checkpoint_dir: str | Path | None = None, progress: bool = True,
+             finetune: Any = None, train_data: Any = None) -> nn.Module:
+    """Product-quantize every eligible Conv2d/Linear of `model` on unlabelled `data`.
+
+    data: an iterable of image batches (tensors, or (images, labels) whose labels are ignored).
+    Returns the compressed model (a copy unless `inplace`), with `.bitdown` (CompressionInfo).
+    With `checkpoint_dir`, progress is saved after every layer and a rerun resumes from it.
+    `finetune` (finetune.FinetuneConfig) adds per-layer and global distillation from the original
+    model on `train_data` (a map-style dataset of augmented unlabelled images; default: `data`'s).
+    """
+    config = config or QuantConfig()
+    _check_model(model)
+    t0 = time.perf_counter()
+    teacher = model.eval()
+    student = model if inplace else copy.deepcopy(model)
+    student.eval()
+    calib = take_images(data, config.calib_images, config.batch_size)
+    n_calib = sum(x.shape[0] for x in calib)
+    log.info("calibration: %d images in %d batches", n_calib, len(calib))
+    order = forward_order(student, calib[0][:2])
+    plans, skipped = resolve_plan(student, config, order)
+    for name, _ in quantizable_layers(student):
+        if name not in order:
+            skipped.setdefault(name, "not called by forward() on the calibration images")
+    info = CompressionInfo(arch or {"name": type(model).__name__, "source": "user"}, config.to_json(), plans, skipped)
+    info.extra["calib_images"] = n_calib
+
+    ft = finetune
+    fp = fingerprint(config.to_json(), ft.to_json() if ft is not None else None, info.arch,
+                     {k: v for k, v in teacher.state_dict().items()}, calib[0])
+    done, resume = 0, {}
+    if checkpoint_dir is not None:
+        ck = load_checkpoint(checkpoint_dir, fp)
+        if ck is not None:
+            done, resume = _restore(student, plans, ck, info)
+            log.info("resuming from %s: %d/%d layers done, stage %s", checkpoint_dir, done, len(plans),
+                     resume["stage"])
+    ft_data = train_data if train_data is not None else data
+
+    modules = dict(student.named_modules())
+    bar = tqdm(plans, desc="quantize", unit="layer", disable=not progress, initial=done, total=len(plans))
+    for i, plan in enumerate(plans[done:], start=done):
+        t1 = time.perf_counter()
+        module = modules[plan.name]
+        collector = StatsCollector(plan.name, module, plan.block_size, full_gram=config.em.needs_full_gram)
+        try:
+            run_until(student, calib, module)
+        finally:
+            collector.remove()
+        st = collector.stats
+        _min_rows_check(plan, st.n_rows, n_calib)
+        t_stats = time.perf_counter() - t1
+        res = kmeans(module.weight, st.block_grams, plan.n_centroids, config.em, seed=config.seed + i,
+                     full_gram=st.full_gram)
+        quantize_module(module, res.codebook.half().float(), res.codes)   # fp16-exact: file == memory
+        info.layers[plan.name] = {"rel_error": res.rel_error, "exact": res.exact, "n_iter": res.n_iter,
+                                  "objective": res.objective, "stats_s": t_stats,
+                                  "em_s": time.perf_counter() - t1 - t_stats}
+        if ft is not None and ft.layer_steps > 0:
+            from .finetune import finetune_layer
+            info.layers[plan.name]["finetune"] = finetune_layer(student, teacher, module, ft_data, ft,
+                                                                seed=config.seed + i)
+        bar.set_postfix(layer=plan.name, err=f"{res.rel_error:.3f}")
+        bar.update(1)
+        if checkpoint_dir is not None:
+            _save(checkpoint_dir, student, plans[: i + 1], info, fp, stage="layers")
+    bar.close()
+    info.timings["quantize_s"] = time.perf_counter() - t0
+
+    if resume.get("stage") != "global":
+        if config.bn_recalibrate:
+            t1 = time.perf_counter()
+            bn_batches = take_images(data, config.bn_images, config.batch_size)
+            n = recalibrate_bn(student, bn_batches)
+            info.timings["bn_s"] = time.perf_counter() - t1
+            log.info("re-estimated %d BatchNorm layers on %d images", n, sum(x.shape[0] for x in bn_batches))
+        if checkpoint_dir is not None:
+            _save(checkpoint_dir, student, plans, info, fp, stage="global", step=0)
+    if ft is not None and ft.global_steps > 0:
+        from .finetune import finetune_global, optimizer_tensors
+
+        def on_checkpoint(step: int, opt) -> None:
+            if checkpoint_dir is not None:
+                tensors, opt_meta = optimizer_tensors(opt)
+                _save(checkpoint_dir, student, plans, info, fp, stage="global", step=step,
+                      extra_tensors=tensors, extra={"optimizer": opt_meta})
+
+        t1 = time.perf_counter()
+        info.extra["global_finetune"] = finetune_global(
+            student, teacher, ft_data, ft, seed=config.seed, start=resume.get("step", 0),
+            opt_state=resume.get("optimizer"), on_checkpoint=on_checkpoint, progress=progress)
+        info.timings["global_finetune_s"] = time.perf_counter() - t1
+    for m in student.modules():   # the file stores fp16 codebooks: make memory identical to the file
+        if is_pq(m):
+            m.codebook.data = m.codebook.data.half().float()
+    info.timings["total_s"] = time.perf_counter() - t0
+    student.bitdown = info
+    return student.eval()
+
+
+def _save(folder, student: nn.Module, plans_done: list[LayerPlan], info: CompressionInfo, fp: str, stage: str,
+          step: int = 0, extra_tensors: dict[str, torch.Tensor] | None = None, extra: dict | None = None) -> None:
+    tensors = dict(student.state_dict())
+    tensors.update(extra_tensors or {})
+    save_checkpoint(folder, tensors, {"fingerprint": fp, "stage": stage, "step": step,
+                                       "done": [p.name for p in plans_done], "layers": info.layers, **(extra or {})})
+
+
+def _restore(student: nn.Module, plans: list[LayerPlan], ck, info: CompressionInfo) -> tuple[int, dict]:
+    """Load a checkpoint into `student`; returns (layers done, resume state for the later stages)."""
+    tensors, progress = ck
+    done = progress["done"]
+    if done != [p.name for p in plans[: len(done)]]:
+        raise ValueError("checkpoint layer order does not match this run's plan")
+    modules = dict(student.named_modules())
+    for p in plans[: len(done)]:
+        empty_pq_like(modules[p.name], p.n_centroids, p.block_size)
+    own = student.state_dict()
+    missing = [k for k in own if k not in tensors]
+    if missing:
+        raise ValueError(f"checkpoint lacks tensors {missing[:5]}; delete it to start over")
+    student.load_state_dict({k: tensors[k] for k in own}, strict=True)
+    info.layers.update(progress.get("layers", {}))
+    info.extra["resumed"] = {"stage": progress["stage"], "step": progress.get("step", 0), "layers": len(done)}
+    resume = {"stage": progress["stage"], "step": progress.get("step", 0)}
+    if "optimizer" in progress:
+        from .finetune import optimizer_state
+        resume["optimizer"] = optimizer_state(tensors, progress["optimizer"])
+    return len(done), resume

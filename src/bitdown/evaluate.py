@@ -1,0 +1,62 @@
+"""Top-1 / top-5 accuracy of a classifier over a labelled loader, and top-1 agreement with a teacher."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+
+@contextlib.contextmanager
+def _eval_mode(*models: nn.Module | None) -> Iterator[None]:
+    """Put models in eval mode, restoring each one's previous mode afterwards."""
+    present = [m for m in models if m is not None]
+    previous = [m.training for m in present]
+    try:
+        for m in present:
+            m.eval()
+        yield
+    finally:
+        for m, was_training in zip(present, previous):
+            m.train(was_training)
+
+
+def _split_batch(batch: object) -> tuple[Tensor, Tensor]:
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
+        return batch[0], batch[1]
+    raise ValueError("evaluate needs a loader yielding (images, labels) batches; this one yields no labels")
+
+
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    teacher: nn.Module | None = None,
+    device: str | torch.device = "cpu",
+    desc: str = "eval",
+) -> dict[str, float | int]:
+    """Return ``{'top1': %, 'top5': %, 'n': images}`` (+ ``'agreement'``: % of images where the
+    student's and teacher's top-1 predictions agree, when ``teacher`` is given)."""
+    n = top1 = top5 = agree = 0
+    with torch.no_grad(), _eval_mode(model, teacher):
+        for batch in tqdm(loader, desc=desc, unit="batch", disable=None, leave=False):
+            x, y = _split_batch(batch)
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            k = min(5, logits.shape[1])
+            pred = logits.topk(k, dim=1).indices
+            hits = pred == y[:, None]
+            top1 += int(hits[:, 0].sum())
+            top5 += int(hits.any(dim=1).sum())
+            if teacher is not None:
+                agree += int((teacher(x).argmax(dim=1) == pred[:, 0]).sum())
+            n += y.shape[0]
+    if n == 0:
+        raise ValueError("evaluate got an empty loader (no samples)")
+    out: dict[str, float | int] = {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "n": n}
+    if teacher is not None:
+        out["agreement"] = 100.0 * agree / n
+    return out

@@ -1,0 +1,130 @@
+"""Compressed layers: a conv / linear whose weight is decoded from a codebook and uint8/int16 codes.
+
+`PQConv2d` and `PQLinear` are the original layer classes with their `weight` Parameter replaced by
+a property that decodes `codebook[codes]` (one gather), so the original `forward` runs unchanged:
+this keeps TF-"SAME" padding convs, timm's Conv2dSame or any other Conv2d/Linear subclass working.
+A layer of a subclass `Foo(nn.Conv2d)` becomes an instance of a generated `PQFoo(PQConv2d, Foo)`.
+
+    codebook  (K, d)        trainable fp32 Parameter (stored fp16 on disk)
+    codes     (C_out, nb)   uint8 buffer (int16 when K > 256)
+    bias      unchanged
+
+In eval mode the decoded weight is cached until the codebook changes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+__all__ = ["PQMixin", "PQConv2d", "PQLinear", "quantize_module", "is_pq", "code_dtype"]
+
+
+def code_dtype(n_centroids: int) -> torch.dtype:
+    """The smallest whole-byte integer type holding codes 0..K-1 (int16 holds up to 2**15)."""
+    if n_centroids <= 256:
+        return torch.uint8
+    if n_centroids <= 1 << 15:
+        return torch.int16
+    raise ValueError(f"n_centroids {n_centroids} needs more than 15-bit codes")
+
+
+class PQMixin:
+    """Shared behaviour of product-quantized layers (mixed in before the layer class)."""
+
+    codebook: nn.Parameter
+    codes: torch.Tensor
+    weight_shape: tuple[int, ...]
+
+    @property
+    def block_size(self) -> int:
+        return self.codebook.shape[1]
+
+    @property
+    def n_centroids(self) -> int:
+        return self.codebook.shape[0]
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense weight codebook[codes], reshaped to the layer's weight shape (differentiable)."""
+        return self.codebook[self.codes.long()].reshape(self.weight_shape)  # (C_out, ...)
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        if self.training or torch.is_grad_enabled() and self.codebook.requires_grad:
+            self._pq_cache = None
+            return self.dequantize()
+        key = (self.codebook._version, self.codebook.data_ptr(), self.codes._version, self.codebook.dtype)
+        cache = getattr(self, "_pq_cache", None)
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, self.dequantize())
+            self._pq_cache = cache
+        return cache[1]
+
+    def extra_repr(self) -> str:  # type: ignore[override]
+        return f"{super().extra_repr()}, n_centroids={self.n_centroids}, block_size={self.block_size}"
+
+    def to_dense(self) -> nn.Module:
+        """An equivalent plain layer of the original class with the decoded weight."""
+        base = next(c for c in type(self).__mro__[1:] if not issubclass(c, PQMixin))
+        dense = base.__new__(base)
+        dense.__dict__ = {k: v for k, v in self.__dict__.items() if k != "_pq_cache"}
+        dense._parameters = {k: v for k, v in self._parameters.items() if k != "codebook"}
+        dense._buffers = {k: v for k, v in self._buffers.items() if k != "codes"}
+        del dense.__dict__["weight_shape"]
+        dense._parameters["weight"] = nn.Parameter(self.dequantize().detach().clone())
+        dense._parameters.move_to_end("weight", last=False)
+        return dense
+
+
+class PQConv2d(PQMixin, nn.Conv2d):
+    """A Conv2d whose weight is codebook[codes]."""
+
+
+class PQLinear(PQMixin, nn.Linear):
+    """A Linear whose weight is codebook[codes]."""
+
+
+_CLASSES: dict[type, type] = {nn.Conv2d: PQConv2d, nn.Linear: PQLinear}
+
+
+def _pq_class(cls: type) -> type:
+    if cls not in _CLASSES:
+        base = PQConv2d if issubclass(cls, nn.Conv2d) else PQLinear if issubclass(cls, nn.Linear) else None
+        if base is None:
+            raise TypeError(f"cannot product-quantize a {cls.__name__}: not a Conv2d or Linear")
+        _CLASSES[cls] = type(f"PQ{cls.__name__}", (base, cls), {"__module__": __name__})
+    return _CLASSES[cls]
+
+
+def is_pq(module: nn.Module) -> bool:
+    return isinstance(module, PQMixin)
+
+
+def quantize_module(module: nn.Module, codebook: torch.Tensor, codes: torch.Tensor) -> nn.Module:
+    """Turn `module` (Conv2d/Linear or a subclass) into its PQ version in place and return it.
+
+    codebook: (K, d) float; codes: (C_out, nb) integers in [0, K)."""
+    if is_pq(module):
+        raise TypeError("module is already product-quantized")
+    weight = module.weight
+    shape = tuple(weight.shape)
+    k, d = codebook.shape
+    n_sub = weight.numel() // d
+    if weight.numel() % d or codes.numel() != n_sub:
+        raise ValueError(f"codes of shape {list(codes.shape)} and block_size {d} do not fit a weight "
+                         f"of shape {list(shape)}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
+        raise ValueError(f"codes out of range [0, {k})")
+    del module._parameters["weight"]
+    module.__class__ = _pq_class(type(module))
+    module.weight_shape = shape
+    module.codebook = nn.Parameter(codebook.detach().to(torch.float32).clone())
+    module.register_buffer("codes", codes.detach().reshape(shape[0], -1).to(code_dtype(k)).clone())
+    return module
+
+
+def empty_pq_like(module: nn.Module, n_centroids: int, block_size: int) -> nn.Module:
+    """Turn `module` into a PQ layer with zero codebook/codes of the given sizes (for loading a file)."""
+    n_sub = module.weight.numel() // block_size
+    return quantize_module(module, torch.zeros(n_centroids, block_size),
+                           torch.zeros(module.weight.shape[0], n_sub // module.weight.shape[0], dtype=torch.long))

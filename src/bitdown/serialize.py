@@ -1,0 +1,154 @@
+"""The compact file: one safetensors file, never unpickled.
+
+Tensors: for every product-quantized layer `NAME.codebook` (K, d) fp16 and `NAME.codes`
+(C_out, nb) uint8 (int16 when K > 256); every other tensor of the state dict as it is (biases,
+BatchNorm weight/bias *and* running statistics, uncompressed layers).
+Metadata: one JSON string under the key "bitdown":
+
+    {"format": "bitdown", "format_version": 1, "arch": {"name": ..., "source": "zoo"|"user"},
+     "layers": [LayerPlan...], "skipped": {name: reason}, "config": {...}, "size": {...},
+     "checksum": sha256 over (name, dtype, shape, bytes) of every tensor in name order, ...}
+
+Loading verifies the header, the checksum (tampering, bit rot), and that the model matches the
+file (layer names and weight shapes) before loading anything, and says which check failed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .config import LayerPlan
+from .modules import empty_pq_like, is_pq
+
+log = logging.getLogger(__name__)
+
+FORMAT = "bitdown"
+FORMAT_VERSION = 1
+
+
+class BitdownFileError(ValueError):
+    """A bitdown file is missing, truncated, tampered with, or does not match the model."""
+
+
+def checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of the compact file: fp16 codebooks, integer codes, everything else as is."""
+    out: dict[str, torch.Tensor] = {}
+    pq_prefixes = {name for name, m in model.named_modules() if is_pq(m)}
+    for key, t in model.state_dict().items():
+        prefix, _, leaf = key.rpartition(".")
+        if prefix in pq_prefixes and leaf == "codebook":
+            t = t.to(torch.float16)
+        out[key] = t.detach().cpu().contiguous()
+    return out
+
+
+def save(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write the compact file atomically (a crash never leaves a half-written file at `path`).
+
+    `metadata` defaults to `model.bitdown.metadata()` as set by `bitdown.compress`."""
+    from safetensors.torch import save_file
+
+    if metadata is None:
+        info = getattr(model, "bitdown", None)
+        if info is None:
+            raise ValueError("model has no bitdown metadata: compress it with bitdown.compress, or pass metadata=")
+        metadata = info.metadata(model)
+    if not any(is_pq(m) for m in model.modules()):
+        raise ValueError("model has no product-quantized layer to save")
+    tensors = file_tensors(model)
+    meta = dict(metadata, format=FORMAT, format_version=FORMAT_VERSION, checksum=checksum(tensors))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={FORMAT: json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata of a bitdown file, verified (header, format, checksum)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise BitdownFileError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except BitdownFileError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for a bad header / short file
+        raise BitdownFileError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    if FORMAT not in header:
+        raise BitdownFileError(f"{path}: a safetensors file without bitdown metadata (not a bitdown file)")
+    try:
+        meta = json.loads(header[FORMAT])
+    except json.JSONDecodeError as e:
+        raise BitdownFileError(f"{path}: corrupt bitdown metadata: {e}") from None
+    if meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int):
+        raise BitdownFileError(f"{path}: metadata does not describe a bitdown file")
+    if meta["format_version"] > FORMAT_VERSION:
+        raise BitdownFileError(f"{path}: format version {meta['format_version']} is newer than this "
+                               f"bitdown supports ({FORMAT_VERSION}); upgrade bitdown")
+    actual = checksum(tensors)
+    if actual != meta.get("checksum"):
+        raise BitdownFileError(f"{path}: checksum mismatch: the tensors were modified or corrupted "
+                               f"(stored {str(meta.get('checksum'))[:12]}…, computed {actual[:12]}…)")
+    return tensors, meta
+
+
+def apply(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Any = "file") -> nn.Module:
+    """Turn `model` (the dense architecture) into the compressed model stored in (tensors, meta), in place."""
+    plans = [LayerPlan.from_json(p) for p in meta["layers"]]
+    modules = dict(model.named_modules())
+    arch = meta.get("arch", {}).get("name", "?")
+    for p in plans:
+        m = modules.get(p.name)
+        if m is None:
+            raise BitdownFileError(f"{path}: the model has no layer {p.name!r} (file is for architecture {arch!r})")
+        if is_pq(m):
+            raise BitdownFileError(f"{path}: layer {p.name!r} of the model is already quantized")
+        w = getattr(m, "weight", None)
+        if not isinstance(w, torch.Tensor) or tuple(w.shape) != tuple(p.weight_shape):
+            shape = list(w.shape) if isinstance(w, torch.Tensor) else None
+            raise BitdownFileError(f"{path}: layer {p.name!r} has weight shape {shape} in the model but "
+                                   f"{list(p.weight_shape)} in the file (file is for architecture {arch!r})")
+        cb, codes = tensors.get(f"{p.name}.codebook"), tensors.get(f"{p.name}.codes")
+        if cb is None or codes is None or tuple(cb.shape) != (p.n_centroids, p.block_size):
+            raise BitdownFileError(f"{path}: codebook/codes of {p.name!r} missing or of the wrong shape")
+        if codes.numel() and int(codes.long().max()) >= p.n_centroids:
+            raise BitdownFileError(f"{path}: codes of {p.name!r} out of range for {p.n_centroids} centroids")
+        empty_pq_like(m, p.n_centroids, p.block_size)
+    state = {k: (v.float() if k.endswith(".codebook") else v) for k, v in tensors.items()}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or bad:
+        raise BitdownFileError(f"{path}: the model does not match the file (architecture {arch!r}): "
+                               f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {bad[:5]}")
+    model.load_state_dict(state, strict=True)
+    return model.eval()

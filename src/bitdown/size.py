@@ -1,0 +1,79 @@
+"""Model size, accounted exactly as the paper (Stock et al. 2020, kill-the-bits `compute_size`):
+
+- MB = 2**20 bytes;
+- a quantized layer costs its indices, log2(K) bits per subvector (log2(K)/d bits per weight),
+  plus its codebook, K x d values in fp16;
+- every other parameter (stem conv, biases, BatchNorm weight/bias, ...) counts in fp32;
+- buffers (BatchNorm running statistics) are not counted.
+
+The ratio is the fp32 size of all parameters divided by that. The real bytes on disk (uint8/int16
+codes, fp16 codebooks, fp32 rest, buffers, header) are reported separately by serialize.py.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch.nn as nn
+
+from .config import LayerPlan
+
+MB = float(1 << 20)
+
+
+@dataclass
+class LayerSize:
+    name: str
+    kind: str
+    weight_shape: list[int]
+    block_size: int
+    n_centroids: int
+    n_weights: int
+    index_bytes: float
+    codebook_bytes: float
+    bits_per_weight: float      # index + codebook bits, per weight
+
+
+@dataclass
+class SizeReport:
+    size_bytes: float           # paper-style compressed size
+    uncompressed_bytes: float   # all parameters in fp32
+    other_bytes: float          # the non-quantized parameters, fp32
+    layers: list[LayerSize] = field(default_factory=list)
+
+    @property
+    def size_mb(self) -> float:
+        return self.size_bytes / MB
+
+    @property
+    def uncompressed_mb(self) -> float:
+        return self.uncompressed_bytes / MB
+
+    @property
+    def ratio(self) -> float:
+        return self.uncompressed_bytes / self.size_bytes
+
+    def to_json(self) -> dict:
+        return {"size_mb": self.size_mb, "ratio": self.ratio, "size_bytes": self.size_bytes,
+                "uncompressed_mb": self.uncompressed_mb, "other_bytes": self.other_bytes,
+                "layers": [asdict(layer) for layer in self.layers]}
+
+
+def layer_size(plan: LayerPlan) -> LayerSize:
+    n = 1
+    for s in plan.weight_shape:
+        n *= s
+    index = plan.n_subvectors * plan.code_bits / 8
+    codebook = plan.n_centroids * plan.block_size * 2
+    return LayerSize(plan.name, plan.kind, list(plan.weight_shape), plan.block_size, plan.n_centroids, n,
+                     index, codebook, 8 * (index + codebook) / n)
+
+
+def size_report(model: nn.Module, plans: list[LayerPlan]) -> SizeReport:
+    """Paper-style size of `model` (dense or already compressed) quantized as `plans`."""
+    quantized = {p.name for p in plans}
+    skip = {f"{n}.{a}" for n in quantized for a in ("weight", "codebook")}
+    other = sum(p.numel() for n, p in model.named_parameters() if n not in skip) * 4
+    layers = [layer_size(p) for p in plans]
+    dense = other + sum(layer.n_weights * 4 for layer in layers)
+    size = other + sum(layer.index_bytes + layer.codebook_bytes for layer in layers)
+    return SizeReport(size, dense, other, layers)
