@@ -47,6 +47,7 @@ class EMConfig:
     init: str = "kmeans++"          # 'kmeans++' | 'random' (random subset of the subvectors)
     n_restarts: int = 1             # several seeded inits, the best objective is kept
     objective: str = "pooled"       # 'pooled' (one Gram, the paper) | 'per_block' (one Gram per block position)
+                                    # | 'weights' (plain k-means on the weights: the iPQ baseline, no data)
     error_feedback: bool = False    # GPTQ-style: assign codes block by block, pushing the error forward
     damp: float = 0.01              # relative diagonal damping of the full Gram for error feedback
     code_reopt: int = 0             # sweeps of code re-optimisation on the exact objective (full Gram)
@@ -61,8 +62,8 @@ class EMConfig:
             raise ValueError(f"init must be 'kmeans++' or 'random', got {self.init!r}")
         if self.n_restarts < 1:
             raise ValueError(f"n_restarts must be >= 1, got {self.n_restarts}")
-        if self.objective not in ("pooled", "per_block"):
-            raise ValueError(f"objective must be 'pooled' or 'per_block', got {self.objective!r}")
+        if self.objective not in ("pooled", "per_block", "weights"):
+            raise ValueError(f"objective must be 'pooled', 'per_block' or 'weights', got {self.objective!r}")
         if not 0 <= self.damp < 1:
             raise ValueError(f"damp must be in [0, 1), got {self.damp}")
         if self.code_reopt < 0:

@@ -205,7 +205,9 @@ def kmeans(weight: torch.Tensor, block_grams: torch.Tensor, n_centroids: int, co
         raise ValueError("input statistics contain NaN/inf")
     if config.needs_full_gram and full_gram is None:
         raise ValueError("error_feedback / code_reopt / codebook_refit need the full input Gram (full_gram)")
-    pooled = config.objective == "pooled"
+    if config.objective == "weights":                                      # weight-space baseline
+        block_grams = torch.eye(d, dtype=torch.float64).expand(g, nb, d, d)
+    pooled = config.objective in ("pooled", "weights")
     gram = block_grams.sum(dim=(0, 1))                                      # (d, d)
     metric = _Metric(gram.expand(1, nb, d, d) if pooled else block_grams, c_out, pooled)
     mg = metric.apply(m)                                                   # (C_out, nb, d)

@@ -41,8 +41,8 @@ class FinetuneConfig:
     layer_steps: int = 0              # per-layer distillation steps after each layer's EM (0: off)
     global_steps: int = 0             # global distillation steps at the end (0: off)
     batch_size: int = 64
-    layer_lr: float = 1e-4
-    global_lr: float = 5e-5
+    layer_lr: float = 1e-3
+    global_lr: float = 1e-3          # Adam; measured best of {1e-4, 3e-4, 1e-3, 3e-3, 1e-2} on ResNet-20
     optimizer: str = "adam"           # 'adam' | 'sgd'
     momentum: float = 0.9             # sgd only
     temperature: float = 1.0
@@ -131,7 +131,7 @@ def _step(student: nn.Module, teacher: nn.Module, x: torch.Tensor, opt: torch.op
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return float(loss)
+    return loss.item()
 
 
 def finetune_layer(student: nn.Module, teacher: nn.Module, layer: nn.Module, data: Any, cfg: FinetuneConfig,

@@ -1,0 +1,268 @@
+"""The command line: size / compress / info / eval with --json on a tiny `module:function` model and a
+tiny synthetic image folder, and `error:` exits for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bitdown.cli import main
+
+MODULE = "bitdown_tinynet_cli"
+SPEC = f"{MODULE}:build"
+BITDOWN = Path(sys.executable).parent / "bitdown"
+
+MODEL_SOURCE = '''
+import torch
+import torch.nn as nn
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16, 16, 1, bias=False)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(torch.relu(self.conv3(x)).mean((2, 3)))
+
+
+def build():
+    torch.manual_seed(0)
+    return TinyNet()
+
+
+def not_a_model():
+    return 42
+'''
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_workspace(root: Path) -> Path:
+    """The model module and a labelled image folder (2 classes x 8 noisy 32x32 PNGs) under `root`."""
+    (root / f"{MODULE}.py").write_text(MODEL_SOURCE)
+    rng = np.random.default_rng(0)
+    for label, base in (("cat", 60), ("dog", 180)):
+        for i in range(8):
+            arr = np.clip(base + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+            path = root / "imgs" / label / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(path)
+    return root
+
+
+@pytest.fixture
+def ws(tmp_path, monkeypatch):
+    """A workspace as the current directory, with sys.path / sys.modules restored afterwards."""
+    write_workspace(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    sys.modules.pop(MODULE, None)
+    yield tmp_path
+    sys.modules.pop(MODULE, None)
+
+
+def run(capsys, *args):
+    """main(args) -> (exit code, stdout, stderr), as the console script would report them."""
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:                      # argparse / SystemExit("error: ...") as the interpreter does
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            rc = 1
+        else:
+            rc = e.code or 0
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+COMPRESS = ["compress", "--model", SPEC, "--data", "imgs", "--preprocess", "cifar10", "--calib-images", "16",
+            "--em-iters", "5", "--json"]
+
+
+@pytest.fixture
+def compressed(ws, capsys):
+    rc, out, err = run(capsys, *COMPRESS, "--out", "m.bitdown")
+    assert rc == 0, err
+    return ws / "m.bitdown", json.loads(out.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- happy paths
+
+
+def test_compress_info_eval(compressed, capsys):
+    path, out = compressed
+    assert out["out"] == "m.bitdown" and out["layers"] == 3
+    assert out["bytes_on_disk"] == path.stat().st_size
+    assert out["size_mb"] > 0 and out["ratio"] > 1
+
+    rc, text, err = run(capsys, "info", path, "--json")
+    assert rc == 0, err
+    info = json.loads(text)
+    assert info["format_version"] == 1 and info["n_layers"] == 3
+    assert [p["name"] for p in info["layers"]] == ["conv2", "conv3", "fc"]
+    assert info["arch"]["name"] == SPEC and info["arch"]["preprocess"] == "cifar10"
+    assert info["size_mb"] == pytest.approx(out["size_mb"]) and info["ratio"] == pytest.approx(out["ratio"])
+    assert info["skipped"] == {"conv1": "stem conv (quantize_stem=False)"}
+
+    rc, text, err = run(capsys, "eval", path, "--data", "imgs", "--model", SPEC, "--json")
+    assert rc == 0, err
+    res = json.loads(text)
+    assert res["n"] == 16 and 0 <= res["top1"] <= 100 and res["n_skipped"] == 0
+
+    # the same number as evaluating the loaded model in Python
+    import bitdown
+    from bitdown.data import ImageDataset, make_loader
+    from bitdown.evaluate import evaluate
+
+    sys.modules.pop(MODULE, None)
+    import importlib
+
+    model = bitdown.load(path, importlib.import_module(MODULE).build())
+    ref = evaluate(model, make_loader(ImageDataset("imgs", "cifar10", labels="parent"), 4))
+    assert res["top1"] == pytest.approx(ref["top1"])
+
+
+def test_info_text_output(compressed, capsys):
+    path, _ = compressed
+    rc, text, err = run(capsys, "info", path)
+    assert rc == 0 and "conv2" in text and "kept: stem conv" in text and "MB paper-style" in text
+
+
+def test_compress_with_eval_data_and_config(ws, capsys):
+    rc, out, err = run(capsys, *COMPRESS, "--out", "n.bitdown", "--eval-data", "imgs",
+                       "--config", json.dumps({"name_overrides": {"fc": {"skip": True}}}))
+    assert rc == 0, err
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["layers"] == 2 and 0 <= res["top1"] <= 100
+
+
+def test_compress_is_deterministic(ws, capsys):
+    for name in ("a.bitdown", "b.bitdown"):
+        rc, _, err = run(capsys, *COMPRESS, "--out", name)
+        assert rc == 0, err
+    assert (ws / "a.bitdown").read_bytes() == (ws / "b.bitdown").read_bytes()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: cli.cmd_compress passes --config keys next to its own seed/"
+                                       "calib_images/em keywords: any of those in --config (the only way to set "
+                                       "other EM options) fails with 'got multiple values for keyword argument'")
+def test_compress_config_can_set_em_options(ws, capsys):
+    rc, out, err = run(capsys, *COMPRESS, "--out", "e.bitdown",
+                       "--config", json.dumps({"em": {"n_iter": 3, "objective": "per_block"}}))
+    assert rc == 0, err
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def assert_error(rc, err, *words):
+    assert rc != 0
+    assert "error:" in err
+    for w in words:
+        assert w in err, err
+
+
+def test_missing_data_folder(ws, capsys):
+    rc, out, err = run(capsys, "compress", "--model", SPEC, "--data", "nope", "--preprocess", "cifar10",
+                       "--out", "x.bitdown")
+    assert_error(rc, err, "not found", "nope")
+    assert not (ws / "x.bitdown").exists()
+
+
+def test_empty_data_folder(ws, capsys):
+    (ws / "empty").mkdir()
+    rc, out, err = run(capsys, "compress", "--model", SPEC, "--data", "empty", "--preprocess", "cifar10",
+                       "--out", "x.bitdown")
+    assert_error(rc, err, "no images")
+
+
+def test_tampered_file(compressed, capsys):
+    path, _ = compressed
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    rc, out, err = run(capsys, "info", path, "--json")
+    assert_error(rc, err, "checksum mismatch")
+    rc, out, err = run(capsys, "eval", path, "--data", "imgs", "--model", SPEC)
+    assert_error(rc, err, "checksum mismatch")
+
+
+def test_missing_file(ws, capsys):
+    rc, out, err = run(capsys, "info", "nope.bitdown")
+    assert_error(rc, err, "no such file")
+
+
+def test_unknown_model(ws, capsys):
+    rc, out, err = run(capsys, "compress", "--model", "resnet9000", "--data", "imgs", "--out", "x.bitdown")
+    assert_error(rc, err, "unknown model 'resnet9000'")
+    rc, out, err = run(capsys, "compress", "--model", "no_such_module_xyz:build", "--data", "imgs",
+                       "--preprocess", "cifar10", "--out", "x.bitdown")
+    assert_error(rc, err, "cannot import")
+    rc, out, err = run(capsys, "compress", "--model", f"{MODULE}:not_a_model", "--data", "imgs",
+                       "--preprocess", "cifar10", "--out", "x.bitdown")
+    assert_error(rc, err, "not an nn.Module")
+
+
+def test_unknown_arch_for_size(capsys):
+    rc, out, err = run(capsys, "size", "resnet9000", "--json")
+    assert_error(rc, err, "resnet9000")
+
+
+def test_user_model_needs_preprocess(ws, capsys):
+    rc, out, err = run(capsys, "compress", "--model", SPEC, "--data", "imgs", "--out", "x.bitdown")
+    assert_error(rc, err, "--preprocess")
+
+
+def test_eval_of_user_model_file_needs_model(compressed, capsys):
+    path, _ = compressed
+    rc, out, err = run(capsys, "eval", path, "--data", "imgs")
+    assert_error(rc, err, "not in the zoo", "--model")
+
+
+def test_eval_with_wrong_model(compressed, capsys, ws):
+    path, _ = compressed
+    (ws / "other_arch_cli.py").write_text(
+        "import torch.nn as nn\n"
+        "def build():\n    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(3))\n")
+    rc, out, err = run(capsys, "eval", path, "--data", "imgs", "--model", "other_arch_cli:build")
+    sys.modules.pop("other_arch_cli", None)
+    assert_error(rc, err, "conv2")
+
+
+def test_bad_config_json_key(ws, capsys):
+    rc, out, err = run(capsys, *COMPRESS, "--out", "x.bitdown", "--config", json.dumps({"presett": "small"}))
+    assert_error(rc, err, "presett")
+
+
+# ----------------------------------------------------------------------------- the installed entry point
+
+
+@pytest.mark.skipif(not BITDOWN.exists(), reason="console script not installed next to the interpreter")
+def test_console_script(tmp_path):
+    write_workspace(tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(tmp_path))
+    bad = subprocess.run([str(BITDOWN), "compress", "--model", "resnet9000", "--data", "imgs", "--out", "x"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "error: unknown model 'resnet9000'" in bad.stderr

@@ -1,0 +1,241 @@
+"""Calibration statistics: Grams from forward hooks checked against a brute-force input matrix X.
+
+X is built independently of unfold: column r of X_g is the output of the layer whose every filter of
+group g is the one-hot vector e_r (in (C_in, kh, kw) order), so it honours stride, padding, dilation
+and groups by construction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bitdown import stats
+from bitdown.stats import LayerStats, StatsCollector, collect_stats, run_until
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def brute_x(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(groups, rows, R) float64: the layer's input matrix, one row per output position of every image."""
+    x = x.double()
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])[None]
+    c_out = module.out_channels
+    g = module.groups
+    opg = c_out // g
+    shape = module.weight.shape
+    r_len = math.prod(shape[1:])
+    cols = []
+    for r in range(r_len):
+        w = torch.zeros(c_out, r_len, dtype=torch.float64)
+        w[:, r] = 1.0
+        y = F.conv2d(x, w.reshape(shape), None, module.stride, module.padding, module.dilation, g)
+        cols.append(torch.stack([y[:, gi * opg].reshape(-1) for gi in range(g)]))  # (g, rows)
+    return torch.stack(cols, dim=-1)                                                  # (g, rows, R)
+
+
+def brute_stats(module, x, d):
+    X = brute_x(module, x)
+    g, rows, r_len = X.shape
+    nb = r_len // d
+    full = X.transpose(1, 2) @ X                                                      # (g, R, R)
+    blocks = torch.stack([torch.stack([full[gi, b * d:(b + 1) * d, b * d:(b + 1) * d] for b in range(nb)])
+                          for gi in range(g)])                                        # (g, nb, d, d)
+    return blocks, full, rows
+
+
+LAYERS = {
+    "conv3x3": (lambda: nn.Conv2d(4, 6, 3), 9),
+    "conv3x3_half_kernel_block": (lambda: nn.Conv2d(4, 6, 3), 3),
+    "conv1x1": (lambda: nn.Conv2d(8, 6, 1), 4),
+    "conv1x1_strided": (lambda: nn.Conv2d(8, 6, 1, stride=2), 4),
+    "conv5x5": (lambda: nn.Conv2d(2, 4, 5, padding=2), 25),
+    "grouped": (lambda: nn.Conv2d(4, 6, 3, groups=2, padding=1), 9),
+    "grouped_2kernels": (lambda: nn.Conv2d(4, 6, 3, groups=2, padding=1), 18),
+    "depthwise": (lambda: nn.Conv2d(4, 4, 3, groups=4, padding=1), 9),
+    "strided": (lambda: nn.Conv2d(3, 4, 3, stride=2), 9),
+    "dilated": (lambda: nn.Conv2d(3, 4, 3, dilation=2), 9),
+    "padded": (lambda: nn.Conv2d(3, 4, 3, padding=2), 9),
+    "asym": (lambda: nn.Conv2d(3, 4, (3, 1), stride=(2, 1), padding=(1, 0), dilation=(1, 2)), 3),
+    "linear": (lambda: nn.Linear(12, 5), 4),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_grams_match_brute_force(name):
+    torch.manual_seed(0)
+    make, d = LAYERS[name]
+    layer = make()
+    in_ch = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+    x = torch.randn(3, in_ch) if isinstance(layer, nn.Linear) else torch.randn(3, in_ch, 9, 8)
+    with StatsCollector(name, layer, d, full_gram=True) as col:
+        layer(x)
+    st = col.stats
+    blocks, full, rows = brute_stats(layer, x, d)
+    assert st.block_grams.dtype == torch.float64 and st.full_gram.dtype == torch.float64
+    assert st.block_grams.shape == blocks.shape
+    torch.testing.assert_close(st.block_grams, blocks, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st.full_gram, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st.gram, blocks.sum((0, 1)), rtol=1e-5, atol=1e-5)
+    assert st.gram.shape == (d, d)
+    assert st.n_rows == rows
+    assert st.n_images == (0 if isinstance(layer, nn.Linear) else 3)
+    assert not layer._forward_pre_hooks  # hook removed on exit
+
+
+def test_output_is_x_times_weight():
+    """Sanity of the brute-force X itself: X_g W_g^T reproduces the conv output."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1, groups=2, bias=False).double()
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    X = brute_x(layer, x)                                                   # (g, rows, R)
+    w = layer.weight.reshape(2, 3, -1)                                      # (g, opg, R)
+    y = layer(x)                                                            # (N, 6, H, W)
+    for gi in range(2):
+        pred = X[gi] @ w[gi].T                                              # (rows, opg)
+        ref = y[:, gi * 3:(gi + 1) * 3].permute(0, 2, 3, 1).reshape(-1, 3)
+        torch.testing.assert_close(pred, ref.detach())
+
+
+def test_linear_rows_of_3d_input():
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 3)
+    x = torch.randn(2, 5, 8)
+    with StatsCollector("fc", layer, 4, full_gram=True) as col:
+        layer(x)
+    X = x.reshape(-1, 8).double()
+    assert col.stats.n_rows == 10
+    torch.testing.assert_close(col.stats.full_gram[0], X.T @ X, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(col.stats.block_grams[0, 1], X[:, 4:].T @ X[:, 4:], rtol=1e-5, atol=1e-5)
+
+
+def test_full_gram_only_on_request():
+    layer = nn.Conv2d(3, 4, 3)
+    with StatsCollector("c", layer, 9) as col:
+        layer(torch.randn(2, 3, 5, 5))
+    assert col.stats.full_gram is None
+
+
+def test_accumulates_over_batches_and_merge_is_addition():
+    torch.manual_seed(0)
+    layer = nn.Conv2d(4, 6, 3, padding=1)
+    a, b = torch.randn(3, 4, 6, 6), torch.randn(2, 4, 6, 6)
+
+    def run(*xs):
+        with StatsCollector("c", layer, 9, full_gram=True) as col:
+            for x in xs:
+                layer(x)
+        return col.stats
+
+    both, sa, sb = run(a, b), run(a), run(b)
+    merged = sa.merge(sb)
+    torch.testing.assert_close(merged.block_grams, both.block_grams)  # same float32 partial sums
+    torch.testing.assert_close(merged.full_gram, both.full_gram)
+    assert merged.n_rows == both.n_rows == 5 * 36 and merged.n_images == both.n_images == 5
+    one = run(torch.cat([a, b]))
+    torch.testing.assert_close(one.block_grams, both.block_grams, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_rejects_other_shapes():
+    a = LayerStats(4, torch.zeros(1, 2, 4, 4, dtype=torch.float64), None)
+    b = LayerStats(4, torch.zeros(1, 3, 4, 4, dtype=torch.float64), None)
+    with pytest.raises(ValueError, match="cannot merge"):
+        a.merge(b)
+
+
+def test_chunking_gives_same_result(monkeypatch):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+    x = torch.randn(5, 4, 8, 8)
+    with StatsCollector("c", layer, 9, full_gram=True) as col:
+        layer(x)
+    ref = col.stats
+    monkeypatch.setattr(stats, "CHUNK_ELEMENTS", 1)  # one image per chunk
+    calls = []
+    orig = stats.layer_patches
+    monkeypatch.setattr(stats, "layer_patches", lambda m, xx: calls.append(xx.shape[0]) or orig(m, xx))
+    with StatsCollector("c", layer, 9, full_gram=True) as col:
+        layer(x)
+    assert calls == [1] * 5
+    torch.testing.assert_close(col.stats.block_grams, ref.block_grams, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(col.stats.full_gram, ref.full_gram, rtol=1e-5, atol=1e-5)
+    assert col.stats.n_rows == ref.n_rows
+
+
+def test_non_finite_activation_raises():
+    layer = nn.Conv2d(3, 4, 3)
+    x = torch.randn(2, 3, 5, 5)
+    x[1, 0, 2, 2] = float("inf")
+    with StatsCollector("blk.conv", layer, 9) as _:
+        with pytest.raises(ValueError, match=r"non-finite.*'blk.conv'"):
+            layer(x)
+
+
+def test_block_size_must_divide_row():
+    with pytest.raises(ValueError, match="does not divide"):
+        StatsCollector("c", nn.Conv2d(3, 4, 3), 4)
+
+
+@pytest.mark.parametrize("layer", [nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
+                                   nn.Conv2d(3, 4, 3, padding="same")])
+def test_unsupported_padding_raises(layer):
+    with StatsCollector("c", layer, 9):
+        with pytest.raises(ValueError, match="padding"):
+            layer(torch.randn(1, 3, 5, 5))
+
+
+class Three(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 1)
+        self.unused = nn.Linear(4, 4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.b(torch.relu(self.a(x))).mean((2, 3)))
+
+
+def test_collect_stats_one_pass_several_layers():
+    torch.manual_seed(0)
+    m = Three()
+    batches = [torch.randn(2, 3, 6, 6), torch.randn(3, 3, 6, 6)]
+    out = collect_stats(m, {"b": (m.b, 4), "fc": (m.fc, 2)}, batches, full_gram=True)
+    with torch.no_grad():
+        h = torch.cat([m.b(torch.relu(m.a(x))).mean((2, 3)) for x in batches]).double()
+        hb = torch.cat([torch.relu(m.a(x)).permute(0, 2, 3, 1).reshape(-1, 4) for x in batches]).double()
+    torch.testing.assert_close(out["fc"].full_gram[0], h.T @ h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["b"].full_gram[0], hb.T @ hb, rtol=1e-5, atol=1e-6)
+    assert out["fc"].n_rows == 5 and out["b"].n_rows == 5 * 36
+    assert not any(mod._forward_pre_hooks for mod in m.modules())
+
+
+def test_collect_stats_unused_layer_raises():
+    m = Three()
+    with pytest.raises(ValueError, match=r"'unused' received no input"):
+        collect_stats(m, {"unused": (m.unused, 2)}, [torch.randn(1, 3, 4, 4)])
+    assert not any(mod._forward_pre_hooks for mod in m.modules())
+
+
+def test_run_until_stops_before_last_but_collects_its_input():
+    torch.manual_seed(0)
+    m = Three()
+    ran = []
+    m.fc.register_forward_hook(lambda *a: ran.append("fc"))
+    m.a.register_forward_hook(lambda *a: ran.append("a"))
+    with StatsCollector("b", m.b, 4) as col:
+        n = run_until(m, [torch.randn(2, 3, 4, 4), torch.randn(1, 3, 4, 4)], m.b)
+    assert n == 3 and ran == ["a", "a"]          # b and fc never computed
+    assert col.stats.n_rows == 3 * 16              # but b's inputs were seen
+    assert len(m.b._forward_pre_hooks) == 0
