@@ -165,9 +165,6 @@ def test_compress_is_deterministic(ws, capsys):
     assert (ws / "a.bitdown").read_bytes() == (ws / "b.bitdown").read_bytes()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cli.cmd_compress passes --config keys next to its own seed/"
-                                       "calib_images/em keywords: any of those in --config (the only way to set "
-                                       "other EM options) fails with 'got multiple values for keyword argument'")
 def test_compress_config_can_set_em_options(ws, capsys):
     rc, out, err = run(capsys, *COMPRESS, "--out", "e.bitdown",
                        "--config", json.dumps({"em": {"n_iter": 3, "objective": "per_block"}}))

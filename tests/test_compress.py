@@ -321,8 +321,6 @@ def test_checkpoint_of_another_config_refused(monkeypatch, tmp_path):
         bitdown.compress(make_net(), batches(seed=1), cfg(), checkpoint_dir=tmp_path, progress=False)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: compress fingerprints only the first calibration batch (calib[0]): a "
-                                       "checkpoint of a run on other data is silently resumed when batch 0 agrees")
 def test_checkpoint_of_other_data_beyond_first_batch_refused(monkeypatch, tmp_path):
     x = images()
     record_kmeans(monkeypatch, fail_on=2)
@@ -422,9 +420,6 @@ def test_compress_with_finetune():
     assert not torch.equal(tuned.bn2.weight, teacher.bn2.weight)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: compress(finetune=...) without train_data uses `data` itself as a "
-                                       "dataset: with a list of batch tensors it stacks batches into a 5-D input "
-                                       "and fails deep in conv2d with a RuntimeError")
 def test_finetune_without_train_data_on_batch_list():
     try:
         q = bitdown.compress(make_net(), batches(), cfg(), progress=False,

@@ -134,8 +134,6 @@ def test_subclass_keeps_its_forward():
     assert type(other) is type(layer)              # the generated class is reused
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: modules.PQMixin.to_dense calls .move_to_end on a plain dict "
-                                       "(AttributeError on every call)")
 def test_to_dense_of_subclass():
     layer = ScaledConv(3, 4, 3, padding=1)
     cb, codes = random_pq(layer, 9)
@@ -183,8 +181,6 @@ def test_eval_cache_invalidated_by_optimizer_step():
         torch.testing.assert_close(after, F.linear(x, layer.dequantize(), layer.bias))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: modules.PQMixin.weight cache key (codebook._version, data_ptr) misses "
-                                       "in-place writes through .data (e.g. codebook.data.copy_): stale weight")
 def test_eval_cache_invalidated_by_data_write():
     torch.manual_seed(0)
     layer = nn.Linear(8, 4)
@@ -241,8 +237,6 @@ def test_codes_are_not_trainable():
 # ----------------------------------------------------------------------------- to_dense, copies
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: modules.PQMixin.to_dense builds dense._parameters as a plain dict "
-                                       "and calls .move_to_end on it: AttributeError on every call")
 @pytest.mark.parametrize("name", ["conv3x3", "grouped", "linear"])
 def test_to_dense(name):
     torch.manual_seed(0)
@@ -307,16 +301,12 @@ def test_codes_of_wrong_count_rejected():
     assert not is_pq(layer)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: modules.quantize_module accepts a block size that does not divide the "
-                                       "row (only the total size) and then fails in reshape with a RuntimeError")
 def test_block_size_not_dividing_row_rejected():
     layer = nn.Linear(6, 4)                       # 24 weights divisible by 4, but rows of 6 are not
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(ValueError, match="does not divide the row length 6"):
         quantize_module(layer, torch.randn(4, 4), torch.zeros(6, dtype=torch.long))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: modules.quantize_module deletes the weight Parameter before checking "
-                                       "the class, so a rejected module is left without its weight")
 def test_rejected_module_left_intact():
     bn = nn.BatchNorm2d(4)
     with pytest.raises(TypeError, match="not a Conv2d or Linear"):

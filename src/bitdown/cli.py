@@ -82,12 +82,9 @@ def cmd_size(a: argparse.Namespace) -> int:
 
 def cmd_compress(a: argparse.Namespace) -> int:
     from . import compress, save
-    from .config import EMConfig
     from .data import make_loader
     from .evaluate import evaluate
     from .finetune import FinetuneConfig
-    from .recipes import zoo_config
-    from .config import QuantConfig
     from .size import size_report
 
     torch.manual_seed(a.seed)
@@ -96,10 +93,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
     if preprocess is None:
         raise SystemExit("error: --preprocess is required for a module:function model")
     arch["preprocess"] = preprocess
-    em = EMConfig(n_iter=a.em_iters, error_feedback=a.error_feedback, n_restarts=a.restarts)
-    extra = json.loads(a.config) if a.config else {}
-    kw = dict(seed=a.seed, calib_images=a.calib_images, em=em, **extra)
-    config = zoo_config(a.model, a.preset, **kw) if arch["source"] == "zoo" else QuantConfig(preset=a.preset, **kw)
+    config = _quant_config(a, arch)
     calib = _data(a.data, preprocess, "none")
     ft = FinetuneConfig(layer_steps=a.finetune_steps, global_steps=a.global_steps, seed=a.seed)
     train = _data(a.data, preprocess, "none", train=True, seed=a.seed) if ft.enabled else None
@@ -117,6 +111,25 @@ def cmd_compress(a: argparse.Namespace) -> int:
         out["top1"] = evaluate(q, make_loader(ev, 256))["top1"]
     _emit(out, a.json)
     return 0
+
+
+def _quant_config(a: argparse.Namespace, arch: dict[str, Any]):
+    """QuantConfig from the flags, then `--config` JSON on top (its "em" dict merges into the EM options)."""
+    from .config import EMConfig, QuantConfig
+    from .recipes import zoo_config
+
+    try:
+        extra = json.loads(a.config) if a.config else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--config is not valid JSON: {e}") from None
+    if not isinstance(extra, dict):
+        raise ValueError("--config must be a JSON object")
+    em = {"n_iter": a.em_iters, "error_feedback": a.error_feedback, "n_restarts": a.restarts}
+    em.update(extra.pop("em", {}) or {})
+    kw = {"seed": a.seed, "calib_images": a.calib_images, **extra, "em": EMConfig.from_dict(em)}
+    if arch["source"] == "zoo":
+        return zoo_config(a.model, extra.pop("preset", a.preset), **{k: v for k, v in kw.items() if k != "preset"})
+    return QuantConfig.from_dict({"preset": a.preset, **kw})
 
 
 def _load_file(path: str, model_spec: str | None, weights: str | None = None) -> nn.Module:

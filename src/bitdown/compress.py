@@ -140,6 +140,37 @@ def _check_model(model: nn.Module) -> None:
         raise ValueError("the model is already (partly) product-quantized")
 
 
+def _finetune_data(train_data: Any, data: Any, calib: list[torch.Tensor]) -> Any:
+    """The map-style dataset fine-tuning draws from: `train_data`, else `data`'s dataset, else the
+    calibration images themselves."""
+    if train_data is not None:
+        return train_data
+    ds = getattr(data, "dataset", data)
+    if hasattr(ds, "__len__") and hasattr(ds, "__getitem__") and isinstance(ds, torch.utils.data.Dataset):
+        return ds
+    log.warning("no train_data for fine-tuning: using the %d calibration images without augmentation",
+                sum(x.shape[0] for x in calib))
+    return torch.utils.data.TensorDataset(torch.cat(calib))
+
+
+def _describe(ds: Any) -> Any:
+    """What identifies a fine-tuning dataset in the resume fingerprint."""
+    if ds is None:
+        return None
+    if isinstance(ds, torch.utils.data.TensorDataset):
+        return {"tensors": ds.tensors[0]}
+    return {"type": type(ds).__name__, "len": len(ds), "names": getattr(ds, "names", None),
+            "source": getattr(ds, "source", None), "train": getattr(ds, "train", None),
+            "seed": getattr(ds, "seed", None)}
+
+
+def channel_weights(stats, floor: float = 1e-2) -> torch.Tensor:
+    """1 / Var(y_o) per output channel, with the variance floored at `floor` x its mean so dead
+    channels do not dominate: the error a following BatchNorm sees, channel by channel."""
+    var = stats.output_variance()                                          # (C_out,)
+    return 1.0 / var.clamp_min(floor * float(var.mean()) + 1e-30)
+
+
 def _min_rows_check(plan: LayerPlan, n_rows: int, n_images: int) -> None:
     nb = plan.row_length // plan.block_size
     if n_rows * nb < plan.n_centroids:
@@ -178,8 +209,10 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     info.extra["calib_images"] = n_calib
 
     ft = finetune
+    ft_data = _finetune_data(train_data, data, calib) if ft is not None else None
     fp = fingerprint(config.to_json(), ft.to_json() if ft is not None else None, info.arch,
-                     {k: v for k, v in teacher.state_dict().items()}, calib[0])
+                     {k: v for k, v in teacher.state_dict().items()}, {str(i): x for i, x in enumerate(calib)},
+                     _describe(ft_data))
     done, resume = 0, {}
     if checkpoint_dir is not None:
         ck = load_checkpoint(checkpoint_dir, fp)
@@ -187,14 +220,15 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
             done, resume = _restore(student, plans, ck, info)
             log.info("resuming from %s: %d/%d layers done, stage %s", checkpoint_dir, done, len(plans),
                      resume["stage"])
-    ft_data = train_data if train_data is not None else data
 
     modules = dict(student.named_modules())
     bar = tqdm(plans, desc="quantize", unit="layer", disable=not progress, initial=done, total=len(plans))
     for i, plan in enumerate(plans[done:], start=done):
         t1 = time.perf_counter()
         module = modules[plan.name]
-        collector = StatsCollector(plan.name, module, plan.block_size, full_gram=config.em.needs_full_gram)
+        weighted = config.em.channel_weighting == "variance" and config.em.objective != "weights"
+        collector = StatsCollector(plan.name, module, plan.block_size, full_gram=config.em.needs_full_gram,
+                                   output_stats=weighted)
         try:
             run_until(student, calib, module)
         finally:
@@ -203,7 +237,7 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
         _min_rows_check(plan, st.n_rows, n_calib)
         t_stats = time.perf_counter() - t1
         res = kmeans(module.weight, st.block_grams, plan.n_centroids, config.em, seed=config.seed + i,
-                     full_gram=st.full_gram)
+                     full_gram=st.full_gram, row_weights=channel_weights(st) if weighted else None)
         quantize_module(module, res.codebook.half().float(), res.codes)   # fp16-exact: file == memory
         info.layers[plan.name] = {"rel_error": res.rel_error, "exact": res.exact, "n_iter": res.n_iter,
                                   "objective": res.objective, "stats_s": t_stats,

@@ -52,6 +52,8 @@ class EMConfig:
     damp: float = 0.01              # relative diagonal damping of the full Gram for error feedback
     code_reopt: int = 0             # sweeps of code re-optimisation on the exact objective (full Gram)
     codebook_refit: bool = False    # refit the codebook on the exact objective (full Gram) after codes
+    channel_weighting: str = "none"  # 'variance': weight each output channel's error by 1/Var(y_o), the
+                                     # scale a following BatchNorm applies; 'none': the paper's plain sum
 
     def __post_init__(self) -> None:
         if self.n_iter < 0:
@@ -66,6 +68,8 @@ class EMConfig:
             raise ValueError(f"objective must be 'pooled', 'per_block' or 'weights', got {self.objective!r}")
         if not 0 <= self.damp < 1:
             raise ValueError(f"damp must be in [0, 1), got {self.damp}")
+        if self.channel_weighting not in ("none", "variance"):
+            raise ValueError(f"channel_weighting must be 'none' or 'variance', got {self.channel_weighting!r}")
         if self.code_reopt < 0:
             raise ValueError(f"code_reopt must be >= 0, got {self.code_reopt}")
 

@@ -115,23 +115,25 @@ def _assign(mg: torch.Tensor, metric: _Metric, codebook: torch.Tensor) -> tuple[
 
 
 def _update(m: torch.Tensor, mg: torch.Tensor, codes: torch.Tensor, metric: _Metric, codebook: torch.Tensor,
-            pooled: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """M-step: the exact minimiser for each non-empty cluster. Returns (codebook, counts)."""
+            pooled: bool, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """M-step: the exact minimiser for each non-empty cluster (lambda-weighted). Returns (codebook, counts)."""
     k, d = codebook.shape
     flat = codes.reshape(-1)                                               # (N,)
     counts = torch.bincount(flat, minlength=k)                             # (K,)
     new = codebook.clone().to(m.dtype)                                     # (K, d)
     nonempty = counts > 0
+    w = lam.repeat_interleave(m.shape[1])                                  # (N,) weight of each subvector
     if pooled:
-        sums = torch.zeros(k, d, dtype=m.dtype).index_add_(0, flat, m.reshape(-1, d))   # (K, d)
-        new[nonempty] = sums[nonempty] / counts[nonempty, None].to(m.dtype)
+        sums = torch.zeros(k, d, dtype=m.dtype).index_add_(0, flat, m.reshape(-1, d) * w[:, None])  # (K, d)
+        wsum = torch.zeros(k, dtype=m.dtype).index_add_(0, flat, w)                                # (K,)
+        new[nonempty] = sums[nonempty] / wsum[nonempty, None]
     else:
         g, nb = metric.g, metric.grams.shape[1]
         pos = (torch.arange(m.shape[0]) // (m.shape[0] // g))[:, None] * nb + torch.arange(nb)[None, :]
-        pc = torch.bincount(flat * (g * nb) + pos.reshape(-1), minlength=k * g * nb)    # (K*P,)
+        pc = torch.bincount(flat * (g * nb) + pos.reshape(-1), weights=w, minlength=k * g * nb)  # (K*P,)
         a = torch.einsum("kp,pde->kde", pc.reshape(k, g * nb).double(),
                          metric.grams.reshape(g * nb, d, d))                # (K, d, d)
-        rhs = torch.zeros(k, d, dtype=torch.float64).index_add_(0, flat, mg.reshape(-1, d).double())  # (K, d)
+        rhs = torch.zeros(k, d, dtype=torch.float64).index_add_(0, flat, (mg.reshape(-1, d) * w[:, None]).double())
         idx = nonempty.nonzero().squeeze(1)
         a_ne = a[idx]                                                      # (K', d, d)
         ridge = 1e-9 * a_ne.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
@@ -168,15 +170,17 @@ def _whitener(gram: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky(gram + ridge * torch.eye(d, dtype=gram.dtype))
 
 
-def _init(points: torch.Tensor, k: int, method: str, gen: torch.Generator) -> torch.Tensor:
+def _init(points: torch.Tensor, k: int, method: str, gen: torch.Generator, weights: torch.Tensor | None = None,
+          ) -> torch.Tensor:
     """Initial codebook rows chosen among `points` (N, d) (whitened, Euclidean). Returns indices (K,)."""
     n = points.shape[0]
     if method == "random":
         return torch.randperm(n, generator=gen)[:k]
-    # k-means++ (Arthur & Vassilvitskii 2007), on the whitened subvectors
+    # k-means++ (Arthur & Vassilvitskii 2007), on the whitened subvectors, D^2 weighted by `weights`
+    w = torch.ones(n) if weights is None else weights                      # (N,)
     idx = torch.empty(k, dtype=torch.long)
     idx[0] = torch.randint(n, (1,), generator=gen)
-    d2 = (points - points[idx[0]]).pow(2).sum(1)                           # (N,)
+    d2 = (points - points[idx[0]]).pow(2).sum(1) * w                       # (N,)
     for i in range(1, k):
         total = d2.sum()
         if total <= 0:                                                      # fewer distinct points than k
@@ -184,15 +188,18 @@ def _init(points: torch.Tensor, k: int, method: str, gen: torch.Generator) -> to
         else:
             u = torch.rand(1, generator=gen, dtype=torch.float64) * total
             idx[i] = torch.searchsorted(torch.cumsum(d2.double(), 0), u).clamp_max(n - 1)
-        d2 = torch.minimum(d2, (points - points[idx[i]]).pow(2).sum(1))
+        d2 = torch.minimum(d2, (points - points[idx[i]]).pow(2).sum(1) * w)
     return idx
 
 
 def kmeans(weight: torch.Tensor, block_grams: torch.Tensor, n_centroids: int, config: EMConfig | None = None,
-           seed: int = 0, full_gram: torch.Tensor | None = None) -> EMResult:
+           seed: int = 0, full_gram: torch.Tensor | None = None, row_weights: torch.Tensor | None = None) -> EMResult:
     """Quantize `weight` (C_out, ...) with `n_centroids` codewords of size d, minimising the output
     error under the input statistics. block_grams: (groups, nb, d, d) from stats.LayerStats;
-    full_gram: (groups, R, R), needed by error_feedback / code_reopt / codebook_refit."""
+    full_gram: (groups, R, R), needed by error_feedback / code_reopt / codebook_refit.
+    row_weights: (C_out,) positive weights lambda_o of each output channel's error (e.g. 1 / Var(y_o),
+    the scale a following BatchNorm applies); they leave every argmin unchanged and weight the
+    M-step means, the codebook refit and the objective."""
     config = config or EMConfig()
     check_weight(weight)
     g, nb, d, _ = block_grams.shape
@@ -205,13 +212,22 @@ def kmeans(weight: torch.Tensor, block_grams: torch.Tensor, n_centroids: int, co
         raise ValueError("input statistics contain NaN/inf")
     if config.needs_full_gram and full_gram is None:
         raise ValueError("error_feedback / code_reopt / codebook_refit need the full input Gram (full_gram)")
-    if config.objective == "weights":                                      # weight-space baseline
-        block_grams = torch.eye(d, dtype=torch.float64).expand(g, nb, d, d)
+    if full_gram is not None:
+        r = nb * d
+        if tuple(full_gram.shape) != (g, r, r):
+            raise ValueError(f"full_gram has shape {list(full_gram.shape)}, expected {[g, r, r]} for a weight of "
+                             f"shape {list(weight.shape)} with {g} groups")
+        if not torch.isfinite(full_gram).all():
+            raise ValueError("full_gram contains NaN/inf")
     pooled = config.objective in ("pooled", "weights")
-    gram = block_grams.sum(dim=(0, 1))                                      # (d, d)
+    if config.objective == "weights":                                      # weight-space baseline: G = I
+        gram = torch.eye(d, dtype=torch.float64)
+    else:
+        gram = block_grams.sum(dim=(0, 1))                                  # (d, d)
     metric = _Metric(gram.expand(1, nb, d, d) if pooled else block_grams, c_out, pooled)
     mg = metric.apply(m)                                                   # (C_out, nb, d)
-    energy = float((m * mg).sum())                                         # sum m^T G m
+    lam = _row_weights(row_weights, c_out)                                 # (C_out,) float64
+    energy = float((lam[:, None] * (m * mg).sum(-1)).sum())                # sum lambda_o m^T G m
     n = c_out * nb
     if n_centroids < 1:
         raise ValueError(f"n_centroids must be >= 1, got {n_centroids}")
@@ -226,27 +242,37 @@ def kmeans(weight: torch.Tensor, block_grams: torch.Tensor, n_centroids: int, co
         best: EMResult | None = None
         for r in range(config.n_restarts):
             gen = torch.Generator().manual_seed(seed * 1000003 + r)
-            idx = _init(white.float(), n_centroids, config.init, gen)
-            res = _em(m, mg, metric, m.reshape(-1, d)[idx].clone(), config, pooled, energy)
+            idx = _init(white.float(), n_centroids, config.init, gen,
+                        lam.repeat_interleave(nb).float() if row_weights is not None else None)
+            res = _em(m, mg, metric, m.reshape(-1, d)[idx].clone(), config, pooled, energy, lam)
             log.debug("restart %d: objective %.6g after %d iterations", r, res.objective, res.n_iter)
             if best is None or res.objective < best.objective:
                 best = res
         res = best
     if config.needs_full_gram:
-        res = _refine_exact(weight, res, full_gram, config)
+        res = _refine_exact(weight, res, full_gram, config, lam)
     return res
 
 
-def _em(m, mg, metric, codebook, config: EMConfig, pooled: bool, energy: float) -> EMResult:
+def _row_weights(row_weights: torch.Tensor | None, c_out: int) -> torch.Tensor:
+    if row_weights is None:
+        return torch.ones(c_out, dtype=torch.float64)
+    lam = row_weights.detach().double().reshape(-1)
+    if lam.numel() != c_out or not torch.isfinite(lam).all() or (lam <= 0).any():
+        raise ValueError(f"row_weights must be {c_out} positive finite values")
+    return lam
+
+
+def _em(m, mg, metric, codebook, config: EMConfig, pooled: bool, energy: float, lam: torch.Tensor) -> EMResult:
     history: list[float] = []
     codes, score = _assign(mg, metric, codebook)
-    history.append(energy + float(score.double().sum()))
+    history.append(energy + float((lam[:, None] * score.double()).sum()))
     it = 0
     for it in range(1, config.n_iter + 1):
-        codebook, counts = _update(m, mg, codes, metric, codebook, pooled)
+        codebook, counts = _update(m, mg, codes, metric, codebook, pooled, lam)
         n_empty = _split_empty(codebook, counts)
         codes, score = _assign(mg, metric, codebook)
-        obj = energy + float(score.double().sum())
+        obj = energy + float((lam[:, None] * score.double()).sum())
         history.append(obj)
         prev = history[-2]
         if n_empty == 0 and prev - obj <= config.tol * max(abs(prev), 1e-30):
@@ -267,18 +293,21 @@ def _damped(full_gram: torch.Tensor, damp: float) -> torch.Tensor:
     return h
 
 
-def exact_objective(weight: torch.Tensor, weight_hat: torch.Tensor, full_gram: torch.Tensor) -> tuple[float, float]:
-    """sum_o (w_o - w_hat_o)^T H_g(o) (w_o - w_hat_o) and sum_o w_o^T H w_o: the output error of the
-    layer on the calibration inputs (bias excluded), and its energy."""
+def exact_objective(weight: torch.Tensor, weight_hat: torch.Tensor, full_gram: torch.Tensor,
+                    row_weights: torch.Tensor | None = None) -> tuple[float, float]:
+    """sum_o lambda_o (w_o - w_hat_o)^T H_g(o) (w_o - w_hat_o) and sum_o lambda_o w_o^T H w_o: the
+    (channel-weighted) output error of the layer on the calibration inputs (bias excluded), and its energy."""
     g = full_gram.shape[0]
     w = weight.detach().reshape(g, weight.shape[0] // g, -1).double()         # (g, opg, R)
     e = w - weight_hat.detach().reshape(w.shape).double()                     # (g, opg, R)
-    err = float(torch.einsum("gor,grs,gos->", e, full_gram, e))
-    energy = float(torch.einsum("gor,grs,gos->", w, full_gram, w))
+    lam = _row_weights(row_weights, weight.shape[0]).reshape(g, -1)          # (g, opg)
+    err = float(torch.einsum("go,gor,grs,gos->", lam, e, full_gram, e))
+    energy = float(torch.einsum("go,gor,grs,gos->", lam, w, full_gram, w))
     return err, energy
 
 
-def _refine_exact(weight: torch.Tensor, res: EMResult, full_gram: torch.Tensor, config: EMConfig) -> EMResult:
+def _refine_exact(weight: torch.Tensor, res: EMResult, full_gram: torch.Tensor, config: EMConfig,
+                  lam: torch.Tensor) -> EMResult:
     k, d = res.codebook.shape
     g = full_gram.shape[0]
     c_out = weight.shape[0]
@@ -288,13 +317,14 @@ def _refine_exact(weight: torch.Tensor, res: EMResult, full_gram: torch.Tensor, 
     codes = res.codes.reshape(g, c_out // g, -1).clone()                     # (g, opg, nb)
     if config.error_feedback:
         codes = _gptq_assign(w, codebook, h)
+    lam_g = lam.reshape(g, c_out // g)                                       # (g, opg)
     if config.codebook_refit:
-        codebook = _refit_codebook(w, codebook, codes, full_gram)
+        codebook = _refit_codebook(w, codebook, codes, full_gram, lam_g)
     for _ in range(config.code_reopt):
         codes = _reopt_codes(w, codebook, codes, full_gram)
         if config.codebook_refit:
-            codebook = _refit_codebook(w, codebook, codes, full_gram)
-    err, energy = exact_objective(weight, codebook[codes].reshape(weight.shape), full_gram)
+            codebook = _refit_codebook(w, codebook, codes, full_gram, lam_g)
+    err, energy = exact_objective(weight, codebook[codes].reshape(weight.shape), full_gram, lam)
     history = res.history + [err]
     return EMResult(codebook.float(), codes.reshape(c_out, -1), err, history, res.n_iter,
                     math.sqrt(err / energy) if energy > 0 else 0.0, exact=True)
@@ -323,20 +353,20 @@ def _gptq_assign(w: torch.Tensor, codebook: torch.Tensor, h: torch.Tensor) -> to
 
 
 def _refit_codebook(w: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor, h: torch.Tensor,
-                    n_steps: int = 25) -> torch.Tensor:
-    """Codebook minimising sum_o (w_o - C[codes_o])^T H (w_o - C[codes_o]) for fixed codes, by
-    conjugate gradient (the objective is a quadratic in C)."""
+                    lam: torch.Tensor, n_steps: int = 25) -> torch.Tensor:
+    """Codebook minimising sum_o lambda_o (w_o - C[codes_o])^T H (w_o - C[codes_o]) for fixed codes,
+    by conjugate gradient (the objective is a quadratic in C). lam: (g, opg)."""
     k, d = codebook.shape
     flat = codes.reshape(-1)                                                # (N,)
 
     def grad(c: torch.Tensor) -> torch.Tensor:                              # dF/dC / 2
         resid = c[codes].reshape(w.shape) - w                               # (g, opg, R)
-        hr = torch.einsum("gor,grs->gos", resid, h)                         # (g, opg, R)
+        hr = torch.einsum("gor,grs->gos", resid, h) * lam[:, :, None]       # (g, opg, R)
         return torch.zeros(k, d, dtype=c.dtype).index_add_(0, flat, hr.reshape(-1, d))
 
     def curvature(p: torch.Tensor) -> float:                                # sum Δ^T H Δ
         delta = p[codes].reshape(w.shape)
-        return float(torch.einsum("gor,grs,gos->", delta, h, delta))
+        return float(torch.einsum("go,gor,grs,gos->", lam, delta, h, delta))
 
     c = codebook.clone()
     r = -grad(c)

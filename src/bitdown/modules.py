@@ -52,27 +52,38 @@ class PQMixin:
         if self.training or torch.is_grad_enabled() and self.codebook.requires_grad:
             self._pq_cache = None
             return self.dequantize()
-        key = (self.codebook._version, self.codebook.data_ptr(), self.codes._version, self.codebook.dtype)
+        # cache keyed on the codebook's *values* (K x d, cheap to compare), so writes through
+        # `.data` or a new Parameter are seen, and on the codes buffer's identity and version
         cache = getattr(self, "_pq_cache", None)
-        if cache is None or cache[0] != key:
+        codes_key = (self.codes.data_ptr(), self.codes._version)
+        if (cache is None or cache[1] != codes_key or cache[0].dtype != self.codebook.dtype
+                or not torch.equal(cache[0], self.codebook)):
             with torch.no_grad():
-                cache = (key, self.dequantize())
+                cache = (self.codebook.detach().clone(), codes_key, self.dequantize())
             self._pq_cache = cache
-        return cache[1]
+        return cache[2]
 
     def extra_repr(self) -> str:  # type: ignore[override]
         return f"{super().extra_repr()}, n_centroids={self.n_centroids}, block_size={self.block_size}"
 
     def to_dense(self) -> nn.Module:
-        """An equivalent plain layer of the original class with the decoded weight."""
+        """An equivalent plain layer of the original class with the decoded weight (hooks not copied)."""
         base = next(c for c in type(self).__mro__[1:] if not issubclass(c, PQMixin))
         dense = base.__new__(base)
-        dense.__dict__ = {k: v for k, v in self.__dict__.items() if k != "_pq_cache"}
-        dense._parameters = {k: v for k, v in self._parameters.items() if k != "codebook"}
-        dense._buffers = {k: v for k, v in self._buffers.items() if k != "codes"}
-        del dense.__dict__["weight_shape"]
-        dense._parameters["weight"] = nn.Parameter(self.dequantize().detach().clone())
-        dense._parameters.move_to_end("weight", last=False)
+        nn.Module.__init__(dense)
+        skip = {"_pq_cache", "weight_shape", "_parameters", "_buffers", "_modules"} | {
+            k for k in self.__dict__ if k.endswith("hooks") or k.startswith("_forward") or k.startswith("_backward")}
+        for k, v in self.__dict__.items():
+            if k not in skip and k not in dense.__dict__:
+                dense.__dict__[k] = v
+        dense.__dict__["training"] = self.training
+        dense.weight = nn.Parameter(self.dequantize().detach().clone())
+        for k, v in self._parameters.items():
+            if k != "codebook":
+                dense.register_parameter(k, v)
+        for k, v in self._buffers.items():
+            if k != "codes":
+                dense.register_buffer(k, v)
         return dense
 
 
@@ -106,17 +117,21 @@ def quantize_module(module: nn.Module, codebook: torch.Tensor, codes: torch.Tens
     codebook: (K, d) float; codes: (C_out, nb) integers in [0, K)."""
     if is_pq(module):
         raise TypeError("module is already product-quantized")
+    pq_class = _pq_class(type(module))                       # raises before anything is changed
     weight = module.weight
     shape = tuple(weight.shape)
     k, d = codebook.shape
+    row = weight[0].numel() if weight.dim() else 0
+    if d < 1 or row % d:
+        raise ValueError(f"block_size {d} does not divide the row length {row} of a weight of shape {list(shape)}")
     n_sub = weight.numel() // d
-    if weight.numel() % d or codes.numel() != n_sub:
+    if codes.numel() != n_sub:
         raise ValueError(f"codes of shape {list(codes.shape)} and block_size {d} do not fit a weight "
                          f"of shape {list(shape)}")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
         raise ValueError(f"codes out of range [0, {k})")
     del module._parameters["weight"]
-    module.__class__ = _pq_class(type(module))
+    module.__class__ = pq_class
     module.weight_shape = shape
     module.codebook = nn.Parameter(codebook.detach().to(torch.float32).clone())
     module.register_buffer("codes", codes.detach().reshape(shape[0], -1).to(code_dtype(k)).clone())

@@ -23,4 +23,4 @@ def zoo_config(name: str, preset: str = "small", **kwargs: Any) -> QuantConfig:
     if k:
         names = {entry.classifier: {"n_centroids": k}, **names}
     types = {**EXTRA_TYPE_OVERRIDES.get((name, preset), {}), **types}
-    return QuantConfig(preset=preset, name_overrides=names, type_overrides=types, **kwargs)
+    return QuantConfig.from_dict(dict(preset=preset, name_overrides=names, type_overrides=types, **kwargs))

@@ -38,8 +38,12 @@ class BitdownFileError(ValueError):
     """A bitdown file is missing, truncated, tampered with, or does not match the model."""
 
 
-def checksum(tensors: dict[str, torch.Tensor]) -> str:
+def checksum(tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> str:
+    """sha256 over every tensor (name, dtype, shape, bytes, in name order) and the canonical JSON of
+    the metadata (without the checksum itself)."""
     h = hashlib.sha256()
+    if meta is not None:
+        h.update(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous()
         h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
@@ -73,7 +77,9 @@ def save(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = N
     if not any(is_pq(m) for m in model.modules()):
         raise ValueError("model has no product-quantized layer to save")
     tensors = file_tensors(model)
-    meta = dict(metadata, format=FORMAT, format_version=FORMAT_VERSION, checksum=checksum(tensors))
+    meta = dict(metadata, format=FORMAT, format_version=FORMAT_VERSION)
+    meta = json.loads(json.dumps(meta))               # canonical JSON types, as read() will see them
+    meta["checksum"] = checksum(tensors, meta)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
@@ -113,19 +119,28 @@ def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if meta["format_version"] > FORMAT_VERSION:
         raise BitdownFileError(f"{path}: format version {meta['format_version']} is newer than this "
                                f"bitdown supports ({FORMAT_VERSION}); upgrade bitdown")
-    actual = checksum(tensors)
+    actual = checksum(tensors, meta)
     if actual != meta.get("checksum"):
-        raise BitdownFileError(f"{path}: checksum mismatch: the tensors were modified or corrupted "
+        raise BitdownFileError(f"{path}: checksum mismatch: the tensors or metadata were modified or corrupted "
                                f"(stored {str(meta.get('checksum'))[:12]}…, computed {actual[:12]}…)")
+    missing = [k for k in REQUIRED if k not in meta]
+    if missing:
+        raise BitdownFileError(f"{path}: metadata lacks {missing}")
     return tensors, meta
+
+
+REQUIRED = ("arch", "layers", "config")
 
 
 def apply(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Any = "file") -> nn.Module:
     """Turn `model` (the dense architecture) into the compressed model stored in (tensors, meta), in place."""
-    plans = [LayerPlan.from_json(p) for p in meta["layers"]]
+    try:
+        plans = [LayerPlan.from_json(p) for p in meta["layers"]]
+    except (TypeError, KeyError) as e:
+        raise BitdownFileError(f"{path}: corrupt layer list in the metadata: {e}") from None
     modules = dict(model.named_modules())
     arch = meta.get("arch", {}).get("name", "?")
-    for p in plans:
+    for p in plans:                                    # every check first: a failed load changes nothing
         m = modules.get(p.name)
         if m is None:
             raise BitdownFileError(f"{path}: the model has no layer {p.name!r} (file is for architecture {arch!r})")
@@ -141,14 +156,18 @@ def apply(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, An
             raise BitdownFileError(f"{path}: codebook/codes of {p.name!r} missing or of the wrong shape")
         if codes.numel() and int(codes.long().max()) >= p.n_centroids:
             raise BitdownFileError(f"{path}: codes of {p.name!r} out of range for {p.n_centroids} centroids")
-        empty_pq_like(m, p.n_centroids, p.block_size)
-    state = {k: (v.float() if k.endswith(".codebook") else v) for k, v in tensors.items()}
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    bad = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for p in plans:
+        del own[f"{p.name}.weight"]
+        own[f"{p.name}.codebook"] = (p.n_centroids, p.block_size)
+        own[f"{p.name}.codes"] = (p.weight_shape[0], p.n_subvectors // p.weight_shape[0])
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    bad = [k for k in own if k in tensors and own[k] != tuple(tensors[k].shape)]
     if missing or unexpected or bad:
         raise BitdownFileError(f"{path}: the model does not match the file (architecture {arch!r}): "
                                f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {bad[:5]}")
-    model.load_state_dict(state, strict=True)
+    for p in plans:
+        empty_pq_like(modules[p.name], p.n_centroids, p.block_size)
+    model.load_state_dict({k: (v.float() if k.endswith(".codebook") else v) for k, v in tensors.items()}, strict=True)
     return model.eval()

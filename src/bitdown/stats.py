@@ -38,6 +38,15 @@ class LayerStats:
     full_gram: torch.Tensor | None       # (groups, R, R) float64, or None
     n_rows: int = 0                      # rows of X per group (output positions x images)
     n_images: int = 0
+    out_sum: torch.Tensor | None = None    # (C_out,) float64: sum of the layer's outputs (bias excluded)
+    out_sqsum: torch.Tensor | None = None  # (C_out,) float64: sum of their squares
+
+    def output_variance(self) -> torch.Tensor:
+        """Per-output-channel variance of the layer's outputs (bias excluded), (C_out,) float64."""
+        if self.out_sum is None or self.n_rows == 0:
+            raise ValueError("output statistics were not collected (StatsCollector(output_stats=True))")
+        mean = self.out_sum / self.n_rows
+        return (self.out_sqsum / self.n_rows - mean * mean).clamp_min(0.0)
 
     @property
     def gram(self) -> torch.Tensor:
@@ -51,8 +60,11 @@ class LayerStats:
         full = None
         if self.full_gram is not None and other.full_gram is not None:
             full = self.full_gram + other.full_gram
+        osum = osq = None
+        if self.out_sum is not None and other.out_sum is not None:
+            osum, osq = self.out_sum + other.out_sum, self.out_sqsum + other.out_sqsum
         return LayerStats(self.block_size, self.block_grams + other.block_grams, full,
-                          self.n_rows + other.n_rows, self.n_images + other.n_images)
+                          self.n_rows + other.n_rows, self.n_images + other.n_images, osum, osq)
 
 
 def layer_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -77,6 +89,14 @@ def layer_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"no input statistics for {type(module).__name__}")
 
 
+def _layer_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's output without bias, one row per output position: (rows, C_out)."""
+    if isinstance(module, nn.Conv2d):
+        y = F.conv2d(x, module.weight, None, module.stride, module.padding, module.dilation, module.groups)
+        return y.transpose(0, 1).reshape(y.shape[1], -1).T                   # (N*H*W, C_out)
+    return F.linear(x.reshape(-1, x.shape[-1]), module.weight)               # (rows, C_out)
+
+
 def _images_per_chunk(module: nn.Module, x: torch.Tensor) -> int:
     if not isinstance(module, nn.Conv2d) or x.dim() != 4:
         return max(1, x.shape[0])
@@ -89,7 +109,8 @@ class StatsCollector:
     """Accumulates `LayerStats` for one module through a forward hook. Use as a context manager
     (the hook is removed on exit), or call `remove()`."""
 
-    def __init__(self, name: str, module: nn.Module, block_size: int, full_gram: bool = False):
+    def __init__(self, name: str, module: nn.Module, block_size: int, full_gram: bool = False,
+                 output_stats: bool = False):
         weight = module.weight
         row = math.prod(weight.shape[1:])
         if row % block_size:
@@ -99,6 +120,10 @@ class StatsCollector:
         nb = row // block_size
         self.stats = LayerStats(block_size, torch.zeros(g, nb, block_size, block_size, dtype=torch.float64),
                                 torch.zeros(g, row, row, dtype=torch.float64) if full_gram else None)
+        if output_stats:
+            c_out = weight.shape[0]
+            self.stats.out_sum = torch.zeros(c_out, dtype=torch.float64)
+            self.stats.out_sqsum = torch.zeros(c_out, dtype=torch.float64)
         self._handle = module.register_forward_pre_hook(self._hook)
 
     @torch.no_grad()
@@ -118,6 +143,10 @@ class StatsCollector:
                 rows = p.permute(1, 2, 0, 3).reshape(g, r, n * length)      # (g, R, N*L)
                 st.full_gram += torch.bmm(rows, rows.transpose(1, 2)).double()  # (g, R, R)
             st.n_rows += n * length
+            if st.out_sum is not None:
+                y = _layer_output(module, x[i:i + step].float())             # (rows, C_out)
+                st.out_sum += y.sum(0).double()
+                st.out_sqsum += y.pow(2).sum(0).double()
         st.n_images += x.shape[0] if isinstance(module, nn.Conv2d) else 0
 
     def remove(self) -> None:
