@@ -95,7 +95,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
     arch["preprocess"] = preprocess
     config = _quant_config(a, arch)
     calib = _data(a.data, preprocess, "none")
-    ft = FinetuneConfig(layer_steps=a.finetune_steps, global_steps=a.global_steps, seed=a.seed)
+    ft = FinetuneConfig(layer_steps=a.finetune_steps, global_steps=a.global_steps, seed=a.seed,
+                        batch_size=a.ft_batch_size, checkpoint_every=a.checkpoint_every)
     train = _data(a.data, preprocess, "none", train=True, seed=a.seed) if ft.enabled else None
     t0 = time.perf_counter()
     q = compress(model, make_loader(calib, config.batch_size, shuffle=True, seed=a.seed), config, arch=arch,
@@ -203,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--error-feedback", action="store_true", help="GPTQ-style code assignment (beyond the paper)")
     c.add_argument("--finetune-steps", type=int, default=0, help="per-layer distillation steps (0: off)")
     c.add_argument("--global-steps", type=int, default=0, help="global distillation steps (0: off)")
+    c.add_argument("--ft-batch-size", type=int, default=64, help="fine-tuning batch size")
     c.add_argument("--checkpoint-dir", help="save progress here; rerunning the same command resumes")
+    c.add_argument("--checkpoint-every", type=int, default=100, help="global fine-tuning steps between checkpoints")
     c.add_argument("--config", help="JSON of extra QuantConfig keys, e.g. '{\"name_overrides\": {...}}'")
     c.add_argument("--eval-data", help="labelled images to report top-1 on after compression")
     c.add_argument("--json", action="store_true")
