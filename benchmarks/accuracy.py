@@ -93,11 +93,11 @@ def run_pq(bench: Bench, name: str, preset: str, method: str, data, a) -> None:
     teacher = build_model(name)
     loader = make_loader(calib, 128, shuffle=True, seed=a.seed)
     eval_loader = make_loader(ev, 250)
-    em = EMConfig(objective="weights" if method == "weight_pq" else "pooled", error_feedback=a.error_feedback
-                  and method == "bitdown")
+    em = {"bitdown": EMConfig(), "bitdown_paper_em": EMConfig.paper(),
+          "weight_pq": EMConfig.paper(objective="weights")}[method]
     cfg = zoo_config(name, preset, calib_images=a.calib_images, seed=a.seed, em=em, bn_recalibrate=False)
     base = dict(model=name, method=method, preset=preset, layer_steps=a.layer_steps, global_steps=a.global_steps,
-                calib_images=a.calib_images, error_feedback=em.error_feedback)
+                calib_images=a.calib_images)
     arch = {"name": name, "source": "zoo", "preprocess": get_entry(name).preprocess}
     if not bench.has(dict(base, stage="em+bn")):
         t0 = time.perf_counter()
@@ -109,7 +109,7 @@ def run_pq(bench: Bench, name: str, preset: str, method: str, data, a) -> None:
         recalibrate_bn(q, take_images(loader, 2048, 128))
         measure(bench, dict(base, stage="em+bn"), q, teacher, eval_loader, rep.size_mb, rep.ratio, disk_bytes(q),
                 t_em + time.perf_counter() - t0, 0)
-    if a.layer_steps == 0 and a.global_steps == 0:
+    if (a.layer_steps == 0 and a.global_steps == 0) or method == "bitdown_paper_em":
         return
     if bench.has(dict(base, stage="em+layer_ft+global_ft")):
         return
@@ -156,12 +156,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="resnet20_cifar10,resnet56_cifar10,efficientnet_lite0")
     p.add_argument("--presets", default="small,large")
-    p.add_argument("--methods", default="bitdown,weight_pq,scalar")
+    p.add_argument("--methods", default="bitdown,bitdown_paper_em,weight_pq,scalar")
     p.add_argument("--layer-steps", type=int, default=20)
     p.add_argument("--global-steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--calib-images", type=int, default=1024)
-    p.add_argument("--error-feedback", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "accuracy.json"))
     a = p.parse_args()
@@ -181,8 +180,8 @@ def main() -> None:
             row = measure(bench, key, teacher, None, make_loader(data[2], 250), n / 2**20, 1.0, None, 0.0, 0)
             bench.teacher_top1 = row["top1"]
         for preset in a.presets.split(","):
-            for method in ("bitdown", "weight_pq"):
-                if method in methods and not (method == "weight_pq" and preset == "large"):
+            for method in ("bitdown", "bitdown_paper_em", "weight_pq"):
+                if method in methods:
                     run_pq(bench, name, preset, method, data, a)
         if "scalar" in methods:
             for bits in (8, 4, 2):

@@ -32,7 +32,7 @@ from _common import RESULTS, conv_stats, load_layer_inputs, machine
 BLOCK, K = 9, 256
 CONFIGS = {
     "paper": EMConfig(init="random"),  # the paper's pooled objective, random init from the weights
-    "best": EMConfig(error_feedback=True, codebook_refit=True, n_iter=10),  # from em_ablation.md
+    "best": EMConfig(error_feedback=True, objective="per_block", code_reopt=1, n_iter=5),  # see em_ablation.md
 }
 PAPER = {"conv256": (1127.0, 10, 0.3919), "conv64": (228.0, 100, 0.3300)}  # original: EM s, iterations, error
 TARGETS = {"conv256": (2.0, 0.37), "conv64": (1.0, 0.32)}                   # em_s, out_rel_err

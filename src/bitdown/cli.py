@@ -125,7 +125,9 @@ def _quant_config(a: argparse.Namespace, arch: dict[str, Any]):
         raise ValueError(f"--config is not valid JSON: {e}") from None
     if not isinstance(extra, dict):
         raise ValueError("--config must be a JSON object")
-    em = {"n_iter": a.em_iters, "error_feedback": a.error_feedback, "n_restarts": a.restarts}
+    em = {"n_iter": a.em_iters, "n_restarts": a.restarts}
+    if a.paper_em:
+        em.update(error_feedback=False, code_reopt=0, codebook_refit=False)
     em.update(extra.pop("em", {}) or {})
     kw = {"seed": a.seed, "calib_images": a.calib_images, **extra, "em": EMConfig.from_dict(em)}
     if arch["source"] == "zoo":
@@ -201,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-images", type=int, default=1024)
     c.add_argument("--em-iters", type=int, default=30)
     c.add_argument("--restarts", type=int, default=1)
-    c.add_argument("--error-feedback", action="store_true", help="GPTQ-style code assignment (beyond the paper)")
+    c.add_argument("--paper-em", action="store_true",
+                   help="the paper's pooled EM only (default adds GPTQ-style feedback, code re-opt, codebook refit)")
     c.add_argument("--finetune-steps", type=int, default=0, help="per-layer distillation steps (0: off)")
     c.add_argument("--global-steps", type=int, default=0, help="global distillation steps (0: off)")
     c.add_argument("--ft-batch-size", type=int, default=64, help="fine-tuning batch size")

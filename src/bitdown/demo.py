@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-images", type=int, default=1024)
     p.add_argument("--finetune-steps", type=int, default=10, help="per-layer distillation steps")
     p.add_argument("--global-steps", type=int, default=300, help="global distillation steps")
-    p.add_argument("--error-feedback", action="store_true")
+    p.add_argument("--paper-em", action="store_true", help="the paper's EM instead of bitdown's default")
     p.add_argument("--out", default="out/demo.bitdown")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the results here")
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import EMConfig
     config = zoo_config(a.model, a.preset, calib_images=a.calib_images, seed=a.seed,
-                        em=EMConfig(error_feedback=a.error_feedback))
+                        em=EMConfig.paper() if a.paper_em else EMConfig())
     ft = FinetuneConfig(layer_steps=a.finetune_steps, global_steps=a.global_steps, seed=a.seed)
     t0 = time.perf_counter()
     student = compress(teacher, make_loader(train, 128, shuffle=True, seed=a.seed), config,
