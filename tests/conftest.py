@@ -12,6 +12,22 @@ if importlib.util.find_spec("bitdown") is None:  # not installed: use the src la
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_for_fast_tests(request):
+    """Fast tests run single-threaded: their tensors are tiny, and on a shared 2-core machine two
+    OpenMP threads spin against other processes (measured up to 1000x slower). Slow real-asset
+    tests keep torch's default."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def assets_root() -> Path:
     """The shared real-assets directory; skips the test when it is not there."""

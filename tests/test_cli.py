@@ -51,14 +51,6 @@ def not_a_model():
 '''
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def write_workspace(root: Path) -> Path:
     """The model module and a labelled image folder (2 classes x 8 noisy 32x32 PNGs) under `root`."""
     (root / f"{MODULE}.py").write_text(MODEL_SOURCE)

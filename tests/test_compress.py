@@ -22,14 +22,6 @@ bc = importlib.import_module("bitdown.compress")   # the module (bitdown.compres
 bf = importlib.import_module("bitdown.finetune")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Net(nn.Module):
     """stem conv + three quantizable convs (3x3 strided, 3x3, 1x1) with BatchNorm + a linear."""
 

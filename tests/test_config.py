@@ -18,14 +18,6 @@ from bitdown.config import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Net(nn.Module):
     """stem 3x3, a 3x3, a 1x1, a 5x5, a depthwise 3x3, a grouped 3x3 and a linear."""
 
@@ -292,10 +284,11 @@ def test_bad_em_options_rejected(kw):
 
 
 def test_needs_full_gram():
-    assert not EMConfig().needs_full_gram
-    assert EMConfig(error_feedback=True).needs_full_gram
-    assert EMConfig(code_reopt=1).needs_full_gram
-    assert EMConfig(codebook_refit=True).needs_full_gram
+    assert EMConfig().needs_full_gram                     # the default refines on the exact objective
+    assert not EMConfig.paper().needs_full_gram
+    assert EMConfig.paper(error_feedback=True).needs_full_gram
+    assert EMConfig.paper(code_reopt=1).needs_full_gram
+    assert EMConfig.paper(codebook_refit=True).needs_full_gram
 
 
 def test_config_json_round_trip():

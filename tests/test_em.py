@@ -15,14 +15,6 @@ from bitdown.em import exact_objective, kmeans, subvectors
 from bitdown.stats import StatsCollector
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -88,7 +80,7 @@ def test_exact_objective_is_output_error(name):
     layer = make()
     x = torch.randn(*xshape)
     st = layer_stats(layer, x, d)
-    res = kmeans(layer.weight, st.block_grams, k, EMConfig(n_iter=5), full_gram=st.full_gram)
+    res = kmeans(layer.weight, st.block_grams, k, EMConfig.paper(n_iter=5), full_gram=st.full_gram)
     w_hat = res.weight(layer.weight.shape)
     err, energy = exact_objective(layer.weight, w_hat, st.full_gram)
     dense = layer.double()
@@ -109,7 +101,7 @@ def test_em_objective_matches_its_brute_force_definition(name, objective):
     layer = make()
     x = torch.randn(*xshape)
     st = layer_stats(layer, x, d)
-    res = kmeans(layer.weight, st.block_grams, k, EMConfig(n_iter=10, objective=objective))
+    res = kmeans(layer.weight, st.block_grams, k, EMConfig.paper(n_iter=10, objective=objective))
     X = brute_x(layer, x)                                                # (g, rows, R)
     g, _, r_len = X.shape
     nb = r_len // d
@@ -135,9 +127,9 @@ def test_em_objective_matches_its_brute_force_definition(name, objective):
 def test_output_aware_beats_weight_space_kmeans_on_correlated_inputs():
     for seed in range(4):
         W, X, H, bg = correlated_case(seed)
-        aware = kmeans(W, bg, 16, EMConfig(), seed=seed)
-        ident = kmeans(W, torch.eye(4, dtype=torch.float64).expand_as(bg).clone(), 16, EMConfig(), seed=seed)
-        baseline = kmeans(W, bg, 16, EMConfig(objective="weights"), seed=seed)
+        aware = kmeans(W, bg, 16, EMConfig.paper(), seed=seed)
+        ident = kmeans(W, torch.eye(4, dtype=torch.float64).expand_as(bg).clone(), 16, EMConfig.paper(), seed=seed)
+        baseline = kmeans(W, bg, 16, EMConfig.paper(objective="weights"), seed=seed)
         assert exact(W, aware, H) < 0.8 * exact(W, ident, H)
         assert exact(W, aware, H) < 0.8 * exact(W, baseline, H)
         # the 'weights' objective is exactly k-means with an identity Gram
@@ -148,7 +140,7 @@ def test_output_aware_beats_weight_space_kmeans_on_correlated_inputs():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_objective_history_never_increases(objective, seed):
     W, X, H, bg = correlated_case(seed, c_out=64)
-    res = kmeans(W, bg, 32, EMConfig(n_iter=40, tol=0.0, objective=objective), seed=seed)
+    res = kmeans(W, bg, 32, EMConfig.paper(n_iter=40, tol=0.0, objective=objective), seed=seed)
     h = res.history
     assert len(h) >= 3 and res.n_iter == len(h) - 1
     for a, b in zip(h, h[1:]):
@@ -159,9 +151,9 @@ def test_objective_history_never_increases(objective, seed):
 
 def test_more_centroids_less_error():
     W, X, H, bg = correlated_case(3, c_out=64)
-    errs = [kmeans(W, bg, k, EMConfig(n_restarts=2), seed=0).objective for k in (2, 4, 8, 16, 32, 64)]
+    errs = [kmeans(W, bg, k, EMConfig.paper(n_restarts=2), seed=0).objective for k in (2, 4, 8, 16, 32, 64)]
     assert all(b < a for a, b in zip(errs, errs[1:])), errs
-    exacts = [exact(W, kmeans(W, bg, k, EMConfig(n_restarts=2), seed=0), H) for k in (2, 8, 32)]
+    exacts = [exact(W, kmeans(W, bg, k, EMConfig.paper(n_restarts=2), seed=0), H) for k in (2, 8, 32)]
     assert exacts[0] > exacts[1] > exacts[2]
 
 
@@ -170,7 +162,7 @@ def test_degenerate_more_centroids_than_subvectors(k):
     torch.manual_seed(0)
     W = torch.randn(2, 8)                         # 4 subvectors of d = 4
     bg = torch.eye(4, dtype=torch.float64).expand(1, 2, 4, 4).clone()
-    res = kmeans(W, bg, k, EMConfig(code_reopt=1), full_gram=torch.eye(8, dtype=torch.float64)[None])
+    res = kmeans(W, bg, k, EMConfig.paper(code_reopt=1), full_gram=torch.eye(8, dtype=torch.float64)[None])
     assert res.codebook.shape == (k, 4) and res.codes.shape == (2, 2)
     assert int(res.codes.max()) < k and res.codes.unique().numel() == 4
     torch.testing.assert_close(res.weight(W.shape), W)
@@ -185,20 +177,20 @@ def test_exactly_as_many_centroids_as_subvectors():
 
 def test_deterministic_given_seed():
     W, X, H, bg = correlated_case(0)
-    for cfg in (EMConfig(), EMConfig(init="random", n_restarts=2), EMConfig(objective="per_block")):
+    for cfg in (EMConfig.paper(), EMConfig.paper(init="random", n_restarts=2), EMConfig.paper(objective="per_block")):
         a = kmeans(W, bg, 16, cfg, seed=5)
         b = kmeans(W, bg, 16, cfg, seed=5)
         assert torch.equal(a.codes, b.codes) and torch.equal(a.codebook, b.codebook)
         assert a.history == b.history
-    c = kmeans(W, bg, 16, EMConfig(), seed=6)
-    a = kmeans(W, bg, 16, EMConfig(), seed=5)
+    c = kmeans(W, bg, 16, EMConfig.paper(), seed=6)
+    a = kmeans(W, bg, 16, EMConfig.paper(), seed=5)
     assert not torch.equal(a.codebook, c.codebook)
 
 
 def test_restarts_keep_the_best():
     W, X, H, bg = correlated_case(1)
-    one = kmeans(W, bg, 16, EMConfig(n_restarts=1), seed=3)
-    many = kmeans(W, bg, 16, EMConfig(n_restarts=4), seed=3)
+    one = kmeans(W, bg, 16, EMConfig.paper(n_restarts=1), seed=3)
+    many = kmeans(W, bg, 16, EMConfig.paper(n_restarts=4), seed=3)
     assert many.objective <= one.objective
 
 
@@ -216,25 +208,25 @@ def test_empty_clusters_get_split(monkeypatch):
     """All initial codewords identical: every cluster but one is empty; splitting must revive them."""
     W, X, H, bg = correlated_case(2, c_out=64)
     monkeypatch.setattr(em, "_init", lambda points, k, *a, **kw: torch.zeros(k, dtype=torch.long))
-    res = kmeans(W, bg, 8, EMConfig(n_iter=50), seed=0)
+    res = kmeans(W, bg, 8, EMConfig.paper(n_iter=50), seed=0)
     counts = torch.bincount(res.codes.reshape(-1), minlength=8)
     assert (counts > 0).all(), counts
     monkeypatch.undo()
-    one = kmeans(W, bg, 2, EMConfig(n_iter=50), seed=0)
+    one = kmeans(W, bg, 2, EMConfig.paper(n_iter=50), seed=0)
     assert res.objective < one.objective
 
 
 @pytest.mark.parametrize("cfg", [
-    EMConfig(error_feedback=True),
-    EMConfig(code_reopt=2),
-    EMConfig(codebook_refit=True),
-    EMConfig(code_reopt=1, codebook_refit=True),
-    EMConfig(error_feedback=True, code_reopt=1, codebook_refit=True),
+    EMConfig.paper(error_feedback=True),
+    EMConfig.paper(code_reopt=2),
+    EMConfig.paper(codebook_refit=True),
+    EMConfig.paper(code_reopt=1, codebook_refit=True),
+    EMConfig.paper(error_feedback=True, code_reopt=1, codebook_refit=True),
 ], ids=["error_feedback", "code_reopt", "codebook_refit", "reopt+refit", "all"])
 def test_refinements_do_not_worsen_exact_objective(cfg):
     for seed in range(3):
         W, X, H, bg = correlated_case(seed)
-        plain = kmeans(W, bg, 16, EMConfig(), seed=seed)
+        plain = kmeans(W, bg, 16, EMConfig.paper(), seed=seed)
         better = kmeans(W, bg, 16, cfg, seed=seed, full_gram=H)
         assert better.exact and better.objective == pytest.approx(exact(W, better, H), rel=1e-9)
         assert better.objective <= exact(W, plain, H) * (1 + 1e-9)
@@ -247,9 +239,9 @@ def test_refinements_on_grouped_conv():
     x = torch.randn(4, 4, 6, 6)
     x[:, 1] = 0.9 * x[:, 0] + 0.1 * x[:, 1]    # correlated channels
     st = layer_stats(layer, x, 3)
-    plain = kmeans(layer.weight, st.block_grams, 8, EMConfig(), seed=0)
+    plain = kmeans(layer.weight, st.block_grams, 8, EMConfig.paper(), seed=0)
     ref = exact_objective(layer.weight, plain.weight(layer.weight.shape), st.full_gram)[0]
-    for cfg in (EMConfig(code_reopt=2), EMConfig(codebook_refit=True)):
+    for cfg in (EMConfig.paper(code_reopt=2), EMConfig.paper(codebook_refit=True)):
         res = kmeans(layer.weight, st.block_grams, 8, cfg, seed=0, full_gram=st.full_gram)
         assert res.objective <= ref * (1 + 1e-9)
 
@@ -285,14 +277,14 @@ def test_nan_stats_rejected():
         kmeans(torch.randn(8, 8), bg, 4)
 
 
-@pytest.mark.parametrize("cfg", [EMConfig(error_feedback=True), EMConfig(code_reopt=1), EMConfig(codebook_refit=True)])
+@pytest.mark.parametrize("cfg", [EMConfig.paper(error_feedback=True), EMConfig.paper(code_reopt=1), EMConfig.paper(codebook_refit=True)])
 def test_missing_full_gram_rejected(cfg):
     with pytest.raises(ValueError, match="full_gram"):
         kmeans(torch.randn(8, 8), torch.eye(4, dtype=torch.float64).expand(1, 2, 4, 4).clone(), 4, cfg)
 
 
 @pytest.mark.parametrize("fg_shape", [(1, 6, 6), (2, 8, 8)], ids=["R", "groups"])
-@pytest.mark.parametrize("cfg", [EMConfig(error_feedback=True), EMConfig(code_reopt=1), EMConfig(codebook_refit=True)],
+@pytest.mark.parametrize("cfg", [EMConfig.paper(error_feedback=True), EMConfig.paper(code_reopt=1), EMConfig.paper(codebook_refit=True)],
                          ids=["error_feedback", "code_reopt", "codebook_refit"])
 def test_mismatched_full_gram_shape_rejected(cfg, fg_shape):
     fg = torch.eye(fg_shape[-1], dtype=torch.float64).expand(*fg_shape).clone()
@@ -301,7 +293,7 @@ def test_mismatched_full_gram_shape_rejected(cfg, fg_shape):
                full_gram=fg)
 
 
-@pytest.mark.parametrize("cfg", [EMConfig(error_feedback=True), EMConfig(code_reopt=1), EMConfig(codebook_refit=True)],
+@pytest.mark.parametrize("cfg", [EMConfig.paper(error_feedback=True), EMConfig.paper(code_reopt=1), EMConfig.paper(codebook_refit=True)],
                          ids=["error_feedback", "code_reopt", "codebook_refit"])
 def test_nan_full_gram_rejected(cfg):
     fg = torch.eye(8, dtype=torch.float64)[None].clone()
@@ -326,9 +318,9 @@ def test_chunked_assignment_is_identical(monkeypatch, objective):
     torch.manual_seed(0)
     layer = nn.Conv2d(4, 8, 3, groups=2, padding=1, bias=False)
     st = layer_stats(layer, torch.randn(3, 4, 6, 6), 3)
-    ref = kmeans(layer.weight, st.block_grams, 8, EMConfig(objective=objective), seed=1)
+    ref = kmeans(layer.weight, st.block_grams, 8, EMConfig.paper(objective=objective), seed=1)
     monkeypatch.setattr(em, "ROW_CHUNK", 1)           # one output row per E-step chunk
-    res = kmeans(layer.weight, st.block_grams, 8, EMConfig(objective=objective), seed=1)
+    res = kmeans(layer.weight, st.block_grams, 8, EMConfig.paper(objective=objective), seed=1)
     assert torch.equal(res.codes, ref.codes) and torch.equal(res.codebook, ref.codebook)
 
 
@@ -340,8 +332,8 @@ def test_dead_inputs_give_finite_results():
     H = X.T @ X
     bg = torch.stack([H[b * 4:(b + 1) * 4, b * 4:(b + 1) * 4] for b in range(4)])[None]
     W = torch.randn(32, 16, generator=g)
-    for cfg in (EMConfig(), EMConfig(objective="per_block"), EMConfig(error_feedback=True),
-                EMConfig(code_reopt=1, codebook_refit=True)):
+    for cfg in (EMConfig.paper(), EMConfig.paper(objective="per_block"), EMConfig.paper(error_feedback=True),
+                EMConfig.paper(code_reopt=1, codebook_refit=True)):
         res = kmeans(W, bg, 8, cfg, full_gram=H[None])
         assert torch.isfinite(res.codebook).all() and math.isfinite(res.objective)
         assert int(res.codes.max()) < 8
@@ -353,5 +345,5 @@ def test_weights_objective_is_plain_kmeans_error():
     torch.manual_seed(0)
     W = torch.randn(16, 12)
     bg = torch.eye(4, dtype=torch.float64).expand(1, 3, 4, 4).clone()
-    res = kmeans(W, bg, 8, EMConfig(objective="weights"))
+    res = kmeans(W, bg, 8, EMConfig.paper(objective="weights"))
     assert res.objective == pytest.approx(float((W - res.weight(W.shape)).double().pow(2).sum()), rel=1e-5)

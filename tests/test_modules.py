@@ -12,14 +12,6 @@ import torch.nn.functional as F
 from bitdown.modules import PQConv2d, PQLinear, code_dtype, is_pq, quantize_module
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 LAYERS = {
     "conv3x3": (lambda: nn.Conv2d(4, 6, 3), 9, (2, 4, 7, 7)),
     "conv1x1": (lambda: nn.Conv2d(8, 6, 1), 4, (2, 8, 5, 5)),

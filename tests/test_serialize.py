@@ -21,14 +21,6 @@ from bitdown.modules import is_pq, quantize_module
 from bitdown.serialize import BitdownFileError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class TinyNet(nn.Module):
     def __init__(self, width: int = 16, classes: int = 10):
         super().__init__()

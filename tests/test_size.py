@@ -16,14 +16,6 @@ from bitdown.size import MB, layer_size, size_report
 from bitdown.zoo import get_entry
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def cli_size(capsys, arch, preset):
     assert main(["size", arch, "--preset", preset, "--json"]) == 0
     return json.loads(capsys.readouterr().out)

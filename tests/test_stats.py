@@ -18,14 +18,6 @@ from bitdown import stats
 from bitdown.stats import LayerStats, StatsCollector, collect_stats, run_until
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def brute_x(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(groups, rows, R) float64: the layer's input matrix, one row per output position of every image."""
     x = x.double()

@@ -100,7 +100,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
     train = _data(a.data, preprocess, "none", train=True, seed=a.seed) if ft.enabled else None
     t0 = time.perf_counter()
     q = compress(model, make_loader(calib, config.batch_size, shuffle=True, seed=a.seed), config, arch=arch,
-                 checkpoint_dir=a.checkpoint_dir, finetune=ft if ft.enabled else None, train_data=train)
+                 checkpoint_dir=a.checkpoint_dir, finetune=ft if ft.enabled else None, train_data=train,
+                 target_ratio=a.target_ratio, target_size=a.target_size)
     wall = time.perf_counter() - t0
     path = save(q, a.out)
     rep = size_report(q, q.bitdown.plans)
@@ -165,7 +166,8 @@ def cmd_info(a: argparse.Namespace) -> int:
     layers = meta["layers"]
     out = {"file": a.file, "bytes_on_disk": Path(a.file).stat().st_size, "format_version": meta["format_version"],
            "arch": meta.get("arch"), **meta.get("size", {}), "n_layers": len(layers), "layers": layers,
-           "skipped": meta.get("skipped", {}), "config": meta.get("config"), "timings": meta.get("timings", {})}
+           "skipped": meta.get("skipped", {}), "config": meta.get("config"),
+           "allocation": meta.get("extra", {}).get("allocation")}
     if a.json:
         print(json.dumps(out, default=float))
     else:
@@ -176,6 +178,10 @@ def cmd_info(a: argparse.Namespace) -> int:
                   f"{'x'.join(map(str, p['weight_shape']))}")
         for n, why in out["skipped"].items():
             print(f"  {n:<40} kept: {why}")
+        if out["allocation"]:
+            al = out["allocation"]
+            print(f"  allocation: budget {al['budget_bytes'] / 2**20:.4f} MB, achieved "
+                  f"{al['achieved_bytes'] / 2**20:.4f} MB ({al['ratio']:.1f}x)")
     return 0
 
 
@@ -198,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", required=True, help="folder or zip of unlabelled calibration images")
     c.add_argument("--preprocess", help="data preset (cifar10|imagenet|efficientnet); zoo models know theirs")
     c.add_argument("--preset", default="small", choices=["small", "large"])
+    budget = c.add_mutually_exclusive_group()
+    budget.add_argument("--target-ratio", type=float, help="choose per-layer d and K to be R times smaller")
+    budget.add_argument("--target-size", help="choose per-layer d and K to fit e.g. 100KB or 1.5MB (paper-style)")
     c.add_argument("--out", required=True)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--calib-images", type=int, default=1024)

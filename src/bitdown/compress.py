@@ -182,7 +182,8 @@ def _min_rows_check(plan: LayerPlan, n_rows: int, n_images: int) -> None:
 
 def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None, *, arch: dict | None = None,
              inplace: bool = False, checkpoint_dir: str | Path | None = None, progress: bool = True,
-             finetune: Any = None, train_data: Any = None) -> nn.Module:
+             finetune: Any = None, train_data: Any = None, target_ratio: float | None = None,
+             target_size: str | float | None = None) -> nn.Module:
     """Product-quantize every eligible Conv2d/Linear of `model` on unlabelled `data`.
 
     data: an iterable of image batches (tensors, or (images, labels) whose labels are ignored).
@@ -190,6 +191,8 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     With `checkpoint_dir`, progress is saved after every layer and a rerun resumes from it.
     `finetune` (finetune.FinetuneConfig) adds per-layer and global distillation from the original
     model on `train_data` (a map-style dataset of augmented unlabelled images; default: `data`'s).
+    `target_ratio` / `target_size` ('100KB', '1.5MB', bytes) choose every layer's block size and
+    number of centroids by rate-distortion to fit that paper-style size (allocate.py).
     """
     config = config or QuantConfig()
     _check_model(model)
@@ -201,12 +204,18 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     n_calib = sum(x.shape[0] for x in calib)
     log.info("calibration: %d images in %d batches", n_calib, len(calib))
     order = forward_order(student, calib[0][:2])
+    allocation = None
+    if target_ratio is not None or target_size is not None:
+        from .allocate import budget_config
+        config, allocation = budget_config(student, calib, config, target_ratio, target_size, order, progress)
     plans, skipped = resolve_plan(student, config, order)
     for name, _ in quantizable_layers(student):
         if name not in order:
             skipped.setdefault(name, "not called by forward() on the calibration images")
     info = CompressionInfo(arch or {"name": type(model).__name__, "source": "user"}, config.to_json(), plans, skipped)
     info.extra["calib_images"] = n_calib
+    if allocation is not None:
+        info.extra["allocation"] = allocation
 
     ft = finetune
     ft_data = _finetune_data(train_data, data, calib) if ft is not None else None

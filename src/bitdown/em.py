@@ -200,7 +200,8 @@ def kmeans(weight: torch.Tensor, block_grams: torch.Tensor, n_centroids: int, co
     row_weights: (C_out,) positive weights lambda_o of each output channel's error (e.g. 1 / Var(y_o),
     the scale a following BatchNorm applies); they leave every argmin unchanged and weight the
     M-step means, the codebook refit and the objective."""
-    config = config or EMConfig()
+    if config is None:  # the best that the given statistics allow
+        config = EMConfig() if full_gram is not None else EMConfig.paper()
     check_weight(weight)
     g, nb, d, _ = block_grams.shape
     m = subvectors(weight, d).double()                                     # (C_out, nb, d)

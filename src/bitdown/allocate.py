@@ -1,0 +1,208 @@
+"""Compress to a size budget: per-layer block size and number of centroids chosen by rate-distortion.
+
+For every quantizable layer l and every option o = (d, K) (d a sensible divisor of the row length,
+K a power of two within the paper's clamp) we know the exact paper-style cost in bytes,
+
+    R_l(o) = n_subvectors * log2(K) / 8 + K * d * 2        (indices + fp16 codebook)
+
+and measure the distortion D_l(o) = ||X(W - W_hat)||^2 / ||X W||^2, the layer's relative output
+error on the calibration inputs, with the fast pooled EM and the exact full-Gram objective (one
+pass of the teacher collects every layer's full Gram; the block Grams of any d are its diagonal
+blocks). The allocation minimises sum_l D_l subject to sum_l R_l + other <= budget by a
+Lagrangian search (each layer picks argmin D + lambda R; lambda bisected), then spends what is
+left greedily by best distortion decrease per byte.
+
+Budgets smaller than the smallest achievable size are refused before any statistics are gathered.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .config import EMConfig, LayerPlan, QuantConfig, clamp_centroids, resolve_plan
+from .em import exact_objective, kmeans
+from .size import MB
+from .stats import StatsCollector
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZES = (4, 8, 9, 16, 18, 32, 36)
+CENTROIDS = tuple(2 ** i for i in range(1, 12))     # 2 ... 2048
+
+
+@dataclass(frozen=True)
+class Option:
+    block_size: int
+    n_centroids: int
+    bytes: float
+    distortion: float = math.nan
+
+
+def parse_size(text: str) -> float:
+    """'100KB' | '1.5MB' | '2048' (bytes) -> bytes, with KB = 2**10 and MB = 2**20 as the paper."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(B|KB|KIB|MB|MIB)?\s*", text.upper())
+    if not m:
+        raise ValueError(f"cannot parse size {text!r}: use e.g. 100KB or 1.5MB")
+    unit = {"B": 1, None: 1, "KB": 1 << 10, "KIB": 1 << 10, "MB": 1 << 20, "MIB": 1 << 20}[m.group(2)]
+    return float(m.group(1)) * unit
+
+
+def layer_options(plan: LayerPlan, kernel_area: int) -> list[Option]:
+    """Every (d, K) worth trying for a layer, with its paper-style byte cost."""
+    row = plan.row_length
+    sizes = sorted({d for d in BLOCK_SIZES + (kernel_area, 2 * kernel_area) if d <= row and row % d == 0})
+    out = []
+    n_weights = math.prod(plan.weight_shape)
+    for d in sizes:
+        n_sub = n_weights // d
+        kmax = clamp_centroids(CENTROIDS[-1], n_sub)
+        for k in CENTROIDS:
+            if k <= kmax:
+                out.append(Option(d, k, n_sub * math.log2(k) / 8 + k * d * 2))
+    return out
+
+
+def _other_bytes(model: nn.Module, plans: list[LayerPlan]) -> float:
+    quantized = {f"{p.name}.weight" for p in plans}
+    return sum(p.numel() for n, p in model.named_parameters() if n not in quantized) * 4
+
+
+def size_bounds(model: nn.Module, plans: list[LayerPlan]) -> tuple[float, float, float]:
+    """(smallest achievable, fp32 total, non-quantized) bytes for these layers."""
+    modules = dict(model.named_modules())
+    other = _other_bytes(model, plans)
+    smallest = other + sum(min(o.bytes for o in layer_options(p, _kernel_area(modules[p.name]))) for p in plans)
+    dense = other + sum(math.prod(p.weight_shape) * 4 for p in plans)
+    return smallest, dense, other
+
+
+def _kernel_area(module: nn.Module) -> int:
+    return math.prod(module.kernel_size) if isinstance(module, nn.Conv2d) else 1
+
+
+def budget_bytes(model: nn.Module, plans: list[LayerPlan], target_ratio: float | None = None,
+                 target_size: str | float | None = None) -> float:
+    """The budget in bytes; raises ValueError (naming the smallest achievable size) when unsatisfiable."""
+    if (target_ratio is None) == (target_size is None):
+        raise ValueError("give exactly one of target_ratio and target_size")
+    smallest, dense, _ = size_bounds(model, plans)
+    if target_ratio is not None:
+        if target_ratio <= 1:
+            raise ValueError(f"target_ratio must be > 1, got {target_ratio}")
+        budget = dense / target_ratio
+    else:
+        budget = parse_size(target_size) if isinstance(target_size, str) else float(target_size)
+    if budget < smallest:
+        raise ValueError(f"budget {budget / MB:.4f} MB ({dense / budget:.1f}x) is unsatisfiable: the smallest "
+                         f"achievable size is {smallest / MB:.4f} MB ({dense / smallest:.1f}x) with every layer at "
+                         f"2 centroids and the largest block; the uncompressed remainder alone is "
+                         f"{_other_bytes(model, plans) / MB:.4f} MB")
+    return budget
+
+
+def measure_options(model: nn.Module, plans: list[LayerPlan], batches: Iterable[torch.Tensor],
+                    em: EMConfig | None = None, seed: int = 0, progress: bool = True) -> dict[str, list[Option]]:
+    """Distortion of every option of every layer, from one pass of `model` (the teacher)."""
+    em = em or EMConfig.paper(n_iter=10)
+    modules = dict(model.named_modules())
+    collectors = [StatsCollector(p.name, modules[p.name], 1, full_gram=True) for p in plans]
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        for c in collectors:
+            c.remove()
+    out: dict[str, list[Option]] = {}
+    for p, c in tqdm(list(zip(plans, collectors)), desc="rate-distortion", unit="layer", disable=not progress):
+        module, full = modules[p.name], c.stats.full_gram                     # (g, R, R)
+        if c.stats.n_rows == 0:
+            raise ValueError(f"layer {p.name!r} received no input during the allocation pass")
+        w = module.weight.detach()
+        opts = []
+        for o in layer_options(p, _kernel_area(module)):
+            g, r, _ = full.shape
+            nb = r // o.block_size
+            idx = torch.arange(r).view(nb, o.block_size)                    # (nb, d)
+            block_grams = full[:, idx[:, :, None], idx[:, None, :]]         # (g, nb, d, d)
+            res = kmeans(w, block_grams, o.n_centroids, em, seed=seed)
+            err, energy = exact_objective(w, res.weight(w.shape), full)
+            opts.append(Option(o.block_size, o.n_centroids, o.bytes, err / energy if energy > 0 else 0.0))
+        out[p.name] = opts
+    return out
+
+
+def allocate(options: dict[str, list[Option]], budget: float, other: float) -> dict[str, Option]:
+    """Per-layer options minimising the summed distortion within `budget` bytes (paper-style)."""
+    names = list(options)
+    hull = {n: sorted(options[n], key=lambda o: (o.bytes, o.distortion)) for n in names}
+
+    def pick(lam: float) -> dict[str, Option]:
+        return {n: min(hull[n], key=lambda o: (o.distortion + lam * o.bytes, o.bytes)) for n in names}
+
+    def total(choice: dict[str, Option]) -> float:
+        return other + sum(o.bytes for o in choice.values())
+
+    lo, hi = 0.0, 1.0
+    while total(pick(hi)) > budget and hi < 1e30:
+        hi *= 4
+    if total(pick(hi)) > budget:
+        pick_min = {n: min(hull[n], key=lambda o: o.bytes) for n in names}
+        if total(pick_min) > budget:
+            raise ValueError("budget below the smallest achievable size")
+        return pick_min
+    if total(pick(lo)) <= budget:
+        return pick(lo)
+    for _ in range(100):
+        mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e6
+        if total(pick(mid)) > budget:
+            lo = mid
+        else:
+            hi = mid
+        if lo > 0 and hi / lo < 1 + 1e-9:
+            break
+    choice = pick(hi)
+    # greedy: spend what is left on the best distortion decrease per extra byte
+    while True:
+        left = budget - total(choice)
+        best, gain = None, 0.0
+        for n in names:
+            cur = choice[n]
+            for o in hull[n]:
+                extra = o.bytes - cur.bytes
+                if 0 < extra <= left and cur.distortion - o.distortion > 0:
+                    g = (cur.distortion - o.distortion) / extra
+                    if g > gain:
+                        best, gain = (n, o), g
+        if best is None:
+            return choice
+        choice[best[0]] = best[1]
+
+
+def budget_config(model: nn.Module, batches: list[torch.Tensor], config: QuantConfig, target_ratio: float | None = None,
+                  target_size: str | float | None = None, order: list[str] | None = None,
+                  progress: bool = True) -> tuple[QuantConfig, dict]:
+    """`config` with exact per-layer name overrides realising the allocation, and a report."""
+    plans, _ = resolve_plan(model, config, order)
+    budget = budget_bytes(model, plans, target_ratio, target_size)        # refuses before any work
+    _, dense, other = size_bounds(model, plans)
+    options = measure_options(model, plans, batches, seed=config.seed, progress=progress)
+    choice = allocate(options, budget, other)
+    overrides = dict(config.name_overrides)
+    for name, o in choice.items():
+        overrides[re.escape(name)] = {"block_size": o.block_size, "n_centroids": o.n_centroids}
+    achieved = other + sum(o.bytes for o in choice.values())
+    report = {"budget_bytes": budget, "achieved_bytes": achieved, "ratio": dense / achieved,
+              "target_ratio": target_ratio, "target_size": target_size,
+              "layers": {n: {"block_size": o.block_size, "n_centroids": o.n_centroids, "bytes": o.bytes,
+                             "rel_err2": o.distortion} for n, o in choice.items()}}
+    log.info("allocation: %.4f MB (%.1fx) for a budget of %.4f MB", achieved / MB, dense / achieved, budget / MB)
+    new = QuantConfig.from_dict({**config.to_json(), "name_overrides": overrides, "em": config.em})
+    return new, report

@@ -1,0 +1,90 @@
+"""Size-budget allocation (allocate.py): budgets met exactly by the paper-style accounting,
+unsatisfiable budgets refused before any work, allocation reproducible with a seed."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import bitdown
+from bitdown.allocate import Option, allocate, budget_bytes, layer_options, parse_size, size_bounds
+from bitdown.config import QuantConfig, resolve_plan
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 32, 1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+
+
+@pytest.fixture()
+def data() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(32, 3, 12, 12, generator=g) for _ in range(4)]
+
+
+def test_parse_size():
+    assert parse_size("100KB") == 100 * 1024
+    assert parse_size("1.5MB") == 1.5 * 2 ** 20
+    assert parse_size("2048") == 2048
+    with pytest.raises(ValueError, match="cannot parse"):
+        parse_size("big")
+
+
+def test_options_cost_is_paper_accounting():
+    plans, _ = resolve_plan(net(), QuantConfig())
+    p = next(p for p in plans if p.name == "3")                     # 32x16x3x3
+    opts = layer_options(p, 9)
+    o = next(o for o in opts if o.block_size == 9 and o.n_centroids == 64)
+    assert o.bytes == 512 * 6 / 8 + 64 * 9 * 2
+    assert all(o.n_centroids < (4608 // o.block_size) / 4 for o in opts)   # the paper's clamp
+    assert {o.block_size for o in opts} <= {4, 8, 9, 16, 18, 32, 36, 144}
+
+
+def test_allocate_meets_budget_and_prefers_low_distortion():
+    opts = {"a": [Option(4, 2, 10, 0.9), Option(4, 4, 20, 0.5), Option(4, 8, 40, 0.1)],
+            "b": [Option(4, 2, 10, 0.3), Option(4, 4, 20, 0.25), Option(4, 8, 40, 0.2)]}
+    choice = allocate(opts, budget=100 + 60, other=100)
+    assert sum(o.bytes for o in choice.values()) <= 60
+    # the best split of 60 bytes: a 40 (0.1) + b 20 (0.25) = 0.35, better than 20 + 40 (0.7) or 40 + 10 (0.4)
+    assert choice["a"].bytes == 40 and choice["b"].bytes == 20
+
+
+def test_unsatisfiable_budget_refused_naming_smallest(data):
+    model = net()
+    plans, _ = resolve_plan(model, QuantConfig())
+    smallest, dense, _ = size_bounds(model, plans)
+    with pytest.raises(ValueError, match=r"smallest achievable size is .* MB"):
+        budget_bytes(model, plans, target_ratio=dense / smallest * 1.5)
+    with pytest.raises(ValueError, match="unsatisfiable"):
+        bitdown.compress(model, data, QuantConfig(bn_recalibrate=False), target_size=10, progress=False)
+
+
+@pytest.mark.parametrize("ratio", [6.0, 10.0])
+def test_compress_to_ratio_meets_budget_and_is_reproducible(data, ratio):
+    cfg = QuantConfig(calib_images=128, bn_recalibrate=False)
+    q1 = bitdown.compress(net(), data, cfg, target_ratio=ratio, progress=False)
+    rep = bitdown.size_report(q1, q1.bitdown.plans)
+    assert rep.ratio >= ratio - 1e-9                                # budget met by the paper accounting
+    assert rep.ratio < ratio * 1.3                                  # and mostly spent
+    al = q1.bitdown.extra["allocation"]
+    assert math.isclose(al["achieved_bytes"], rep.size_bytes)
+    q2 = bitdown.compress(net(), data, cfg, target_ratio=ratio, progress=False)
+    assert [(p.name, p.block_size, p.n_centroids) for p in q1.bitdown.plans] == \
+           [(p.name, p.block_size, p.n_centroids) for p in q2.bitdown.plans]
+    for (n, a), (_, b) in zip(q1.state_dict().items(), q2.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_tighter_budget_gives_more_error(data):
+    cfg = QuantConfig(calib_images=128, bn_recalibrate=False)
+    errs = []
+    for ratio in (5.0, 12.0):
+        q = bitdown.compress(net(), data, cfg, target_ratio=ratio, progress=False)
+        errs.append(sum(v["rel_err2"] for v in q.bitdown.extra["allocation"]["layers"].values()))
+    assert errs[1] > errs[0]
