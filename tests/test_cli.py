@@ -255,3 +255,28 @@ def test_console_script(tmp_path):
     bad = subprocess.run([str(BITDOWN), "compress", "--model", "resnet9000", "--data", "imgs", "--out", "x"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "error: unknown model 'resnet9000'" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- size budgets
+
+
+def test_compress_to_target_size_and_info_shows_allocation(ws, capsys):
+    rc, out, err = run(capsys, *COMPRESS, "--target-ratio", "4", "--out", "b.bitdown")
+    assert rc == 0, err
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["ratio"] >= 4.0
+    rc, out, err = run(capsys, "info", "b.bitdown", "--json")
+    assert rc == 0, err
+    info = json.loads(out)
+    al = info["allocation"]
+    assert al["target_ratio"] == 4.0 and al["ratio"] >= 4.0
+    assert {p["name"] for p in info["layers"]} == set(al["layers"])
+    for p in info["layers"]:
+        assert (p["block_size"], p["n_centroids"]) == (al["layers"][p["name"]]["block_size"],
+                                                       al["layers"][p["name"]]["n_centroids"])
+
+
+def test_unsatisfiable_target_size_refused(ws, capsys):
+    rc, out, err = run(capsys, *COMPRESS, "--target-size", "1KB", "--out", "c.bitdown")
+    assert_error(rc, err, "unsatisfiable", "smallest achievable size")
+    assert not (ws / "c.bitdown").exists()

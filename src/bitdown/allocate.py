@@ -100,10 +100,10 @@ def budget_bytes(model: nn.Module, plans: list[LayerPlan], target_ratio: float |
     else:
         budget = parse_size(target_size) if isinstance(target_size, str) else float(target_size)
     if budget < smallest:
-        raise ValueError(f"budget {budget / MB:.4f} MB ({dense / budget:.1f}x) is unsatisfiable: the smallest "
-                         f"achievable size is {smallest / MB:.4f} MB ({dense / smallest:.1f}x) with every layer at "
-                         f"2 centroids and the largest block; the uncompressed remainder alone is "
-                         f"{_other_bytes(model, plans) / MB:.4f} MB")
+        raise ValueError(f"budget {budget / MB:.6f} MB ({budget:.0f} B, {dense / budget:.2f}x) is unsatisfiable: "
+                         f"the smallest achievable size is {smallest / MB:.6f} MB ({smallest:.0f} B, "
+                         f"{dense / smallest:.2f}x) with every layer at its cheapest block size and 2 centroids; "
+                         f"the uncompressed remainder alone is {_other_bytes(model, plans):.0f} B")
     return budget
 
 
