@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .config import EMConfig, LayerPlan, QuantConfig, clamp_centroids, resolve_plan
 from .em import exact_objective, kmeans
 from .size import MB
-from .stats import StatsCollector
+from .stats import collect_stats
 
 log = logging.getLogger(__name__)
 
@@ -112,19 +112,10 @@ def measure_options(model: nn.Module, plans: list[LayerPlan], batches: Iterable[
     """Distortion of every option of every layer, from one pass of `model` (the teacher)."""
     em = em or EMConfig.paper(n_iter=10)
     modules = dict(model.named_modules())
-    collectors = [StatsCollector(p.name, modules[p.name], 1, full_gram=True) for p in plans]
-    try:
-        with torch.no_grad():
-            for x in batches:
-                model(x)
-    finally:
-        for c in collectors:
-            c.remove()
+    stats = collect_stats(model, {p.name: (modules[p.name], 1) for p in plans}, batches, full_gram=True)
     out: dict[str, list[Option]] = {}
-    for p, c in tqdm(list(zip(plans, collectors)), desc="rate-distortion", unit="layer", disable=not progress):
-        module, full = modules[p.name], c.stats.full_gram                     # (g, R, R)
-        if c.stats.n_rows == 0:
-            raise ValueError(f"layer {p.name!r} received no input during the allocation pass")
+    for p in tqdm(plans, desc="rate-distortion", unit="layer", disable=not progress):
+        module, full = modules[p.name], stats[p.name].full_gram               # (g, R, R)
         w = module.weight.detach()
         opts = []
         for o in layer_options(p, _kernel_area(module)):

@@ -220,6 +220,18 @@ def clamp_centroids(n_centroids: int, n_subvectors: int) -> int:
     return min(n_centroids, k)
 
 
+def _apply_override(st: dict[str, Any], ov: dict[str, Any] | None, label: str) -> None:
+    """Apply one override (None = skip the layer) to the layer's settings `st`, in place."""
+    if ov is None:
+        st["skip"], st["reason"] = True, f"{label} is None"
+        return
+    if "block_size" in ov:
+        st["block_size"], st["forced"] = ov["block_size"], True
+    st["n_centroids"] = ov.get("n_centroids", st["n_centroids"])
+    if "skip" in ov:
+        st["skip"], st["reason"] = bool(ov["skip"]), label
+
+
 def resolve_layer(name: str, module: nn.Module, config: QuantConfig, is_stem: bool = False,
                   ) -> tuple[LayerPlan | None, str]:
     """The plan for one layer, or (None, reason) when it stays uncompressed.
@@ -237,33 +249,18 @@ def resolve_layer(name: str, module: nn.Module, config: QuantConfig, is_stem: bo
         block_size = min(PRESETS[config.preset]["convkxk"] * kh * kw, row)
     else:
         block_size = PRESETS[config.preset][kind]
-    n_centroids = config.n_centroids
-    skip = is_stem and not config.quantize_stem
-    forced = False
-    reason = "stem conv (quantize_stem=False)" if skip else ""
 
+    st = {"block_size": block_size, "n_centroids": config.n_centroids, "forced": False,
+          "skip": is_stem and not config.quantize_stem,
+          "reason": "stem conv (quantize_stem=False)" if is_stem and not config.quantize_stem else ""}
     for key in (type(module).__name__, kind):  # a kind key wins over a class-name key
-        if key not in config.type_overrides:
-            continue
-        ov = config.type_overrides[key]
-        if ov is None:
-            skip, reason = True, f"type override {key!r} is None"
-            continue
-        if "block_size" in ov:
-            block_size, forced = ov["block_size"], True
-        n_centroids = ov.get("n_centroids", n_centroids)
-        if "skip" in ov:
-            skip, reason = bool(ov["skip"]), f"type override {key!r}"
+        if key in config.type_overrides:
+            _apply_override(st, config.type_overrides[key], f"type override {key!r}")
     for pattern, ov in config.name_overrides.items():
         if re.fullmatch(pattern, name):
-            if ov is None:
-                skip, reason = True, f"name override {pattern!r} is None"
-                continue
-            if "block_size" in ov:
-                block_size, forced = ov["block_size"], True
-            n_centroids = ov.get("n_centroids", n_centroids)
-            if "skip" in ov:
-                skip, reason = bool(ov["skip"]), f"name override {pattern!r}"
+            _apply_override(st, ov, f"name override {pattern!r}")
+    block_size, n_centroids, forced, skip, reason = (st[k] for k in ("block_size", "n_centroids", "forced",
+                                                                       "skip", "reason"))
     if skip:
         return None, reason or "skipped by override"
     if row % block_size:
