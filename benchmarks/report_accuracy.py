@@ -41,8 +41,11 @@ def write_report(path: Path) -> None:
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, m in zip(axes[0], models):
-        for method in sorted({r["method"] for r in rows if r["model"] == m}):
-            pts = [r for r in rows if r["model"] == m and r["method"] == method]
+        def series(r: dict) -> str:  # the scalar bit widths form one curve
+            return "scalar RTN (8/4/2 bit)" if r["method"].startswith("scalar_") else r["method"]
+
+        for method in sorted({series(r) for r in rows if r["model"] == m}):
+            pts = [r for r in rows if r["model"] == m and series(r) == method]
             best = {}
             for r in pts:  # best stage per size
                 k = round(r["size_mb"], 5)
