@@ -13,26 +13,12 @@ from bitdown import em
 from bitdown.config import EMConfig
 from bitdown.em import exact_objective, kmeans, subvectors
 from bitdown.stats import StatsCollector
+from _brute import brute_x  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def brute_x(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(groups, rows, R) float64 input matrix, built from one-hot filters (independent of unfold)."""
-    x = x.double()
-    if isinstance(module, nn.Linear):
-        return x.reshape(-1, x.shape[-1])[None]
-    c_out, g = module.out_channels, module.groups
-    opg, shape = c_out // g, module.weight.shape
-    r_len = math.prod(shape[1:])
-    cols = []
-    for r in range(r_len):
-        w = torch.zeros(c_out, r_len, dtype=torch.float64)
-        w[:, r] = 1.0
-        y = F.conv2d(x, w.reshape(shape), None, module.stride, module.padding, module.dilation, g)
-        cols.append(torch.stack([y[:, gi * opg].reshape(-1) for gi in range(g)]))
-    return torch.stack(cols, dim=-1)
 
 
 def layer_stats(layer, x, d):
