@@ -32,6 +32,7 @@ from bitdown.config import EMConfig, resolve_plan
 from bitdown.data import ImageDataset, make_loader, split_indices
 from bitdown.evaluate import evaluate
 from bitdown.finetune import FinetuneConfig, finetune_global
+from bitdown.modules import round_codebooks_
 from bitdown.recipes import zoo_config
 from bitdown.size import size_report
 from bitdown.zoo import build_model, get_entry
@@ -127,9 +128,7 @@ def run_pq(bench: Bench, name: str, preset: str, method: str, data, a) -> None:
         t0 = time.perf_counter()
         gft = FinetuneConfig(global_steps=a.global_steps, batch_size=a.batch_size, seed=a.seed)
         finetune_global(q, teacher, aug, gft, seed=a.seed)
-        for m in q.modules():
-            if hasattr(m, "codebook"):
-                m.codebook.data = m.codebook.data.half().float()
+        round_codebooks_(q)
         measure(bench, dict(base, stage="em+layer_ft+global_ft"), q, teacher, eval_loader, rep.size_mb, rep.ratio,
                 disk_bytes(q), t_layer + time.perf_counter() - t0, seen + a.global_steps * a.batch_size)
 

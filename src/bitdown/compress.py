@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from .config import LayerPlan, QuantConfig, quantizable_layers, resolve_plan
 from .em import kmeans
-from .modules import empty_pq_like, is_pq, quantize_module
+from .modules import empty_pq_like, is_pq, quantize_module, round_codebooks_
 from .size import size_report
 from .stats import StatsCollector, StopForward, run_until
 
@@ -285,9 +285,7 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
             student, teacher, ft_data, ft, seed=config.seed, start=resume.get("step", 0),
             opt_state=resume.get("optimizer"), on_checkpoint=on_checkpoint, progress=progress)
         info.timings["global_finetune_s"] = time.perf_counter() - t1
-    for m in student.modules():   # the file stores fp16 codebooks: make memory identical to the file
-        if is_pq(m):
-            m.codebook.data = m.codebook.data.half().float()
+    round_codebooks_(student)     # the file stores fp16 codebooks: make memory identical to the file
     info.timings["total_s"] = time.perf_counter() - t0
     student.bitdown = info
     return student.eval()

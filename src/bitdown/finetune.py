@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
@@ -115,6 +116,22 @@ def stream(ds, start: int, steps: int, batch_size: int, seed: int) -> Iterator[t
 
 # ----------------------------------------------------------------------------- training
 
+@contextmanager
+def _train_only(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
+    """Only `params` require grad inside the block; every flag of `model` is restored afterwards."""
+    all_params = list(model.parameters())
+    flags = [p.requires_grad for p in all_params]
+    for p in all_params:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, f in zip(all_params, flags):
+            p.requires_grad_(f)
+
+
 def _optimizer(params: list[nn.Parameter], lr: float, cfg: FinetuneConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr)
@@ -142,22 +159,14 @@ def finetune_layer(student: nn.Module, teacher: nn.Module, layer: nn.Module, dat
     if not is_pq(layer):
         raise TypeError("finetune_layer needs a product-quantized layer")
     ds = _as_dataset(data)
-    params = [p for p in student.parameters()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    layer.codebook.requires_grad_(True)
     student.eval()
     teacher.eval()
     opt = _optimizer([layer.codebook], cfg.layer_lr, cfg)
     losses = []
-    try:
+    with _train_only(student, [layer.codebook]):
         for s, x in tqdm(stream(ds, 0, cfg.layer_steps, cfg.batch_size, cfg.seed + seed), total=cfg.layer_steps,
                          desc="layer ft", leave=False, disable=not progress):
             losses.append(_step(student, teacher, x, opt, cfg.temperature, s))
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
     layer.codebook.data = layer.codebook.data.half().float()   # what the file will hold
     return {"first_loss": losses[0], "last_loss": sum(losses[-10:]) / len(losses[-10:])}
 
@@ -186,12 +195,6 @@ def finetune_global(student: nn.Module, teacher: nn.Module, data: Any, cfg: Fine
         raise ValueError("fine-tuning needs the uncompressed teacher model")
     ds = _as_dataset(data)
     params = global_params(student, cfg)
-    all_params = list(student.parameters())
-    flags = [p.requires_grad for p in all_params]
-    for p in all_params:
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
     student.eval()
     teacher.eval()
     opt = _optimizer(params, cfg.global_lr, cfg)
@@ -199,7 +202,7 @@ def finetune_global(student: nn.Module, teacher: nn.Module, data: Any, cfg: Fine
         opt.load_state_dict(opt_state)
     losses: list[float] = []
     bar = tqdm(total=cfg.global_steps, initial=start, desc="global ft", unit="step", disable=not progress)
-    try:
+    with _train_only(student, params), bar:
         for s, x in stream(ds, start, cfg.global_steps, cfg.batch_size, cfg.seed + seed + 1):
             for group in opt.param_groups:
                 group["lr"] = _lr_at(s, cfg)
@@ -209,10 +212,6 @@ def finetune_global(student: nn.Module, teacher: nn.Module, data: Any, cfg: Fine
                 bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.4f}")
             if on_checkpoint is not None and ((s + 1) % cfg.checkpoint_every == 0 or s + 1 == cfg.global_steps):
                 on_checkpoint(s + 1, opt)
-    finally:
-        bar.close()
-        for p, f in zip(all_params, flags):
-            p.requires_grad_(f)
     n_images = cfg.global_steps * min(cfg.batch_size, len(ds))
     return {"steps": cfg.global_steps, "images_seen": n_images,
             "last_loss": sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else math.nan}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["PQMixin", "PQConv2d", "PQLinear", "quantize_module", "is_pq", "code_dtype"]
+__all__ = ["PQMixin", "PQConv2d", "PQLinear", "quantize_module", "is_pq", "code_dtype", "round_codebooks_"]
 
 
 def code_dtype(n_centroids: int) -> torch.dtype:
@@ -109,6 +109,14 @@ def _pq_class(cls: type) -> type:
 
 def is_pq(module: nn.Module) -> bool:
     return isinstance(module, PQMixin)
+
+
+@torch.no_grad()
+def round_codebooks_(model: nn.Module) -> None:
+    """Round every codebook to fp16 precision in place, so the model equals what the file holds."""
+    for m in model.modules():
+        if is_pq(m):
+            m.codebook.data = m.codebook.data.half().float()
 
 
 def quantize_module(module: nn.Module, codebook: torch.Tensor, codes: torch.Tensor) -> nn.Module:
