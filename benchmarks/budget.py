@@ -1,79 +1,190 @@
-"""Size-budget benchmark: bitdown's rate-distortion allocation (`compress(target_ratio=R)`) after the
-same fine-tuning budget as accuracy.py, on the real models of ../shared/assets.
+"""Size-budget benchmark: bitdown's rate-distortion allocation (`compress(target_ratio=R)`) against the
+best uniform preset at the same size, each after the same fine-tuning budget, on the real models of
+../shared/assets.
 
-    python benchmarks/budget.py --models resnet20_cifar10 --ratios 20 [--layer-steps 10 --global-steps 300]
+    python benchmarks/budget.py --models resnet20_cifar10 --ratios 10,15,20,25,30,40 \
+        [--methods alloc,uniform] [--codebook-bits 16,8] [--layer-steps 10 --global-steps 300]
 
-Rows are appended to benchmarks/results/budget.json (a rerun skips measured rows) and
-budget.md is rebuilt. Data splits as in accuracy.py (CIFAR: train for calibration/fine-tuning,
+- alloc:   per-layer (block size, centroids) chosen by rate-distortion (allocate.py) for the budget.
+- uniform: the paper's presets (small, large) with every layer's centroids divided by the same power
+           of two until the model fits the budget; of the two presets, the one with the lower summed
+           calibration distortion (the allocator's own rate-distortion table, calibration images only)
+           is the "best uniform preset". Same EM, same fine-tuning.
+- --codebook-bits 8: int8 codebooks with fp16 column scales (the accounting counts them so).
+
+Rows are appended to benchmarks/results/budget.json (a rerun skips measured rows) and budget.md and
+budget.png are rebuilt. Data splits as in accuracy.py (CIFAR: train for calibration/fine-tuning,
 test for top-1; EfficientNet-Lite0: seeded 500/500 split of the ImageNet sample images).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
+import os
+import re
 import time
 from pathlib import Path
 
-from accuracy import RESULTS, datasets, disk_bytes, machine
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from bitdown import compress
-from bitdown.data import make_loader
-from bitdown.evaluate import evaluate
-from bitdown.finetune import FinetuneConfig
-from bitdown.recipes import zoo_config
-from bitdown.size import size_report
-from bitdown.zoo import build_model, get_entry
+from accuracy import RESULTS, datasets, disk_bytes, machine  # noqa: E402
+
+from bitdown import compress  # noqa: E402
+from bitdown.allocate import _other_bytes, budget_bytes, measure_options  # noqa: E402
+from bitdown.compress import forward_order, take_images  # noqa: E402
+from bitdown.config import resolve_plan  # noqa: E402
+from bitdown.data import make_loader  # noqa: E402
+from bitdown.evaluate import evaluate  # noqa: E402
+from bitdown.finetune import FinetuneConfig  # noqa: E402
+from bitdown.recipes import zoo_config  # noqa: E402
+from bitdown.size import layer_size, size_report  # noqa: E402
+from bitdown.zoo import build_model, get_entry  # noqa: E402
+
+
+def uniform_choice(name: str, teacher, order, budget: float, bits: int, options: dict, calib_images: int,
+                   seed: int) -> tuple[str, dict[str, tuple[int, int]], float]:
+    """(preset, {layer: (d, K)}, summed distortion) of the best uniform preset fitting `budget` bytes."""
+    best = None
+    for preset in ("small", "large"):
+        plans, _ = resolve_plan(teacher, zoo_config(name, preset, codebook_bits=bits), order)
+        other = _other_bytes(teacher, plans)
+        for shift in range(12):
+            scaled = [dataclasses.replace(p, n_centroids=max(2, p.n_centroids >> shift)) for p in plans]
+            size = other + sum(layer_size(p).index_bytes + layer_size(p).codebook_bytes for p in scaled)
+            if size <= budget:
+                break
+        else:
+            continue
+        dist = 0.0
+        for p in scaled:
+            match = [o.distortion for o in options[p.name] if (o.block_size, o.n_centroids) == (p.block_size,
+                                                                                               p.n_centroids)]
+            dist += match[0] if match else math.inf
+        if best is None or dist < best[2]:
+            best = (preset, {p.name: (p.block_size, p.n_centroids) for p in scaled}, dist)
+    if best is None:
+        raise ValueError(f"no uniform preset fits {budget:.0f} bytes")
+    return best
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="resnet20_cifar10")
     p.add_argument("--ratios", default="20")
+    p.add_argument("--methods", default="alloc,uniform")
+    p.add_argument("--codebook-bits", default="16")
     p.add_argument("--layer-steps", type=int, default=10)
     p.add_argument("--global-steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--calib-images", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(RESULTS / "budget.json"))
     a = p.parse_args()
-    path = RESULTS / "budget.json"
-    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    path = Path(a.out)
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    rows, teachers = doc.get("rows", []), doc.get("teachers", {})
     for name in a.models.split(","):
         calib, aug, ev = datasets(name, a.seed)
         teacher = build_model(name)
-        t_top1 = evaluate(teacher, make_loader(ev, 250))["top1"]
+        if name not in teachers:
+            teachers[name] = evaluate(teacher, make_loader(ev, 250))["top1"]
+        loader = make_loader(calib, 128, shuffle=True, seed=a.seed)
+        options = None
         for ratio in [float(r) for r in a.ratios.split(",")]:
-            key = dict(model=name, target_ratio=ratio, layer_steps=a.layer_steps, global_steps=a.global_steps,
-                       calib_images=a.calib_images)
-            if any(all(r.get(k) == v for k, v in key.items()) for r in rows):
-                continue
-            t0 = time.perf_counter()
-            ft = FinetuneConfig(layer_steps=a.layer_steps, global_steps=a.global_steps, batch_size=a.batch_size,
-                                seed=a.seed)
-            q = compress(teacher, make_loader(calib, 128, shuffle=True, seed=a.seed),
-                         zoo_config(name, "small", calib_images=a.calib_images, seed=a.seed),
-                         arch={"name": name, "source": "zoo", "preprocess": get_entry(name).preprocess},
-                         finetune=ft if ft.enabled else None, train_data=aug, target_ratio=ratio)
-            wall = time.perf_counter() - t0
-            rep = size_report(q, q.bitdown.plans)
-            res = evaluate(q, make_loader(ev, 250), teacher=teacher)
-            layers = q.bitdown.extra["allocation"]["layers"]
-            rows.append(dict(key, teacher_top1=t_top1, top1=res["top1"], drop=t_top1 - res["top1"],
-                             agreement=res["agreement"], size_mb=rep.size_mb, ratio=rep.ratio,
-                             bytes_on_disk=disk_bytes(q), wall_s=wall,
-                             ft_images=(a.layer_steps * len(layers) + a.global_steps) * a.batch_size,
-                             allocation={n: [v["block_size"], v["n_centroids"]] for n, v in layers.items()}))
-            path.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
-            print(json.dumps({k: rows[-1][k] for k in ("model", "target_ratio", "ratio", "top1", "drop")}), flush=True)
+            for bits in [int(b) for b in a.codebook_bits.split(",")]:
+                for method in a.methods.split(","):
+                    key = dict(model=name, method=method, codebook_bits=bits, target_ratio=ratio,
+                               layer_steps=a.layer_steps, global_steps=a.global_steps, calib_images=a.calib_images,
+                               batch_size=a.batch_size, seed=a.seed)
+                    if any(all(r.get(k) == v for k, v in key.items()) for r in rows):
+                        continue
+                    cfg = zoo_config(name, "small", calib_images=a.calib_images, seed=a.seed, codebook_bits=bits)
+                    extra, target = {}, ratio
+                    if method == "uniform":
+                        batches = take_images(loader, a.calib_images, 128)
+                        order = forward_order(teacher, batches[0][:2])
+                        plans, _ = resolve_plan(teacher, cfg, order)
+                        budget = budget_bytes(teacher, plans, target_ratio=ratio)
+                        if options is None:
+                            options = measure_options(teacher, plans, batches, seed=a.seed)
+                        preset, choice, dist = uniform_choice(name, teacher, order, budget, bits, options,
+                                                              a.calib_images, a.seed)
+                        cfg = zoo_config(name, preset, calib_images=a.calib_images, seed=a.seed, codebook_bits=bits,
+                                         name_overrides={re.escape(n): {"block_size": d, "n_centroids": k}
+                                                         for n, (d, k) in choice.items()})
+                        extra, target = {"preset": preset, "calib_distortion": dist}, None
+                    t0 = time.perf_counter()
+                    ft = FinetuneConfig(layer_steps=a.layer_steps, global_steps=a.global_steps,
+                                        batch_size=a.batch_size, seed=a.seed)
+                    q = compress(teacher, loader, cfg,
+                                 arch={"name": name, "source": "zoo", "preprocess": get_entry(name).preprocess},
+                                 finetune=ft if ft.enabled else None, train_data=aug, target_ratio=target)
+                    wall = time.perf_counter() - t0
+                    rep = size_report(q, q.bitdown.plans)
+                    res = evaluate(q, make_loader(ev, 250), teacher=teacher)
+                    n_layers = len(q.bitdown.plans)
+                    if method == "alloc":
+                        extra["calib_distortion"] = sum(v["rel_err2"] for v in
+                                                        q.bitdown.extra["allocation"]["layers"].values())
+                    rows.append(dict(key, **extra, teacher_top1=teachers[name], top1=res["top1"],
+                                     drop=teachers[name] - res["top1"], agreement=res["agreement"],
+                                     size_mb=rep.size_mb, ratio=rep.ratio, bytes_on_disk=disk_bytes(q), wall_s=wall,
+                                     ft_images=(a.layer_steps * n_layers + a.global_steps) * a.batch_size,
+                                     allocation={p.name: [p.block_size, p.n_centroids] for p in q.bitdown.plans}))
+                    path.write_text(json.dumps({"machine": machine(), "teachers": teachers, "rows": rows}, indent=1))
+                    print(json.dumps({k: rows[-1][k] for k in ("model", "method", "codebook_bits", "target_ratio",
+                                                                "ratio", "top1", "drop")}), flush=True)
+    path.write_text(json.dumps({"machine": machine(), "teachers": teachers, "rows": rows}, indent=1))
+    write_report(path)
+
+
+def write_report(path: Path) -> None:
+    doc = json.loads(path.read_text())
+    rows = sorted(doc["rows"], key=lambda r: (r["model"], r["global_steps"], r["target_ratio"], r["codebook_bits"],
+                                              r["method"]))
+    m = doc["machine"]
     lines = ["# Size budgets (generated by benchmarks/budget.py)", "",
-             "Per-layer block size and centroids chosen by rate-distortion for a target ratio, then the stated "
-             "fine-tuning budget. Paper-style size accounting. Top-1 on images never used for calibration.", "",
-             "| model | target | ratio | MB | bytes on disk | top-1 % | teacher % | drop (pt) | agreement % | "
-             "FT images | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}. Paper-style size accounting "
+             "(bitdown size). `alloc`: per-layer block size and centroids chosen by rate-distortion for the "
+             "budget; `uniform`: the best paper preset (small/large, by calibration distortion) with every "
+             "layer's centroids divided by the same power of two to fit. Both then get the same fine-tuning "
+             "(layer steps per layer + global steps, batch size as stated; labels never used). Top-1 on images "
+             "never used for calibration (CIFAR-10 test set; EfficientNet-Lite0: the held-out 500).", "",
+             "| model | method | codebook | target | ratio | MB | bytes on disk | top-1 % | teacher % | drop (pt) | "
+             "agreement % | calib. distortion | FT steps (layer/global x batch) | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['target_ratio']:.0f}x | {r['ratio']:.2f}x | {r['size_mb']:.4f} | "
-                     f"{r['bytes_on_disk']:,} | {r['top1']:.2f} | {r['teacher_top1']:.2f} | {r['drop']:.2f} | "
-                     f"{r['agreement']:.1f} | {r['ft_images']:,} | {r['wall_s']:.0f} |")
-    (RESULTS / "budget.md").write_text("\n".join(lines) + "\n")
+        meth = r["method"] + (f" ({r['preset']})" if r.get("preset") else "")
+        lines.append(f"| {r['model']} | {meth} | {'int8' if r['codebook_bits'] == 8 else 'fp16'} | "
+                     f"{r['target_ratio']:.0f}x | {r['ratio']:.2f}x | {r['size_mb']:.4f} | {r['bytes_on_disk']:,} | "
+                     f"{r['top1']:.2f} | {r['teacher_top1']:.2f} | {r['drop']:.2f} | {r['agreement']:.1f} | "
+                     f"{r.get('calib_distortion', float('nan')):.3f} | {r['layer_steps']}/{r['global_steps']} x "
+                     f"{r['batch_size']} | {r['wall_s']:.0f} |")
+    (path.parent / (path.stem + ".md")).write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mr = [r for r in rows if r["model"] == model]
+        for (meth, bits, steps) in sorted({(r["method"], r["codebook_bits"], r["global_steps"]) for r in mr}):
+            pts = sorted((r["size_mb"] * 1024, r["top1"]) for r in mr
+                         if (r["method"], r["codebook_bits"], r["global_steps"]) == (meth, bits, steps))
+            ax.plot(*zip(*pts), marker="o", label=f"{meth} {'int8' if bits == 8 else 'fp16'} cb, {steps} global steps")
+        ax.axhline(doc["teachers"][model], color="k", ls="--", lw=1, label="teacher")
+        ax.set_xscale("log")
+        ax.set_xlabel("paper-style size (KB)")
+        ax.set_ylabel("top-1 %")
+        ax.set_title(model)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path.parent / (path.stem + ".png"), dpi=110)
 
 
 if __name__ == "__main__":

@@ -215,3 +215,41 @@ def test_run_until_stops_before_last_but_collects_its_input():
     assert n == 3 and ran == ["a", "a"]          # b and fc never computed
     assert col.stats.n_rows == 3 * 16              # but b's inputs were seen
     assert len(m.b._forward_pre_hooks) == 0
+
+
+def test_teacher_target_weight_maps_student_inputs_to_teacher_outputs():
+    """When the student's input is a per-channel rescaling of the teacher's (a drift a linear layer can
+    undo), W* reproduces the teacher's outputs; with noise it still beats W; identical inputs: W* == W."""
+    from bitdown.stats import StatsCollector, teacher_target_weight
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(6, 8, 3, padding=1, bias=False, groups=2)
+    xt = torch.randn(16, 6, 10, 10, generator=g)                       # teacher's input
+    xs = xt * torch.linspace(0.5, 1.5, 6).view(1, 6, 1, 1) + 0.05 * torch.randn(16, 6, 10, 10, generator=g)
+    col = StatsCollector("c", conv, 3, full_gram=True, cross_gram=True)
+    col.reference = xt
+    with torch.no_grad():
+        conv(xs)
+    col.remove()
+    w_star = teacher_target_weight(conv.weight, col.stats, damp=1e-6)
+    with torch.no_grad():
+        want = conv(xt)
+        err_w = (nn.functional.conv2d(xs, conv.weight, padding=1, groups=2) - want).pow(2).sum()
+        err_star = (nn.functional.conv2d(xs, w_star, padding=1, groups=2) - want).pow(2).sum()
+    assert err_star < 0.05 * err_w
+    same = StatsCollector("c", conv, 3, full_gram=True, cross_gram=True)
+    same.reference = xt
+    with torch.no_grad():
+        conv(xt)
+    same.remove()
+    assert torch.allclose(teacher_target_weight(conv.weight, same.stats), conv.weight, atol=1e-5)
+
+
+def test_cross_gram_needs_reference_of_same_shape():
+    from bitdown.stats import StatsCollector
+    conv = nn.Conv2d(3, 4, 1, bias=False)
+    with StatsCollector("c", conv, 3, full_gram=True, cross_gram=True):
+        with pytest.raises(ValueError, match="teacher's input"):
+            with torch.no_grad():
+                conv(torch.randn(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="needs full_gram"):
+        StatsCollector("c", conv, 3, cross_gram=True)

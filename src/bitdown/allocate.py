@@ -3,7 +3,8 @@
 For every quantizable layer l and every option o = (d, K) (d a sensible divisor of the row length,
 K a power of two within the paper's clamp) we know the exact paper-style cost in bytes,
 
-    R_l(o) = n_subvectors * log2(K) / 8 + K * d * 2        (indices + fp16 codebook)
+    R_l(o) = n_subvectors * log2(K) / 8 + K * d * 2        (indices + fp16 codebook;
+                                                            K * d + 2 * d with int8 codebooks)
 
 and measure the distortion D_l(o) = ||X(W - W_hat)||^2 / ||X W||^2, the layer's relative output
 error on the calibration inputs, with the fast pooled EM and the exact full-Gram objective (one
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .config import EMConfig, LayerPlan, QuantConfig, clamp_centroids, resolve_plan
 from .em import exact_objective, kmeans
-from .size import MB
+from .size import MB, codebook_bytes
 from .stats import collect_stats
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def layer_options(plan: LayerPlan, kernel_area: int) -> list[Option]:
         kmax = clamp_centroids(CENTROIDS[-1], n_sub)
         for k in CENTROIDS:
             if k <= kmax:
-                out.append(Option(d, k, n_sub * math.log2(k) / 8 + k * d * 2))
+                out.append(Option(d, k, n_sub * math.log2(k) / 8 + codebook_bytes(k, d, plan.codebook_bits)))
     return out
 
 

@@ -130,7 +130,8 @@ def _quant_config(a: argparse.Namespace, arch: dict[str, Any]):
     if a.paper_em:
         em.update(error_feedback=False, code_reopt=0, codebook_refit=False)
     em.update(extra.pop("em", {}) or {})
-    kw = {"seed": a.seed, "calib_images": a.calib_images, **extra, "em": EMConfig.from_dict(em)}
+    kw = {"seed": a.seed, "calib_images": a.calib_images, "codebook_bits": a.codebook_bits, **extra,
+          "em": EMConfig.from_dict(em)}
     if arch["source"] == "zoo":
         return zoo_config(a.model, extra.pop("preset", a.preset), **{k: v for k, v in kw.items() if k != "preset"})
     return QuantConfig.from_dict({"preset": a.preset, **kw})
@@ -174,8 +175,9 @@ def cmd_info(a: argparse.Namespace) -> int:
         print(f"{a.file}: {out['arch'].get('name')} — {out.get('size_mb', float('nan')):.4f} MB paper-style, "
               f"{out.get('ratio', float('nan')):.1f}x, {out['bytes_on_disk']} bytes on disk")
         for p in layers:
+            cb = " int8-codebook" if p.get("codebook_bits", 16) == 8 else ""
             print(f"  {p['name']:<40} {p['kind']:<8} d={p['block_size']:<3} K={p['n_centroids']:<5} "
-                  f"{'x'.join(map(str, p['weight_shape']))}")
+                  f"{'x'.join(map(str, p['weight_shape']))}{cb}")
         for n, why in out["skipped"].items():
             print(f"  {n:<40} kept: {why}")
         if out["allocation"]:
@@ -210,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--calib-images", type=int, default=1024)
+    c.add_argument("--codebook-bits", type=int, default=16, choices=[16, 8],
+                   help="16: fp16 codebooks (the paper); 8: int8 codebooks with fp16 column scales")
     c.add_argument("--em-iters", type=int, default=30)
     c.add_argument("--restarts", type=int, default=1)
     c.add_argument("--paper-em", action="store_true",

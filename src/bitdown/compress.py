@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from .config import LayerPlan, QuantConfig, quantizable_layers, resolve_plan
 from .em import kmeans
-from .modules import empty_pq_like, is_pq, quantize_module, round_codebooks_
+from .modules import empty_pq_like, is_pq, quantize_module, round_codebook, round_codebooks_
 from .size import size_report
-from .stats import StatsCollector, StopForward, run_until
+from .stats import StatsCollector, StopForward, capture_input, run_until, teacher_target_weight
 
 log = logging.getLogger(__name__)
 
@@ -231,25 +231,40 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
                      resume["stage"])
 
     modules = dict(student.named_modules())
+    teacher_modules = dict(teacher.named_modules())
+    if config.em.teacher_target and student is teacher:
+        raise ValueError("em.teacher_target needs the uncompressed model next to the student: use inplace=False")
     bar = tqdm(plans, desc="quantize", unit="layer", disable=not progress, initial=done, total=len(plans))
     for i, plan in enumerate(plans[done:], start=done):
         t1 = time.perf_counter()
         module = modules[plan.name]
         weighted = config.em.channel_weighting == "variance" and config.em.objective != "weights"
+        cross = config.em.teacher_target
         collector = StatsCollector(plan.name, module, plan.block_size, full_gram=config.em.needs_full_gram,
-                                   output_stats=weighted)
+                                   output_stats=weighted, cross_gram=cross)
         try:
-            run_until(student, calib, module)
+            if cross:       # each batch: the teacher's input at this layer, then the student's
+                for x in calib:
+                    collector.reference = capture_input(teacher, teacher_modules[plan.name], x)
+                    run_until(student, [x], module)
+            else:
+                run_until(student, calib, module)
         finally:
             collector.remove()
         st = collector.stats
         _min_rows_check(plan, st.n_rows, n_calib)
+        target, shift = module.weight, {}
+        if cross:
+            target = teacher_target_weight(module.weight, st, config.em.target_damp)
+            shift = {"target_shift": float((target - module.weight).norm() / module.weight.norm())}
         t_stats = time.perf_counter() - t1
-        res = kmeans(module.weight, st.block_grams, plan.n_centroids, config.em, seed=config.seed + i,
+        res = kmeans(target, st.block_grams, plan.n_centroids, config.em, seed=config.seed + i,
                      full_gram=st.full_gram, row_weights=channel_weights(st) if weighted else None)
-        quantize_module(module, res.codebook.half().float(), res.codes)   # fp16-exact: file == memory
+        quantize_module(module, round_codebook(res.codebook, plan.codebook_bits), res.codes,  # file == memory
+                        plan.codebook_bits)
         info.layers[plan.name] = {"rel_error": res.rel_error, "exact": res.exact, "n_iter": res.n_iter,
                                   "objective": res.objective, "stats_s": t_stats,
+                                  **shift,
                                   "em_s": time.perf_counter() - t1 - t_stats}
         if ft is not None and ft.layer_steps > 0:
             from .finetune import finetune_layer
@@ -307,7 +322,7 @@ def _restore(student: nn.Module, plans: list[LayerPlan], ck, info: CompressionIn
         raise ValueError("checkpoint layer order does not match this run's plan")
     modules = dict(student.named_modules())
     for p in plans[: len(done)]:
-        empty_pq_like(modules[p.name], p.n_centroids, p.block_size)
+        empty_pq_like(modules[p.name], p.n_centroids, p.block_size, p.codebook_bits)
     own = student.state_dict()
     missing = [k for k in own if k not in tensors]
     if missing:

@@ -34,7 +34,8 @@ PRESETS: dict[str, dict[str, int]] = {
     "large": {"convkxk": 2, "conv1x1": 8, "linear": 4},
 }
 LAYER_KINDS = ("conv1x1", "convkxk", "linear")
-OVERRIDE_KEYS = ("block_size", "n_centroids", "skip")
+OVERRIDE_KEYS = ("block_size", "n_centroids", "skip", "codebook_bits")
+CODEBOOK_BITS = (16, 8)     # fp16 codebooks (the paper), or int8 with one fp16 scale per column
 MAX_CENTROIDS = 1 << 15  # codes are stored as int16 at most
 
 
@@ -54,6 +55,9 @@ class EMConfig:
     damp: float = 0.01              # relative diagonal damping of the full Gram for error feedback
     code_reopt: int = 1             # sweeps of code re-optimisation on the exact objective
     codebook_refit: bool = True     # refit the codebook on the exact objective after the codes
+    teacher_target: bool = False    # quantize the weight that maps the compressed network's inputs to the
+                                    # *uncompressed* layer's outputs (stats.teacher_target_weight)
+    target_damp: float = 0.1        # its ridge strength (relative to the mean diagonal of X^T X)
     channel_weighting: str = "none"  # 'variance': weight each output channel's error by 1/Var(y_o), the
                                      # scale a following BatchNorm applies; 'none': the paper's plain sum
 
@@ -72,12 +76,14 @@ class EMConfig:
             raise ValueError(f"damp must be in [0, 1), got {self.damp}")
         if self.channel_weighting not in ("none", "variance"):
             raise ValueError(f"channel_weighting must be 'none' or 'variance', got {self.channel_weighting!r}")
+        if self.target_damp <= 0:
+            raise ValueError(f"target_damp must be > 0, got {self.target_damp}")
         if self.code_reopt < 0:
             raise ValueError(f"code_reopt must be >= 0, got {self.code_reopt}")
 
     @property
     def needs_full_gram(self) -> bool:
-        return self.error_feedback or self.code_reopt > 0 or self.codebook_refit
+        return self.error_feedback or self.code_reopt > 0 or self.codebook_refit or self.teacher_target
 
     @classmethod
     def paper(cls, **kw: Any) -> "EMConfig":
@@ -99,6 +105,7 @@ class LayerPlan:
     block_size: int
     n_centroids: int          # after clamping
     groups: int = 1
+    codebook_bits: int = 16   # 16: fp16 codebook; 8: int8 codebook + (d,) fp16 column scales
 
     @property
     def row_length(self) -> int:
@@ -134,6 +141,7 @@ class QuantConfig:
 
     preset: str = "small"
     n_centroids: int = 256
+    codebook_bits: int = 16         # 16: fp16 codebooks (the paper); 8: int8 codebooks with fp16 column scales
     quantize_stem: bool = False
     name_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     type_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -148,6 +156,7 @@ class QuantConfig:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         _check_centroids(self.n_centroids, "n_centroids")
+        _check_bits(self.codebook_bits, "codebook_bits")
         if isinstance(self.em, dict):
             self.em = EMConfig.from_dict(self.em)
         for pattern, ov in self.name_overrides.items():
@@ -183,6 +192,11 @@ def _check_centroids(k: int, what: str) -> None:
         raise ValueError(f"{what} must be a power of two in [2, {MAX_CENTROIDS}], got {k!r}")
 
 
+def _check_bits(bits: Any, what: str) -> None:
+    if bits not in CODEBOOK_BITS or isinstance(bits, bool):
+        raise ValueError(f"{what} must be one of {CODEBOOK_BITS}, got {bits!r}")
+
+
 def _check_override(ov: dict[str, Any] | None, what: str) -> None:
     if ov is None:
         return
@@ -195,6 +209,8 @@ def _check_override(ov: dict[str, Any] | None, what: str) -> None:
         raise ValueError(f"{what}: block_size must be a positive int, got {ov['block_size']!r}")
     if "n_centroids" in ov:
         _check_centroids(ov["n_centroids"], f"{what}: n_centroids")
+    if "codebook_bits" in ov:
+        _check_bits(ov["codebook_bits"], f"{what}: codebook_bits")
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -228,6 +244,7 @@ def _apply_override(st: dict[str, Any], ov: dict[str, Any] | None, label: str) -
     if "block_size" in ov:
         st["block_size"], st["forced"] = ov["block_size"], True
     st["n_centroids"] = ov.get("n_centroids", st["n_centroids"])
+    st["codebook_bits"] = ov.get("codebook_bits", st["codebook_bits"])
     if "skip" in ov:
         st["skip"], st["reason"] = bool(ov["skip"]), label
 
@@ -250,7 +267,8 @@ def resolve_layer(name: str, module: nn.Module, config: QuantConfig, is_stem: bo
     else:
         block_size = PRESETS[config.preset][kind]
 
-    st = {"block_size": block_size, "n_centroids": config.n_centroids, "forced": False,
+    st = {"block_size": block_size, "n_centroids": config.n_centroids, "codebook_bits": config.codebook_bits,
+          "forced": False,
           "skip": is_stem and not config.quantize_stem,
           "reason": "stem conv (quantize_stem=False)" if is_stem and not config.quantize_stem else ""}
     for key in (type(module).__name__, kind):  # a kind key wins over a class-name key
@@ -276,7 +294,7 @@ def resolve_layer(name: str, module: nn.Module, config: QuantConfig, is_stem: bo
     if k != n_centroids:
         log.debug("%s: n_centroids clamped %d -> %d (%d subvectors)", name, n_centroids, k, n_sub)
     groups = module.groups if isinstance(module, nn.Conv2d) else 1
-    return LayerPlan(name, kind, shape, block_size, k, groups), ""
+    return LayerPlan(name, kind, shape, block_size, k, groups, st["codebook_bits"]), ""
 
 
 def resolve_plan(model: nn.Module, config: QuantConfig, order: list[str] | None = None,

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .modules import is_pq
+from .modules import is_pq, round_codebook
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,8 @@ def _optimizer(params: list[nn.Parameter], lr: float, cfg: FinetuneConfig) -> to
 
 def _step(student: nn.Module, teacher: nn.Module, x: torch.Tensor, opt: torch.optim.Optimizer, t: float,
           step: int) -> float:
+    if x.dim() == 4:      # NHWC: conv forward+backward ~1.3-2x faster on CPU (ResNet-20/56, EfficientNet-Lite0)
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         zt = teacher(x)
     loss = distill_loss(student(x), zt, t)
@@ -167,7 +169,7 @@ def finetune_layer(student: nn.Module, teacher: nn.Module, layer: nn.Module, dat
         for s, x in tqdm(stream(ds, 0, cfg.layer_steps, cfg.batch_size, cfg.seed + seed), total=cfg.layer_steps,
                          desc="layer ft", leave=False, disable=not progress):
             losses.append(_step(student, teacher, x, opt, cfg.temperature, s))
-    layer.codebook.data = layer.codebook.data.half().float()   # what the file will hold
+    layer.codebook.data = round_codebook(layer.codebook.data, layer.codebook_bits)   # what the file will hold
     return {"first_loss": losses[0], "last_loss": sum(losses[-10:]) / len(losses[-10:])}
 
 

@@ -5,7 +5,8 @@ a property that decodes `codebook[codes]` (one gather), so the original `forward
 this keeps TF-"SAME" padding convs, timm's Conv2dSame or any other Conv2d/Linear subclass working.
 A layer of a subclass `Foo(nn.Conv2d)` becomes an instance of a generated `PQFoo(PQConv2d, Foo)`.
 
-    codebook  (K, d)        trainable fp32 Parameter (stored fp16 on disk)
+    codebook  (K, d)        trainable fp32 Parameter (stored fp16 on disk, or int8 + a (d,) fp16 scale
+                            with codebook_bits=8)
     codes     (C_out, nb)   uint8 buffer (int16 when K > 256)
     bias      unchanged
 
@@ -16,7 +17,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["PQMixin", "PQConv2d", "PQLinear", "quantize_module", "is_pq", "code_dtype", "round_codebooks_"]
+__all__ = ["PQMixin", "PQConv2d", "PQLinear", "quantize_module", "is_pq", "code_dtype", "round_codebooks_",
+           "round_codebook", "encode_codebook", "decode_codebook", "CODEBOOK_BITS"]
+
+CODEBOOK_BITS = (16, 8)     # fp16 codebooks (the paper) | int8 codebooks with one fp16 scale per column
 
 
 def code_dtype(n_centroids: int) -> torch.dtype:
@@ -42,6 +46,10 @@ class PQMixin:
     @property
     def n_centroids(self) -> int:
         return self.codebook.shape[0]
+
+    @property
+    def codebook_bits(self) -> int:
+        return self.__dict__.get("_codebook_bits", 16)
 
     def dequantize(self) -> torch.Tensor:
         """The dense weight codebook[codes], reshaped to the layer's weight shape (differentiable)."""
@@ -71,7 +79,7 @@ class PQMixin:
         base = next(c for c in type(self).__mro__[1:] if not issubclass(c, PQMixin))
         dense = base.__new__(base)
         nn.Module.__init__(dense)
-        skip = {"_pq_cache", "weight_shape", "_parameters", "_buffers", "_modules"} | {
+        skip = {"_pq_cache", "weight_shape", "_codebook_bits", "_parameters", "_buffers", "_modules"} | {
             k for k in self.__dict__ if k.endswith("hooks") or k.startswith("_forward") or k.startswith("_backward")}
         for k, v in self.__dict__.items():
             if k not in skip and k not in dense.__dict__:
@@ -111,20 +119,55 @@ def is_pq(module: nn.Module) -> bool:
     return isinstance(module, PQMixin)
 
 
+def _check_bits(bits: int) -> None:
+    if bits not in CODEBOOK_BITS:
+        raise ValueError(f"codebook_bits must be one of {CODEBOOK_BITS}, got {bits!r}")
+
+
+@torch.no_grad()
+def encode_codebook(codebook: torch.Tensor, bits: int = 16) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The stored form of a (K, d) codebook: fp16 (bits=16, scale None), or int8 values in [-127, 127]
+    with a (d,) fp16 scale per column (bits=8: codeword = int8 * scale, the column's max maps to 127)."""
+    _check_bits(bits)
+    if bits == 16:
+        return codebook.detach().to(torch.float16), None
+    cb = codebook.detach().float()                                          # (K, d)
+    scale = (cb.abs().amax(dim=0) / 127).half()                              # (d,)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))            # all-zero column: any scale
+    q = torch.round(cb / scale.float()).clamp_(-127, 127).to(torch.int8)     # (K, d)
+    return q, scale
+
+
+def decode_codebook(stored: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 (K, d) codebook from its stored form (encode_codebook's output)."""
+    if scale is None:
+        return stored.float()
+    return stored.float() * scale.float()                                   # (K, d)
+
+
+def round_codebook(codebook: torch.Tensor, bits: int = 16) -> torch.Tensor:
+    """`codebook` rounded to what the file will hold (idempotent), in fp32."""
+    return decode_codebook(*encode_codebook(codebook, bits))
+
+
 @torch.no_grad()
 def round_codebooks_(model: nn.Module) -> None:
-    """Round every codebook to fp16 precision in place, so the model equals what the file holds."""
+    """Round every codebook to its stored precision in place (fp16, or int8 x fp16 scale), so the
+    model equals what the file holds."""
     for m in model.modules():
         if is_pq(m):
-            m.codebook.data = m.codebook.data.half().float()
+            m.codebook.data = round_codebook(m.codebook.data, m.codebook_bits)
 
 
-def quantize_module(module: nn.Module, codebook: torch.Tensor, codes: torch.Tensor) -> nn.Module:
+def quantize_module(module: nn.Module, codebook: torch.Tensor, codes: torch.Tensor,
+                    codebook_bits: int = 16) -> nn.Module:
     """Turn `module` (Conv2d/Linear or a subclass) into its PQ version in place and return it.
 
-    codebook: (K, d) float; codes: (C_out, nb) integers in [0, K)."""
+    codebook: (K, d) float; codes: (C_out, nb) integers in [0, K); codebook_bits: how the file
+    stores the codebook (16: fp16, 8: int8 + fp16 column scales; see round_codebook)."""
     if is_pq(module):
         raise TypeError("module is already product-quantized")
+    _check_bits(codebook_bits)
     pq_class = _pq_class(type(module))                       # raises before anything is changed
     weight = module.weight
     shape = tuple(weight.shape)
@@ -141,13 +184,15 @@ def quantize_module(module: nn.Module, codebook: torch.Tensor, codes: torch.Tens
     del module._parameters["weight"]
     module.__class__ = pq_class
     module.weight_shape = shape
+    module._codebook_bits = codebook_bits
     module.codebook = nn.Parameter(codebook.detach().to(torch.float32).clone())
     module.register_buffer("codes", codes.detach().reshape(shape[0], -1).to(code_dtype(k)).clone())
     return module
 
 
-def empty_pq_like(module: nn.Module, n_centroids: int, block_size: int) -> nn.Module:
+def empty_pq_like(module: nn.Module, n_centroids: int, block_size: int, codebook_bits: int = 16) -> nn.Module:
     """Turn `module` into a PQ layer with zero codebook/codes of the given sizes (for loading a file)."""
     n_sub = module.weight.numel() // block_size
     return quantize_module(module, torch.zeros(n_centroids, block_size),
-                           torch.zeros(module.weight.shape[0], n_sub // module.weight.shape[0], dtype=torch.long))
+                           torch.zeros(module.weight.shape[0], n_sub // module.weight.shape[0], dtype=torch.long),
+                           codebook_bits)

@@ -1,7 +1,8 @@
 """The compact file: one safetensors file, never unpickled.
 
-Tensors: for every product-quantized layer `NAME.codebook` (K, d) fp16 and `NAME.codes`
-(C_out, nb) uint8 (int16 when K > 256); every other tensor of the state dict as it is (biases,
+Tensors: for every product-quantized layer `NAME.codebook` (K, d) fp16 (or int8 with a (d,) fp16
+`NAME.codebook_scale` when the layer's codebook_bits is 8) and `NAME.codes` (C_out, nb) uint8
+(int16 when K > 256); every other tensor of the state dict as it is (biases,
 BatchNorm weight/bias *and* running statistics, uncompressed layers).
 Metadata: one JSON string under the key "bitdown":
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .config import LayerPlan
-from .modules import empty_pq_like, is_pq
+from .modules import decode_codebook, empty_pq_like, encode_codebook, is_pq
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,16 @@ def checksum(tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = Non
 
 
 def file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors of the compact file: fp16 codebooks, integer codes, everything else as is."""
+    """The tensors of the compact file: fp16 (or int8 + scale) codebooks, integer codes, everything
+    else as is."""
     out: dict[str, torch.Tensor] = {}
-    pq_prefixes = {name for name, m in model.named_modules() if is_pq(m)}
+    bits = {name: m.codebook_bits for name, m in model.named_modules() if is_pq(m)}
     for key, t in model.state_dict().items():
         prefix, _, leaf = key.rpartition(".")
-        if prefix in pq_prefixes and leaf == "codebook":
-            t = t.to(torch.float16)
+        if prefix in bits and leaf == "codebook":
+            t, scale = encode_codebook(t, bits[prefix])
+            if scale is not None:
+                out[f"{prefix}.codebook_scale"] = scale.cpu().contiguous()
         out[key] = t.detach().cpu().contiguous()
     return out
 
@@ -141,6 +145,8 @@ def apply(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, An
     modules = dict(model.named_modules())
     arch = meta.get("arch", {}).get("name", "?")
     for p in plans:                                    # every check first: a failed load changes nothing
+        if p.codebook_bits not in (8, 16):
+            raise BitdownFileError(f"{path}: layer {p.name!r} has an unknown codebook_bits {p.codebook_bits!r}")
         m = modules.get(p.name)
         if m is None:
             raise BitdownFileError(f"{path}: the model has no layer {p.name!r} (file is for architecture {arch!r})")
@@ -154,6 +160,13 @@ def apply(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, An
         cb, codes = tensors.get(f"{p.name}.codebook"), tensors.get(f"{p.name}.codes")
         if cb is None or codes is None or tuple(cb.shape) != (p.n_centroids, p.block_size):
             raise BitdownFileError(f"{path}: codebook/codes of {p.name!r} missing or of the wrong shape")
+        want = torch.int8 if p.codebook_bits == 8 else torch.float16
+        scale = tensors.get(f"{p.name}.codebook_scale")
+        if cb.dtype != want or (p.codebook_bits == 8) != (scale is not None) or (
+                scale is not None and (scale.dtype != torch.float16 or tuple(scale.shape) != (p.block_size,))):
+            raise BitdownFileError(f"{path}: codebook of {p.name!r} is not stored as the metadata says "
+                                   f"({p.codebook_bits}-bit codebook, found {cb.dtype} with scale "
+                                   f"{None if scale is None else (scale.dtype, list(scale.shape))})")
         if codes.numel() and int(codes.long().max()) >= p.n_centroids:
             raise BitdownFileError(f"{path}: codes of {p.name!r} out of range for {p.n_centroids} centroids")
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -161,13 +174,18 @@ def apply(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, An
         del own[f"{p.name}.weight"]
         own[f"{p.name}.codebook"] = (p.n_centroids, p.block_size)
         own[f"{p.name}.codes"] = (p.weight_shape[0], p.n_subvectors // p.weight_shape[0])
+        if p.codebook_bits == 8:
+            own[f"{p.name}.codebook_scale"] = (p.block_size,)
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     bad = [k for k in own if k in tensors and own[k] != tuple(tensors[k].shape)]
     if missing or unexpected or bad:
         raise BitdownFileError(f"{path}: the model does not match the file (architecture {arch!r}): "
                                f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {bad[:5]}")
+    state = {k: v for k, v in tensors.items() if not k.endswith(".codebook_scale")}
     for p in plans:
-        empty_pq_like(modules[p.name], p.n_centroids, p.block_size)
-    model.load_state_dict({k: (v.float() if k.endswith(".codebook") else v) for k, v in tensors.items()}, strict=True)
+        empty_pq_like(modules[p.name], p.n_centroids, p.block_size, p.codebook_bits)
+        state[f"{p.name}.codebook"] = decode_codebook(tensors[f"{p.name}.codebook"],
+                                                      tensors.get(f"{p.name}.codebook_scale"))
+    model.load_state_dict(state, strict=True)
     return model.eval()

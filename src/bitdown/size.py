@@ -2,7 +2,8 @@
 
 - MB = 2**20 bytes;
 - a quantized layer costs its indices, log2(K) bits per subvector (log2(K)/d bits per weight),
-  plus its codebook, K x d values in fp16;
+  plus its codebook, K x d values in fp16 (or, with codebook_bits=8, K x d int8 values plus d fp16
+  column scales: an extension of the paper's accounting, not in the paper);
 - every other parameter (stem conv, biases, BatchNorm weight/bias, ...) counts in fp32;
 - buffers (BatchNorm running statistics) are not counted.
 
@@ -58,12 +59,19 @@ class SizeReport:
                 "layers": [asdict(layer) for layer in self.layers]}
 
 
+def codebook_bytes(n_centroids: int, block_size: int, codebook_bits: int = 16) -> int:
+    """Bytes of one codebook: K x d fp16, or K x d int8 + d fp16 column scales."""
+    if codebook_bits == 16:
+        return n_centroids * block_size * 2
+    return n_centroids * block_size + 2 * block_size
+
+
 def layer_size(plan: LayerPlan) -> LayerSize:
     n = 1
     for s in plan.weight_shape:
         n *= s
     index = plan.n_subvectors * plan.code_bits / 8
-    codebook = plan.n_centroids * plan.block_size * 2
+    codebook = codebook_bytes(plan.n_centroids, plan.block_size, plan.codebook_bits)
     return LayerSize(plan.name, plan.kind, list(plan.weight_shape), plan.block_size, plan.n_centroids, n,
                      index, codebook, 8 * (index + codebook) / n)
 

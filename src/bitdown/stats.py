@@ -9,6 +9,9 @@ a weight row, so X splits into nb = R / d column blocks X_b. We accumulate, in f
     block_grams[g, b] = X_{g,b}^T X_{g,b}         (groups, nb, d, d)   per block position
     gram              = sum_{g,b} block_grams      (d, d)               the paper's pooled Gram
     full_gram[g]      = X_g^T X_g                  (groups, R, R)       only when asked (GPTQ-style)
+    cross_gram[g]     = X_g^T T_g                  (groups, R, R)       only with a reference input:
+                                                   T are the same images' patches at the same layer
+                                                   of the *uncompressed* model (teacher_target_weight)
 
 plus the number of rows. Products are computed in float32 on chunks of at most CHUNK_ELEMENTS
 input values (so each partial sum covers a bounded number of rows) and accumulated in float64.
@@ -40,6 +43,7 @@ class LayerStats:
     n_images: int = 0
     out_sum: torch.Tensor | None = None    # (C_out,) float64: sum of the layer's outputs (bias excluded)
     out_sqsum: torch.Tensor | None = None  # (C_out,) float64: sum of their squares
+    cross_gram: torch.Tensor | None = None  # (groups, R, R) float64: X^T T (student x teacher patches)
 
     def output_variance(self) -> torch.Tensor:
         """Per-output-channel variance of the layer's outputs (bias excluded), (C_out,) float64."""
@@ -110,7 +114,7 @@ class StatsCollector:
     (the hook is removed on exit), or call `remove()`."""
 
     def __init__(self, name: str, module: nn.Module, block_size: int, full_gram: bool = False,
-                 output_stats: bool = False):
+                 output_stats: bool = False, cross_gram: bool = False):
         weight = module.weight
         row = math.prod(weight.shape[1:])
         if row % block_size:
@@ -120,6 +124,11 @@ class StatsCollector:
         nb = row // block_size
         self.stats = LayerStats(block_size, torch.zeros(g, nb, block_size, block_size, dtype=torch.float64),
                                 torch.zeros(g, row, row, dtype=torch.float64) if full_gram else None)
+        if cross_gram:
+            if not full_gram:
+                raise ValueError("cross_gram needs full_gram")
+            self.stats.cross_gram = torch.zeros(g, row, row, dtype=torch.float64)
+        self.reference: torch.Tensor | None = None     # the teacher's input for the coming batch
         if output_stats:
             c_out = weight.shape[0]
             self.stats.out_sum = torch.zeros(c_out, dtype=torch.float64)
@@ -132,6 +141,10 @@ class StatsCollector:
         if not torch.isfinite(x).all():
             raise ValueError(f"non-finite (NaN/inf) input activations reach layer {self.name!r}")
         st, d = self.stats, self.d
+        ref = self.reference
+        if st.cross_gram is not None and (ref is None or ref.shape != x.shape):
+            raise ValueError(f"layer {self.name!r}: cross statistics need the teacher's input of the same shape "
+                             f"as the student's {list(x.shape)}, got {None if ref is None else list(ref.shape)}")
         step = _images_per_chunk(module, x)
         for i in range(0, x.shape[0], step):
             p = layer_patches(module, x[i:i + step].float())             # (N, g, R, L)
@@ -142,6 +155,10 @@ class StatsCollector:
             if st.full_gram is not None:
                 rows = p.permute(1, 2, 0, 3).reshape(g, r, n * length)      # (g, R, N*L)
                 st.full_gram += torch.bmm(rows, rows.transpose(1, 2)).double()  # (g, R, R)
+                if st.cross_gram is not None:
+                    pt = layer_patches(module, ref[i:i + step].float())      # (N, g, R, L)
+                    rows_t = pt.permute(1, 2, 0, 3).reshape(g, r, n * length)  # (g, R, N*L)
+                    st.cross_gram += torch.bmm(rows, rows_t.transpose(1, 2)).double()  # (g, R, R)
             st.n_rows += n * length
             if st.out_sum is not None:
                 y = _layer_output(module, x[i:i + step].float())             # (rows, C_out)
@@ -157,6 +174,49 @@ class StatsCollector:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def teacher_target_weight(weight: torch.Tensor, stats: LayerStats, damp: float = 0.1) -> torch.Tensor:
+    """The weight that best maps the *student's* inputs X to the *teacher's* outputs T W^T:
+
+        W* = argmin_V ||X V^T - T W^T||^2 + lam ||V - W||^2  =  W + W (C^T - H) (H + lam I)^-1
+
+    with H = X^T X, C = X^T T, lam = damp * mean(diag H) per group. Quantizing W* under H instead of W
+    makes each layer undo the error that the already-quantized layers upstream pushed into its input
+    (the paper quantizes W, so errors accumulate layer after layer). The ridge term pulls towards W,
+    so directions the calibration inputs never excite are left unchanged.
+    weight: (C_out, C_in/g, ...) -> same shape, float32."""
+    if stats.full_gram is None or stats.cross_gram is None:
+        raise ValueError("teacher_target_weight needs full and cross Grams (StatsCollector(cross_gram=True))")
+    h, c = stats.full_gram, stats.cross_gram                                  # (g, R, R) each
+    g, r, _ = h.shape
+    w = weight.detach().reshape(g, -1, r).double()                            # (g, C_out/g, R)
+    lam = damp * torch.diagonal(h, dim1=1, dim2=2).mean(1).clamp_min(1e-12)   # (g,)
+    hd = h + lam[:, None, None] * torch.eye(r, dtype=h.dtype)                 # (g, R, R)
+    rhs = (c - h) @ w.transpose(1, 2)                                         # (g, R, C_out/g)
+    delta = torch.linalg.solve(hd, rhs).transpose(1, 2)                       # (g, C_out/g, R)
+    return (w + delta).reshape(weight.shape).to(torch.float32)
+
+
+def capture_input(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module`'s input when `model` runs on `x` (the forward stops right there)."""
+    box: list[torch.Tensor] = []
+
+    def grab(_m, inputs):
+        box.append(inputs[0].detach())
+        raise StopForward
+
+    handle = module.register_forward_pre_hook(grab)
+    try:
+        with torch.no_grad():
+            model(x)
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not box:
+        raise ValueError("the module was not called by the model's forward()")
+    return box[0]
 
 
 class StopForward(Exception):
