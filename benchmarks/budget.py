@@ -34,7 +34,7 @@ from accuracy import RESULTS, datasets, disk_bytes, machine  # noqa: E402
 from bitdown import compress  # noqa: E402
 from bitdown.allocate import _other_bytes, budget_bytes, measure_options  # noqa: E402
 from bitdown.compress import forward_order, take_images  # noqa: E402
-from bitdown.config import resolve_plan  # noqa: E402
+from bitdown.config import EMConfig, resolve_plan  # noqa: E402
 from bitdown.data import make_loader  # noqa: E402
 from bitdown.evaluate import evaluate  # noqa: E402
 from bitdown.finetune import FinetuneConfig  # noqa: E402
@@ -80,11 +80,15 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--calib-images", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--em", default="{}", help='EM options on top of the default EMConfig, JSON')
     p.add_argument("--out", default=str(RESULTS / "budget.json"))
     a = p.parse_args()
     path = Path(a.out)
     doc = json.loads(path.read_text()) if path.exists() else {}
     rows, teachers = doc.get("rows", []), doc.get("teachers", {})
+    em = json.loads(a.em)
+    for r in rows:
+        r.setdefault("em", {})
     for name in a.models.split(","):
         calib, aug, ev = datasets(name, a.seed)
         teacher = build_model(name)
@@ -95,12 +99,13 @@ def main() -> None:
         for ratio in [float(r) for r in a.ratios.split(",")]:
             for bits in [int(b) for b in a.codebook_bits.split(",")]:
                 for method in a.methods.split(","):
-                    key = dict(model=name, method=method, codebook_bits=bits, target_ratio=ratio,
+                    key = dict(model=name, method=method, codebook_bits=bits, target_ratio=ratio, em=em,
                                layer_steps=a.layer_steps, global_steps=a.global_steps, calib_images=a.calib_images,
                                batch_size=a.batch_size, seed=a.seed)
                     if any(all(r.get(k) == v for k, v in key.items()) for r in rows):
                         continue
-                    cfg = zoo_config(name, "small", calib_images=a.calib_images, seed=a.seed, codebook_bits=bits)
+                    cfg = zoo_config(name, "small", calib_images=a.calib_images, seed=a.seed, codebook_bits=bits,
+                                     em=EMConfig(**em))
                     extra, target = {}, ratio
                     if method == "uniform":
                         batches = take_images(loader, a.calib_images, 128)
@@ -112,6 +117,7 @@ def main() -> None:
                         preset, choice, dist = uniform_choice(name, teacher, order, budget, bits, options,
                                                               a.calib_images, a.seed)
                         cfg = zoo_config(name, preset, calib_images=a.calib_images, seed=a.seed, codebook_bits=bits,
+                                         em=EMConfig(**em),
                                          name_overrides={re.escape(n): {"block_size": d, "n_centroids": k}
                                                          for n, (d, k) in choice.items()})
                         extra, target = {"preset": preset, "calib_distortion": dist}, None
@@ -157,10 +163,11 @@ def write_report(path: Path) -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         meth = r["method"] + (f" ({r['preset']})" if r.get("preset") else "")
+        meth += "".join(f", {k}={v}" for k, v in r.get("em", {}).items())
         lines.append(f"| {r['model']} | {meth} | {'int8' if r['codebook_bits'] == 8 else 'fp16'} | "
                      f"{r['target_ratio']:.0f}x | {r['ratio']:.2f}x | {r['size_mb']:.4f} | {r['bytes_on_disk']:,} | "
                      f"{r['top1']:.2f} | {r['teacher_top1']:.2f} | {r['drop']:.2f} | {r['agreement']:.1f} | "
-                     f"{r.get('calib_distortion', float('nan')):.3f} | {r['layer_steps']}/{r['global_steps']} x "
+                     f"{r.get('calib_distortion') or float('nan'):.3f} | {r['layer_steps']}/{r['global_steps']} x "
                      f"{r['batch_size']} | {r['wall_s']:.0f} |")
     (path.parent / (path.stem + ".md")).write_text("\n".join(lines) + "\n")
     try:
@@ -173,10 +180,13 @@ def write_report(path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
         mr = [r for r in rows if r["model"] == model]
-        for (meth, bits, steps) in sorted({(r["method"], r["codebook_bits"], r["global_steps"]) for r in mr}):
-            pts = sorted((r["size_mb"] * 1024, r["top1"]) for r in mr
-                         if (r["method"], r["codebook_bits"], r["global_steps"]) == (meth, bits, steps))
-            ax.plot(*zip(*pts), marker="o", label=f"{meth} {'int8' if bits == 8 else 'fp16'} cb, {steps} global steps")
+        def group(r):
+            return r["method"], r["codebook_bits"], r["global_steps"], json.dumps(r.get("em", {}), sort_keys=True)
+        for (meth, bits, steps, em) in sorted({group(r) for r in mr}):
+            pts = sorted((r["size_mb"] * 1024, r["top1"]) for r in mr if group(r) == (meth, bits, steps, em))
+            em_label = "" if em == "{}" else " " + ",".join(f"{k}" for k in json.loads(em))
+            ax.plot(*zip(*pts), marker="o",
+                    label=f"{meth}{em_label} {'int8' if bits == 8 else 'fp16'} cb, {steps} global steps")
         ax.axhline(doc["teachers"][model], color="k", ls="--", lw=1, label="teacher")
         ax.set_xscale("log")
         ax.set_xlabel("paper-style size (KB)")

@@ -42,8 +42,10 @@ def test_options_cost_is_paper_accounting():
     opts = layer_options(p, 9)
     o = next(o for o in opts if o.block_size == 9 and o.n_centroids == 64)
     assert o.bytes == 512 * 6 / 8 + 64 * 9 * 2
-    assert all(o.n_centroids < (4608 // o.block_size) / 4 for o in opts)   # the paper's clamp
-    assert {o.block_size for o in opts} <= {4, 8, 9, 16, 18, 32, 36, 144}
+    assert all(o.n_centroids < (4608 // o.block_size) / 4 for o in opts if not o.keep)   # the paper's clamp
+    assert {o.block_size for o in opts} <= {4, 8, 9, 16, 18, 32, 36, 144, 0}
+    keep = [o for o in opts if o.keep]
+    assert len(keep) == 1 and keep[0].bytes == 4608 * 4 and keep[0].distortion == 0.0    # fp32, exact
 
 
 def test_allocate_meets_budget_and_prefers_low_distortion():
@@ -88,3 +90,15 @@ def test_tighter_budget_gives_more_error(data):
         q = bitdown.compress(net(), data, cfg, target_ratio=ratio, progress=False)
         errs.append(sum(v["rel_err2"] for v in q.bitdown.extra["allocation"]["layers"].values()))
     assert errs[1] > errs[0]
+
+
+def test_generous_budget_keeps_layers_uncompressed(data):
+    """With room to spare the allocation keeps some layers in fp32 (distortion 0); they are left
+    dense, counted in fp32 by the accounting, and the budget still holds."""
+    cfg = QuantConfig(calib_images=128, bn_recalibrate=False)
+    q = bitdown.compress(net(), data, cfg, target_ratio=1.6, progress=False)
+    layers = q.bitdown.extra["allocation"]["layers"]
+    kept = [n for n, v in layers.items() if v["keep"]]
+    assert kept and all(type(q.get_submodule(n)) in (nn.Conv2d, nn.Linear) for n in kept)
+    assert all(n in q.bitdown.skipped for n in kept)
+    assert bitdown.size_report(q, q.bitdown.plans).ratio >= 1.6 - 1e-9

@@ -13,6 +13,10 @@ blocks). The allocation minimises sum_l D_l subject to sum_l R_l + other <= budg
 Lagrangian search (each layer picks argmin D + lambda R; lambda bisected), then spends what is
 left greedily by best distortion decrease per byte.
 
+One more option per layer is to keep it uncompressed (fp32, distortion 0; `block_size` 0 in the
+report): tiny layers, e.g. the first depthwise convs of a mobile network whose few kernels would
+get only 2-4 codewords under the paper's clamp, cost less kept than the damage they do quantized.
+
 Budgets smaller than the smallest achievable size are refused before any statistics are gathered.
 """
 from __future__ import annotations
@@ -40,10 +44,14 @@ CENTROIDS = tuple(2 ** i for i in range(1, 12))     # 2 ... 2048
 
 @dataclass(frozen=True)
 class Option:
-    block_size: int
+    block_size: int                 # 0: keep the layer uncompressed (fp32)
     n_centroids: int
     bytes: float
     distortion: float = math.nan
+
+    @property
+    def keep(self) -> bool:
+        return self.block_size == 0
 
 
 def parse_size(text: str) -> float:
@@ -67,6 +75,7 @@ def layer_options(plan: LayerPlan, kernel_area: int) -> list[Option]:
         for k in CENTROIDS:
             if k <= kmax:
                 out.append(Option(d, k, n_sub * math.log2(k) / 8 + codebook_bytes(k, d, plan.codebook_bits)))
+    out.append(Option(0, 0, n_weights * 4, 0.0))                           # kept in fp32
     return out
 
 
@@ -120,6 +129,9 @@ def measure_options(model: nn.Module, plans: list[LayerPlan], batches: Iterable[
         w = module.weight.detach()
         opts = []
         for o in layer_options(p, _kernel_area(module)):
+            if o.keep:
+                opts.append(o)
+                continue
             g, r, _ = full.shape
             nb = r // o.block_size
             idx = torch.arange(r).view(nb, o.block_size)                    # (nb, d)
@@ -189,12 +201,13 @@ def budget_config(model: nn.Module, batches: list[torch.Tensor], config: QuantCo
     choice = allocate(options, budget, other)
     overrides = dict(config.name_overrides)
     for name, o in choice.items():
-        overrides[re.escape(name)] = {"block_size": o.block_size, "n_centroids": o.n_centroids}
+        overrides[re.escape(name)] = ({"skip": True} if o.keep else
+                                      {"block_size": o.block_size, "n_centroids": o.n_centroids})
     achieved = other + sum(o.bytes for o in choice.values())
     report = {"budget_bytes": budget, "achieved_bytes": achieved, "ratio": dense / achieved,
               "target_ratio": target_ratio, "target_size": target_size,
               "layers": {n: {"block_size": o.block_size, "n_centroids": o.n_centroids, "bytes": o.bytes,
-                             "rel_err2": o.distortion} for n, o in choice.items()}}
+                             "rel_err2": o.distortion, "keep": o.keep} for n, o in choice.items()}}
     log.info("allocation: %.4f MB (%.1fx) for a budget of %.4f MB", achieved / MB, dense / achieved, budget / MB)
     new = QuantConfig.from_dict({**config.to_json(), "name_overrides": overrides, "em": config.em})
     return new, report

@@ -332,54 +332,56 @@ def _refine_exact(weight: torch.Tensor, res: EMResult, full_gram: torch.Tensor, 
 
 
 def _gptq_assign(w: torch.Tensor, codebook: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Codes chosen block by block with GPTQ error feedback. w: (g, opg, R); h: damped (g, R, R)."""
+    """Codes chosen block by block with GPTQ error feedback. w: (g, opg, R); h: damped (g, R, R).
+    All groups at once (depthwise convs have one group per channel)."""
     g, opg, r = w.shape
     d = codebook.shape[1]
     codes = torch.empty(g, opg, r // d, dtype=torch.long)
-    for gi in range(g):
-        hinv = torch.cholesky_inverse(torch.linalg.cholesky(h[gi]))          # (R, R)
-        u = torch.linalg.cholesky(hinv, upper=True)                         # (R, R), H^-1 = U^T U
-        wg = w[gi].clone()                                                  # (opg, R)
-        for b in range(r // d):
-            s = slice(b * d, (b + 1) * d)
-            u_inv = torch.linalg.inv(u[s, s])                               # (d, d)
-            wb = wg[:, s]                                                   # (opg, d)
-            cw = codebook @ u_inv                                           # (K, d) whitened codewords
-            dist = (wb @ u_inv).pow(2).sum(1, keepdim=True) - 2 * (wb @ u_inv) @ cw.T + cw.pow(2).sum(1)
-            cb = dist.argmin(1)                                             # (opg,)
-            codes[gi, :, b] = cb
-            err = (wb - codebook[cb]) @ u_inv                               # (opg, d)
-            wg[:, (b + 1) * d:] -= err @ u[s, (b + 1) * d:]                 # push the error forward
+    eye = torch.eye(r, dtype=h.dtype).expand(g, r, r)
+    hinv = torch.cholesky_solve(eye, torch.linalg.cholesky(h))              # (g, R, R)
+    u = torch.linalg.cholesky(hinv, upper=True)                             # (g, R, R), H^-1 = U^T U
+    wg = w.clone()                                                          # (g, opg, R)
+    c2 = codebook                                                           # (K, d)
+    for b in range(r // d):
+        s = slice(b * d, (b + 1) * d)
+        u_inv = torch.linalg.inv(u[:, s, s])                                # (g, d, d)
+        wb = wg[:, :, s]                                                    # (g, opg, d)
+        cw = torch.einsum("kd,gde->gke", c2, u_inv)                         # (g, K, d) whitened codewords
+        ww = wb @ u_inv                                                     # (g, opg, d)
+        dist = cw.pow(2).sum(-1)[:, None, :] - 2 * ww @ cw.transpose(1, 2)  # (g, opg, K) (+|ww|^2, constant)
+        cb = dist.argmin(-1)                                                # (g, opg)
+        codes[:, :, b] = cb
+        err = (wb - c2[cb]) @ u_inv                                         # (g, opg, d)
+        wg[:, :, (b + 1) * d:] -= err @ u[:, s, (b + 1) * d:]               # push the error forward
     return codes
 
 
 def _refit_codebook(w: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor, h: torch.Tensor,
-                    lam: torch.Tensor, n_steps: int = 25) -> torch.Tensor:
+                    lam: torch.Tensor, n_steps: int = 25, rtol: float = 1e-5) -> torch.Tensor:
     """Codebook minimising sum_o lambda_o (w_o - C[codes_o])^T H (w_o - C[codes_o]) for fixed codes,
-    by conjugate gradient (the objective is a quadratic in C). lam: (g, opg)."""
+    by conjugate gradient on the normal equations A C = B (the objective is a quadratic in C; one
+    H-product per step; stops when the residual norm falls below rtol times the initial one). lam: (g, opg)."""
     k, d = codebook.shape
     flat = codes.reshape(-1)                                                # (N,)
 
-    def grad(c: torch.Tensor) -> torch.Tensor:                              # dF/dC / 2
-        resid = c[codes].reshape(w.shape) - w                               # (g, opg, R)
-        hr = torch.einsum("gor,grs->gos", resid, h) * lam[:, :, None]       # (g, opg, R)
-        return torch.zeros(k, d, dtype=c.dtype).index_add_(0, flat, hr.reshape(-1, d))
-
-    def curvature(p: torch.Tensor) -> float:                                # sum Δ^T H Δ
-        delta = p[codes].reshape(w.shape)
-        return float(torch.einsum("go,gor,grs,gos->", lam, delta, h, delta))
+    def scatter_h(x: torch.Tensor) -> torch.Tensor:                         # (g, opg, R) -> (K, d)
+        hx = torch.einsum("gor,grs->gos", x, h) * lam[:, :, None]           # (g, opg, R)
+        return torch.zeros(k, d, dtype=x.dtype).index_add_(0, flat, hx.reshape(-1, d))
 
     c = codebook.clone()
-    r = -grad(c)
+    r = -scatter_h(c[codes].reshape(w.shape) - w)                           # B - A C   (K, d)
     p = r.clone()
-    rr = float((r * r).sum())
+    rr = rr0 = float((r * r).sum())
     for _ in range(n_steps):
-        curv = curvature(p)
-        if curv <= 0 or rr <= 1e-30:
+        if rr <= rtol * rtol * rr0 or rr <= 1e-30:
+            break
+        ap = scatter_h(p[codes].reshape(w.shape))                           # A p   (K, d)
+        curv = float((p * ap).sum())
+        if curv <= 0:
             break
         alpha = rr / curv
         c += alpha * p
-        r = -grad(c)  # recomputed (not updated) for numerical safety
+        r -= alpha * ap
         rr_new = float((r * r).sum())
         p = r + (rr_new / rr) * p
         rr = rr_new
