@@ -123,8 +123,10 @@ def test_compress_result():
 
 def test_inplace():
     net = make_net()
+    ref = bitdown.compress(make_net(), batches(), cfg(), progress=False)
     q = bitdown.compress(net, batches(), cfg(), inplace=True, progress=False)
     assert q is net and is_pq(net.conv2)
+    assert_same_state(q, ref)          # teacher targets still come from the original weights
 
 
 def test_data_forms_are_equivalent():
@@ -200,10 +202,14 @@ def test_forward_order(monkeypatch):
 
 def test_bn_recalibration():
     x = batches()
-    q = bitdown.compress(make_net(), x, cfg(), progress=False)
+    q = bitdown.compress(make_net(), x, cfg(bn_recalibrate=True), progress=False)
     plain = bitdown.compress(make_net(), x, cfg(bn_recalibrate=False), progress=False)
+    auto = bitdown.compress(make_net(), x, cfg(), progress=False)      # teacher targets: statistics kept
     teacher = make_net()
     assert torch.equal(plain.bn3.running_mean, teacher.bn3.running_mean)
+    assert torch.equal(auto.bn3.running_mean, teacher.bn3.running_mean)
+    paper = bitdown.compress(make_net(), x, cfg(em=bitdown.EMConfig.paper(n_iter=5)), progress=False)
+    assert not torch.allclose(paper.bn3.running_mean, teacher.bn3.running_mean)   # paper EM: re-estimated
     assert not torch.allclose(q.bn3.running_mean, teacher.bn3.running_mean)
     # the re-estimated statistics are those of the quantized network on the data
     again = copy.deepcopy(plain)

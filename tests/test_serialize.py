@@ -50,7 +50,8 @@ def compressed():
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = TinyNet()
-    q = bitdown.compress(model, make_data(), bitdown.QuantConfig(em={"n_iter": 8}), progress=False)
+    q = bitdown.compress(model, make_data(), bitdown.QuantConfig(em={"n_iter": 8}, bn_recalibrate=True),
+                         progress=False)
     torch.set_num_threads(threads)
     return q
 

@@ -197,7 +197,10 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     config = config or QuantConfig()
     _check_model(model)
     t0 = time.perf_counter()
-    teacher = model.eval()
+    model.eval()
+    # the uncompressed model is needed next to the student for teacher targets and distillation
+    needs_teacher = config.em.teacher_target or finetune is not None
+    teacher = copy.deepcopy(model) if inplace and needs_teacher else model
     student = model if inplace else copy.deepcopy(model)
     student.eval()
     calib = take_images(data, config.calib_images, config.batch_size)
@@ -232,15 +235,13 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
 
     modules = dict(student.named_modules())
     teacher_modules = dict(teacher.named_modules())
-    if config.em.teacher_target and student is teacher:
-        raise ValueError("em.teacher_target needs the uncompressed model next to the student: use inplace=False")
     bar = tqdm(plans, desc="quantize", unit="layer", disable=not progress, initial=done, total=len(plans))
     for i, plan in enumerate(plans[done:], start=done):
         t1 = time.perf_counter()
         module = modules[plan.name]
         weighted = config.em.channel_weighting == "variance" and config.em.objective != "weights"
         cross = config.em.teacher_target
-        collector = StatsCollector(plan.name, module, plan.block_size, full_gram=config.em.needs_full_gram,
+        collector = StatsCollector(plan.name, module, plan.block_size, full_gram=config.em.needs_full_gram or cross,
                                    output_stats=weighted, cross_gram=cross)
         try:
             if cross:       # each batch: the teacher's input at this layer, then the student's
@@ -256,7 +257,8 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
         target, shift = module.weight, {}
         if cross:
             target = teacher_target_weight(module.weight, st, config.em.target_damp)
-            shift = {"target_shift": float((target - module.weight).norm() / module.weight.norm())}
+            w0 = module.weight.detach()
+            shift = {"target_shift": float((target - w0).norm() / w0.norm())}
         t_stats = time.perf_counter() - t1
         res = kmeans(target, st.block_grams, plan.n_centroids, config.em, seed=config.seed + i,
                      full_gram=st.full_gram, row_weights=channel_weights(st) if weighted else None)
@@ -278,7 +280,7 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     info.timings["quantize_s"] = time.perf_counter() - t0
 
     if resume.get("stage") != "global":
-        if config.bn_recalibrate:
+        if config.recalibrates_bn:
             t1 = time.perf_counter()
             bn_batches = take_images(data, config.bn_images, config.batch_size)
             n = recalibrate_bn(student, bn_batches)
