@@ -94,7 +94,7 @@ def run_pq(bench: Bench, name: str, preset: str, method: str, data, a) -> None:
     teacher = build_model(name)
     loader = make_loader(calib, 128, shuffle=True, seed=a.seed)
     eval_loader = make_loader(ev, 250)
-    em = {"bitdown": EMConfig(), "bitdown_paper_em": EMConfig.paper(),
+    em = {"bitdown": EMConfig(), "bitdown_s1": EMConfig(teacher_target=False), "bitdown_paper_em": EMConfig.paper(),
           "weight_pq": EMConfig.paper(objective="weights")}[method]
     cfg = zoo_config(name, preset, calib_images=a.calib_images, seed=a.seed, em=em, bn_recalibrate=False)
     base = dict(model=name, method=method, preset=preset, layer_steps=a.layer_steps, global_steps=a.global_steps,
@@ -155,7 +155,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="resnet20_cifar10,resnet56_cifar10,efficientnet_lite0")
     p.add_argument("--presets", default="small,large")
-    p.add_argument("--methods", default="bitdown,bitdown_paper_em,weight_pq,scalar")
+    p.add_argument("--methods", default="bitdown,bitdown_paper_em,weight_pq,scalar",
+                   help="bitdown (default EM, teacher targets), bitdown_s1 (session-1 default: no teacher targets), "
+                        "bitdown_paper_em, weight_pq, scalar")
     p.add_argument("--layer-steps", type=int, default=20)
     p.add_argument("--global-steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=64)
@@ -179,7 +181,7 @@ def main() -> None:
             row = measure(bench, key, teacher, None, make_loader(data[2], 250), n / 2**20, 1.0, None, 0.0, 0)
             bench.teacher_top1 = row["top1"]
         for preset in a.presets.split(","):
-            for method in ("bitdown", "bitdown_paper_em", "weight_pq"):
+            for method in ("bitdown", "bitdown_s1", "bitdown_paper_em", "weight_pq"):
                 if method in methods:
                     run_pq(bench, name, preset, method, data, a)
         if "scalar" in methods:

@@ -4,11 +4,10 @@ after EM and after BatchNorm re-estimation. Used to diagnose the EfficientNet-Li
     python benchmarks/em_target.py --model efficientnet_lite0 --variants small,small_tt [--calib-images 128]
 
 Variants (name -> how the QuantConfig differs from the zoo `small` preset with the default EM):
-    small         the default
+    small         default EM without teacher targets (the default before session 2)
     small_tt      + em.teacher_target (quantize the weight mapping compressed inputs to teacher outputs)
     small_paper   the paper's EM
-    small_dw16    depthwise convs kept at 16 centroids... (see VARIANTS)
-    alloc20[_tt]  rate-distortion allocation at 20x (allocate.py) [+ teacher_target]
+    allocR[_tt]   rate-distortion allocation at R x (allocate.py) [+ teacher_target]
 
 Rows are appended to benchmarks/results/em_target.json (rerun skips measured rows); em_target.md is
 rebuilt. Data as accuracy.py (EfficientNet: calibration from the seeded 500, top-1 on the other 500).
@@ -36,12 +35,12 @@ from bitdown.size import size_report  # noqa: E402
 from bitdown.zoo import build_model  # noqa: E402
 
 VARIANTS: dict[str, dict] = {
-    "small": {},
+    "small": {"em": {"teacher_target": False}},
     "small_tt": {"em": {"teacher_target": True}},
     "small_paper": {"em": "paper"},
-    "alloc20": {"target_ratio": 20.0},
+    "alloc20": {"target_ratio": 20.0, "em": {"teacher_target": False}},
     "alloc20_tt": {"target_ratio": 20.0, "em": {"teacher_target": True}},
-    "alloc15": {"target_ratio": 15.0},
+    "alloc25_tt": {"target_ratio": 25.0, "em": {"teacher_target": True}},
     "alloc15_tt": {"target_ratio": 15.0, "em": {"teacher_target": True}},
 }
 

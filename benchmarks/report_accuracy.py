@@ -21,6 +21,10 @@ def write_report(path: Path) -> None:
         "ImageNet sample images, top-1 on the held-out 500. Size: paper-style MB (2^20 B; indices log2 K bits,"
         " fp16 codebooks, other parameters fp32, BatchNorm statistics not counted). Agreement: % of eval images"
         " where the model's top-1 equals the teacher's. FT images: images seen by fine-tuning.",
+        "Methods: `bitdown` = the current default EM (teacher targets + error feedback + code re-opt + codebook "
+        "refit); `bitdown_s1` = session 1's default (the same without teacher targets); `bitdown_paper_em` = the "
+        "paper's pooled EM; `weight_pq` = k-means on the weights (iPQ objective); `scalar_Nbit` = per-channel "
+        "round-to-nearest.",
         "",
         "| model | method | preset | stage | MB | ratio | bytes on disk | top-1 % | drop (pt) | agreement % | wall s | FT images |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",

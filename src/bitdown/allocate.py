@@ -32,7 +32,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .config import EMConfig, LayerPlan, QuantConfig, clamp_centroids, resolve_plan
-from .em import exact_objective, kmeans
+from .em import assign_pooled, exact_objective, kmeans
 from .size import MB, codebook_bytes
 from .stats import collect_stats
 
@@ -119,7 +119,11 @@ def budget_bytes(model: nn.Module, plans: list[LayerPlan], target_ratio: float |
 
 def measure_options(model: nn.Module, plans: list[LayerPlan], batches: Iterable[torch.Tensor],
                     em: EMConfig | None = None, seed: int = 0, progress: bool = True) -> dict[str, list[Option]]:
-    """Distortion of every option of every layer, from one pass of `model` (the teacher)."""
+    """Distortion of every option of every layer, from one pass of `model` (the teacher).
+
+    Each option's codebook is learned by the pooled EM on at most max(16 K, 4096) subvectors (whole
+    output rows drawn at random, seeded), then every subvector is assigned and the exact relative output
+    error measured: big layers (EfficientNet's 1x1 convs, K up to 2048) cost seconds, not minutes."""
     em = em or EMConfig.paper(n_iter=10)
     modules = dict(model.named_modules())
     stats = collect_stats(model, {p.name: (modules[p.name], 1) for p in plans}, batches, full_gram=True)
@@ -136,8 +140,15 @@ def measure_options(model: nn.Module, plans: list[LayerPlan], batches: Iterable[
             nb = r // o.block_size
             idx = torch.arange(r).view(nb, o.block_size)                    # (nb, d)
             block_grams = full[:, idx[:, :, None], idx[:, None, :]]         # (g, nb, d, d)
-            res = kmeans(w, block_grams, o.n_centroids, em, seed=seed)
-            err, energy = exact_objective(w, res.weight(w.shape), full)
+            pooled = block_grams.sum(dim=0, keepdim=True)                    # (1, nb, d, d)
+            rows = w.reshape(w.shape[0], -1)                                # (C_out, R)
+            cap = max(1, max(16 * o.n_centroids, 4096) // nb)               # rows to learn the codebook on
+            if rows.shape[0] > cap:
+                gen = torch.Generator().manual_seed(seed * 7919 + o.block_size * 4099 + o.n_centroids)
+                rows = rows[torch.randperm(rows.shape[0], generator=gen)[:cap].sort().values]
+            res = kmeans(rows, pooled, o.n_centroids, em, seed=seed)
+            codes = assign_pooled(w, pooled.sum(dim=(0, 1)), res.codebook)  # (C_out, nb)
+            err, energy = exact_objective(w, res.codebook[codes].reshape(w.shape), full)
             opts.append(Option(o.block_size, o.n_centroids, o.bytes, err / energy if energy > 0 else 0.0))
         out[p.name] = opts
     return out

@@ -255,6 +255,15 @@ def kmeans(weight: torch.Tensor, block_grams: torch.Tensor, n_centroids: int, co
     return res
 
 
+def assign_pooled(weight: torch.Tensor, gram: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Codes (C_out, nb) of the nearest codeword of every subvector of `weight` under the pooled
+    metric `gram` (d, d): argmin_k (m - c_k)^T G (m - c_k) (one E-step)."""
+    d = codebook.shape[1]
+    m = subvectors(weight, d).double()                                     # (C_out, nb, d)
+    metric = _Metric(gram.double().expand(1, m.shape[1], d, d), m.shape[0], pooled=True)
+    return _assign(metric.apply(m), metric, codebook)[0]
+
+
 def _row_weights(row_weights: torch.Tensor | None, c_out: int) -> torch.Tensor:
     if row_weights is None:
         return torch.ones(c_out, dtype=torch.float64)
