@@ -280,3 +280,16 @@ def test_unsatisfiable_target_size_refused(ws, capsys):
     rc, out, err = run(capsys, *COMPRESS, "--target-size", "1KB", "--out", "c.bitdown")
     assert_error(rc, err, "unsatisfiable", "smallest achievable size")
     assert not (ws / "c.bitdown").exists()
+
+
+def test_quant_config_flags():
+    """--paper-em is the paper's EM (no teacher targets, BN re-estimated); --codebook-bits reaches the plan."""
+    import argparse
+
+    import bitdown
+    from bitdown.cli import _quant_config
+    base = dict(config=None, em_iters=7, restarts=1, seed=0, calib_images=64, preset="small", model="x")
+    cfg = _quant_config(argparse.Namespace(**base, paper_em=True, codebook_bits=8), {"source": "user"})
+    assert cfg.em == bitdown.EMConfig.paper(n_iter=7) and cfg.recalibrates_bn and cfg.codebook_bits == 8
+    cfg = _quant_config(argparse.Namespace(**base, paper_em=False, codebook_bits=16), {"source": "user"})
+    assert cfg.em.teacher_target and not cfg.recalibrates_bn and cfg.codebook_bits == 16

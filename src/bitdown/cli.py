@@ -128,7 +128,7 @@ def _quant_config(a: argparse.Namespace, arch: dict[str, Any]):
         raise ValueError("--config must be a JSON object")
     em = {"n_iter": a.em_iters, "n_restarts": a.restarts}
     if a.paper_em:
-        em.update(error_feedback=False, code_reopt=0, codebook_refit=False)
+        em.update(error_feedback=False, code_reopt=0, codebook_refit=False, teacher_target=False)
     em.update(extra.pop("em", {}) or {})
     kw = {"seed": a.seed, "calib_images": a.calib_images, "codebook_bits": a.codebook_bits, **extra,
           "em": EMConfig.from_dict(em)}
