@@ -12,7 +12,8 @@ best uniform preset at the same size, each after the same fine-tuning budget, on
            is the "best uniform preset". Same EM, same fine-tuning.
 - --codebook-bits 8: int8 codebooks with fp16 column scales (the accounting counts them so).
 
-Rows are appended to benchmarks/results/budget.json (a rerun skips measured rows) and budget.md and
+Do not run two instances on the same --out file at once (each rewrites the whole JSON: a row was
+lost that way in session 2). Rows are appended to benchmarks/results/budget.json (a rerun skips measured rows) and budget.md and
 budget.png are rebuilt. Data splits as in accuracy.py (CIFAR: train for calibration/fine-tuning,
 test for top-1; EfficientNet-Lite0: seeded 500/500 split of the ImageNet sample images).
 """
