@@ -44,8 +44,8 @@ from bitdown.size import layer_size, size_report  # noqa: E402
 from bitdown.zoo import build_model, get_entry  # noqa: E402
 
 
-def uniform_choice(name: str, teacher, order, budget: float, bits: int, options: dict, calib_images: int,
-                   seed: int) -> tuple[str, dict[str, tuple[int, int]], float]:
+def uniform_choice(name: str, teacher, order, budget: float, bits: int, options: dict,
+                   ) -> tuple[str, dict[str, tuple[int, int]], float]:
     """(preset, {layer: (d, K)}, summed distortion) of the best uniform preset fitting `budget` bytes."""
     best = None
     for preset in ("small", "large"):
@@ -96,7 +96,7 @@ def main() -> None:
         if name not in teachers:
             teachers[name] = evaluate(teacher, make_loader(ev, 250))["top1"]
         loader = make_loader(calib, 128, shuffle=True, seed=a.seed)
-        options = None
+        batches = order = options = None      # calibration images and RD table: once per model, if needed
         for ratio in [float(r) for r in a.ratios.split(",")]:
             for bits in [int(b) for b in a.codebook_bits.split(",")]:
                 for method in a.methods.split(","):
@@ -109,14 +109,14 @@ def main() -> None:
                                      em=EMConfig(**em))
                     extra, target = {}, ratio
                     if method == "uniform":
-                        batches = take_images(loader, a.calib_images, 128)
-                        order = forward_order(teacher, batches[0][:2])
+                        if batches is None:
+                            batches = take_images(loader, a.calib_images, 128)
+                            order = forward_order(teacher, batches[0][:2])
                         plans, _ = resolve_plan(teacher, cfg, order)
                         budget = budget_bytes(teacher, plans, target_ratio=ratio)
                         if options is None:
                             options = measure_options(teacher, plans, batches, seed=a.seed)
-                        preset, choice, dist = uniform_choice(name, teacher, order, budget, bits, options,
-                                                              a.calib_images, a.seed)
+                        preset, choice, dist = uniform_choice(name, teacher, order, budget, bits, options)
                         cfg = zoo_config(name, preset, calib_images=a.calib_images, seed=a.seed, codebook_bits=bits,
                                          em=EMConfig(**em),
                                          name_overrides={re.escape(n): {"block_size": d, "n_centroids": k}

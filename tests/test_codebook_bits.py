@@ -107,3 +107,9 @@ def test_quantize_module_rejects_bad_bits():
     with pytest.raises(ValueError, match="codebook_bits"):
         quantize_module(layer, torch.randn(4, 4), torch.zeros(4, 2, dtype=torch.long), codebook_bits=12)
     assert isinstance(layer.weight, nn.Parameter)                           # untouched
+
+
+def test_em_config_rejects_bad_target_damp():
+    from bitdown.config import EMConfig
+    with pytest.raises(ValueError, match="target_damp"):
+        EMConfig(target_damp=0.0)

@@ -27,7 +27,7 @@ from .config import LayerPlan, QuantConfig, quantizable_layers, resolve_plan
 from .em import kmeans
 from .modules import empty_pq_like, is_pq, quantize_module, round_codebook, round_codebooks_
 from .size import size_report
-from .stats import StatsCollector, StopForward, capture_input, run_until, teacher_target_weight
+from .stats import StatsCollector, capture_input, run_until, teacher_target_weight
 
 log = logging.getLogger(__name__)
 

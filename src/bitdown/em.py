@@ -350,17 +350,16 @@ def _gptq_assign(w: torch.Tensor, codebook: torch.Tensor, h: torch.Tensor) -> to
     hinv = torch.cholesky_solve(eye, torch.linalg.cholesky(h))              # (g, R, R)
     u = torch.linalg.cholesky(hinv, upper=True)                             # (g, R, R), H^-1 = U^T U
     wg = w.clone()                                                          # (g, opg, R)
-    c2 = codebook                                                           # (K, d)
     for b in range(r // d):
         s = slice(b * d, (b + 1) * d)
         u_inv = torch.linalg.inv(u[:, s, s])                                # (g, d, d)
         wb = wg[:, :, s]                                                    # (g, opg, d)
-        cw = torch.einsum("kd,gde->gke", c2, u_inv)                         # (g, K, d) whitened codewords
+        cw = torch.einsum("kd,gde->gke", codebook, u_inv)                   # (g, K, d) whitened codewords
         ww = wb @ u_inv                                                     # (g, opg, d)
         dist = cw.pow(2).sum(-1)[:, None, :] - 2 * ww @ cw.transpose(1, 2)  # (g, opg, K) (+|ww|^2, constant)
         cb = dist.argmin(-1)                                                # (g, opg)
         codes[:, :, b] = cb
-        err = (wb - c2[cb]) @ u_inv                                         # (g, opg, d)
+        err = (wb - codebook[cb]) @ u_inv                                   # (g, opg, d)
         wg[:, :, (b + 1) * d:] -= err @ u[:, s, (b + 1) * d:]               # push the error forward
     return codes
 
