@@ -10,6 +10,8 @@ best uniform preset at the same size, each after the same fine-tuning budget, on
            of two until the model fits the budget; of the two presets, the one with the lower summed
            calibration distortion (the allocator's own rate-distortion table, calibration images only)
            is the "best uniform preset". Same EM, same fine-tuning.
+- shared:  as uniform, but layers of the same kind and weight shape share one codebook
+           (QuantConfig.share_same_shape): the codebooks saved buy more centroids at the same size.
 - --codebook-bits 8: int8 codebooks with fp16 column scales (the accounting counts them so).
 
 Do not run two instances on the same --out file at once (each rewrites the whole JSON: a row was
@@ -44,16 +46,28 @@ from bitdown.size import layer_size, size_report  # noqa: E402
 from bitdown.zoo import build_model, get_entry  # noqa: E402
 
 
-def uniform_choice(name: str, teacher, order, budget: float, bits: int, options: dict,
+def _quantized_bytes(plans) -> float:
+    """Paper-style bytes of the quantized layers (indices + codebooks, a shared codebook once)."""
+    seen, total = set(), 0.0
+    for p in plans:
+        lay = layer_size(p, count_codebook=p.share is None or p.share not in seen)
+        seen.add(p.share)
+        total += lay.index_bytes + lay.codebook_bytes
+    return total
+
+
+def uniform_choice(name: str, teacher, order, budget: float, bits: int, options: dict, share: bool = False,
                    ) -> tuple[str, dict[str, tuple[int, int]], float]:
-    """(preset, {layer: (d, K)}, summed distortion) of the best uniform preset fitting `budget` bytes."""
+    """(preset, {layer: (d, K)}, summed distortion) of the best uniform preset fitting `budget` bytes.
+    share: layers of one shape share a codebook (QuantConfig.share_same_shape); the distortion used to
+    pick the preset is then the per-layer-codebook proxy of the RD table."""
     best = None
     for preset in ("small", "large"):
-        plans, _ = resolve_plan(teacher, zoo_config(name, preset, codebook_bits=bits), order)
+        plans, _ = resolve_plan(teacher, zoo_config(name, preset, codebook_bits=bits, share_same_shape=share), order)
         other = _other_bytes(teacher, plans)
         for shift in range(12):
             scaled = [dataclasses.replace(p, n_centroids=max(2, p.n_centroids >> shift)) for p in plans]
-            size = other + sum(layer_size(p).index_bytes + layer_size(p).codebook_bytes for p in scaled)
+            size = other + _quantized_bytes(scaled)
             if size <= budget:
                 break
         else:
@@ -108,7 +122,7 @@ def main() -> None:
                     cfg = zoo_config(name, "small", calib_images=a.calib_images, seed=a.seed, codebook_bits=bits,
                                      em=EMConfig(**em))
                     extra, target = {}, ratio
-                    if method == "uniform":
+                    if method in ("uniform", "shared"):
                         if batches is None:
                             batches = take_images(loader, a.calib_images, 128)
                             order = forward_order(teacher, batches[0][:2])
@@ -116,9 +130,10 @@ def main() -> None:
                         budget = budget_bytes(teacher, plans, target_ratio=ratio)
                         if options is None:
                             options = measure_options(teacher, plans, batches, seed=a.seed)
-                        preset, choice, dist = uniform_choice(name, teacher, order, budget, bits, options)
+                        share = method == "shared"
+                        preset, choice, dist = uniform_choice(name, teacher, order, budget, bits, options, share)
                         cfg = zoo_config(name, preset, calib_images=a.calib_images, seed=a.seed, codebook_bits=bits,
-                                         em=EMConfig(**em),
+                                         em=EMConfig(**em), share_same_shape=share,
                                          name_overrides={re.escape(n): {"block_size": d, "n_centroids": k}
                                                          for n, (d, k) in choice.items()})
                         extra, target = {"preset": preset, "calib_distortion": dist}, None
@@ -156,7 +171,8 @@ def write_report(path: Path) -> None:
              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}. Paper-style size accounting "
              "(bitdown size). `alloc`: per-layer block size and centroids chosen by rate-distortion for the "
              "budget; `uniform`: the best paper preset (small/large, by calibration distortion) with every "
-             "layer's centroids divided by the same power of two to fit. Both then get the same fine-tuning "
+             "layer's centroids divided by the same power of two to fit; `shared`: the same with one codebook per "
+             "group of same-shape layers (share_same_shape). All then get the same fine-tuning "
              "(layer steps per layer + global steps, batch size as stated; labels never used). Top-1 on images "
              "never used for calibration (CIFAR-10 test set; EfficientNet-Lite0: the held-out 500).", "",
              "| model | method | codebook | target | ratio | MB | bytes on disk | top-1 % | teacher % | drop (pt) | "

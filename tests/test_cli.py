@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from bitdown.cli import main
@@ -293,3 +292,7 @@ def test_quant_config_flags():
     assert cfg.em == bitdown.EMConfig.paper(n_iter=7) and cfg.recalibrates_bn and cfg.codebook_bits == 8
     cfg = _quant_config(argparse.Namespace(**base, paper_em=False, codebook_bits=16), {"source": "user"})
     assert cfg.em.teacher_target and not cfg.recalibrates_bn and cfg.codebook_bits == 16
+    assert not cfg.share_same_shape
+    cfg = _quant_config(argparse.Namespace(**base, paper_em=False, codebook_bits=16, share_same_shape=True),
+                        {"source": "user"})
+    assert cfg.share_same_shape

@@ -7,12 +7,10 @@ and groups by construction.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from bitdown import stats
 from bitdown.stats import LayerStats, StatsCollector, collect_stats, run_until

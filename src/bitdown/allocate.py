@@ -206,6 +206,9 @@ def budget_config(model: nn.Module, batches: list[torch.Tensor], config: QuantCo
                   progress: bool = True) -> tuple[QuantConfig, dict]:
     """`config` with exact per-layer name overrides realising the allocation, and a report."""
     plans, _ = resolve_plan(model, config, order)
+    if any(p.share is not None for p in plans):
+        raise ValueError("shared codebooks (share overrides / share_same_shape) cannot be combined with a "
+                         "target size yet: the allocator prices every layer's codebook separately")
     budget = budget_bytes(model, plans, target_ratio, target_size)        # refuses before any work
     _, dense, other = size_bounds(model, plans)
     options = measure_options(model, plans, batches, seed=config.seed, progress=progress)

@@ -46,8 +46,12 @@ def save_checkpoint(folder: str | Path, tensors: dict[str, torch.Tensor], progre
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=STATE, suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={"progress": json.dumps(progress)})
+        out, seen = {}, set()
+        for k, v in tensors.items():        # a shared codebook appears under several names: one copy each
+            t = v.detach().cpu().contiguous()
+            out[k] = t.clone() if t.data_ptr() in seen else t
+            seen.add(t.data_ptr())
+        save_file(out, tmp, metadata={"progress": json.dumps(progress)})
         os.replace(tmp, folder / STATE)
     finally:
         if os.path.exists(tmp):

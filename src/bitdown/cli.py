@@ -68,7 +68,8 @@ def cmd_size(a: argparse.Namespace) -> int:
 
     entry = get_entry(a.arch)
     model = entry.build()
-    plans, skipped = resolve_plan(model, zoo_config(a.arch, a.preset))
+    plans, skipped = resolve_plan(model, zoo_config(a.arch, a.preset, codebook_bits=a.codebook_bits,
+                                                    share_same_shape=a.share_same_shape))
     rep = size_report(model, plans)
     out = rep.to_json()
     out["skipped"] = skipped
@@ -130,7 +131,8 @@ def _quant_config(a: argparse.Namespace, arch: dict[str, Any]):
     if a.paper_em:
         em.update(error_feedback=False, code_reopt=0, codebook_refit=False, teacher_target=False)
     em.update(extra.pop("em", {}) or {})
-    kw = {"seed": a.seed, "calib_images": a.calib_images, "codebook_bits": a.codebook_bits, **extra,
+    kw = {"seed": a.seed, "calib_images": a.calib_images, "codebook_bits": a.codebook_bits,
+          "share_same_shape": bool(getattr(a, "share_same_shape", False)), **extra,
           "em": EMConfig.from_dict(em)}
     if arch["source"] == "zoo":
         return zoo_config(a.model, extra.pop("preset", a.preset), **{k: v for k, v in kw.items() if k != "preset"})
@@ -176,6 +178,7 @@ def cmd_info(a: argparse.Namespace) -> int:
               f"{out.get('ratio', float('nan')):.1f}x, {out['bytes_on_disk']} bytes on disk")
         for p in layers:
             cb = " int8-codebook" if p.get("codebook_bits", 16) == 8 else ""
+            cb += f" shared:{p['share']}" if p.get("share") else ""
             print(f"  {p['name']:<40} {p['kind']:<8} d={p['block_size']:<3} K={p['n_centroids']:<5} "
                   f"{'x'.join(map(str, p['weight_shape']))}{cb}")
         for n, why in out["skipped"].items():
@@ -197,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("size", help="paper-style size of a zoo architecture under a preset (no weights needed)")
     s.add_argument("arch")
     s.add_argument("--preset", default="small", choices=["small", "large"])
+    s.add_argument("--codebook-bits", type=int, default=16, choices=[16, 8])
+    s.add_argument("--share-same-shape", action="store_true", help="one codebook per group of same-shape layers")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_size)
 
@@ -214,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-images", type=int, default=1024)
     c.add_argument("--codebook-bits", type=int, default=16, choices=[16, 8],
                    help="16: fp16 codebooks (the paper); 8: int8 codebooks with fp16 column scales")
+    c.add_argument("--share-same-shape", action="store_true",
+                   help="layers of the same kind and weight shape share one codebook (saves codebook bytes)")
     c.add_argument("--em-iters", type=int, default=30)
     c.add_argument("--restarts", type=int, default=1)
     c.add_argument("--paper-em", action="store_true",

@@ -23,11 +23,11 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
-from .config import LayerPlan, QuantConfig, quantizable_layers, resolve_plan
-from .em import kmeans
+from .config import LayerPlan, QuantConfig, quantizable_layers, resolve_plan, share_groups
+from .em import assign_codes, kmeans, kmeans_shared
 from .modules import empty_pq_like, is_pq, quantize_module, round_codebook, round_codebooks_
 from .size import size_report
-from .stats import StatsCollector, capture_input, run_until, teacher_target_weight
+from .stats import StatsCollector, capture_input, collect_stats, run_until, teacher_target_weight
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +235,7 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
 
     modules = dict(student.named_modules())
     teacher_modules = dict(teacher.named_modules())
+    shared = _learn_shared(teacher, plans, done, calib, config)   # group -> initial codebook
     bar = tqdm(plans, desc="quantize", unit="layer", disable=not progress, initial=done, total=len(plans))
     for i, plan in enumerate(plans[done:], start=done):
         t1 = time.perf_counter()
@@ -260,10 +261,20 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
             w0 = module.weight.detach()
             shift = {"target_shift": float((target - w0).norm() / w0.norm())}
         t_stats = time.perf_counter() - t1
-        res = kmeans(target, st.block_grams, plan.n_centroids, config.em, seed=config.seed + i,
-                     full_gram=st.full_gram, row_weights=channel_weights(st) if weighted else None)
-        quantize_module(module, round_codebook(res.codebook, plan.codebook_bits), res.codes,  # file == memory
-                        plan.codebook_bits)
+        row_weights = channel_weights(st) if weighted else None
+        if plan.share is None:
+            res = kmeans(target, st.block_grams, plan.n_centroids, config.em, seed=config.seed + i,
+                         full_gram=st.full_gram, row_weights=row_weights)
+            quantize_module(module, round_codebook(res.codebook, plan.codebook_bits), res.codes,  # file == memory
+                            plan.codebook_bits)
+        else:           # the group's codebook is fixed: only this layer's codes, on its own statistics
+            owner = _shared_param(modules, plans, plan.share)
+            codebook = owner.detach() if owner is not None else shared[plan.share]
+            res = assign_codes(target, codebook, st.block_grams, config.em, full_gram=st.full_gram,
+                               row_weights=row_weights)
+            quantize_module(module, codebook, res.codes, plan.codebook_bits)
+            if owner is not None:
+                module.codebook = owner                         # one Parameter for the whole group
         info.layers[plan.name] = {"rel_error": res.rel_error, "exact": res.exact, "n_iter": res.n_iter,
                                   "objective": res.objective, "stats_s": t_stats,
                                   **shift,
@@ -308,6 +319,38 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     return student.eval()
 
 
+def _shared_param(modules: dict[str, nn.Module], plans: list[LayerPlan], group: str) -> nn.Parameter | None:
+    """The codebook Parameter of `group` if one of its layers is already quantized."""
+    for p in plans:
+        if p.share == group and is_pq(modules[p.name]):
+            return modules[p.name].codebook
+    return None
+
+
+def _learn_shared(teacher: nn.Module, plans: list[LayerPlan], done: int, calib: list[torch.Tensor],
+                  config: QuantConfig) -> dict[str, torch.Tensor]:
+    """Initial codebook of every share group none of whose layers is quantized yet (the first `done`
+    plans are): the joint EM (em.kmeans_shared) on the members' weights under their pooled
+    input statistics in the uncompressed model (one forward pass for all groups). Each member then
+    gets its codes on its own sequential statistics in the layer loop."""
+    started = {p.share for p in plans[:done]}
+    groups = {g: ms for g, ms in share_groups(plans).items() if g not in started}
+    if not groups:
+        return {}
+    tm = dict(teacher.named_modules())
+    layers = {p.name: (tm[p.name], p.block_size) for ms in groups.values() for p in ms}
+    stats = collect_stats(teacher, layers, calib)
+    out = {}
+    for gi, (g, ms) in enumerate(sorted(groups.items())):
+        weights = [tm[p.name].weight.detach() for p in ms]
+        grams = [stats[p.name].block_grams.sum(dim=(0, 1)) for p in ms]
+        res = kmeans_shared(weights, grams, ms[0].n_centroids, config.em, seed=config.seed + 7919 * (gi + 1))
+        log.info("shared codebook %r (%d layers, K=%d, d=%d): relative pooled error %.4f", g, len(ms),
+                 ms[0].n_centroids, ms[0].block_size, res.rel_error)
+        out[g] = round_codebook(res.codebook, ms[0].codebook_bits)
+    return out
+
+
 def _save(folder, student: nn.Module, plans_done: list[LayerPlan], info: CompressionInfo, fp: str, stage: str,
           step: int = 0, extra_tensors: dict[str, torch.Tensor] | None = None, extra: dict | None = None) -> None:
     tensors = dict(student.state_dict())
@@ -325,6 +368,10 @@ def _restore(student: nn.Module, plans: list[LayerPlan], ck, info: CompressionIn
     modules = dict(student.named_modules())
     for p in plans[: len(done)]:
         empty_pq_like(modules[p.name], p.n_centroids, p.block_size, p.codebook_bits)
+        if p.share is not None:
+            owner = _shared_param(modules, plans[: len(done)], p.share)
+            if owner is not None and owner is not modules[p.name].codebook:
+                modules[p.name].codebook = owner
     own = student.state_dict()
     missing = [k for k in own if k not in tensors]
     if missing:

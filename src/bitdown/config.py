@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch.nn as nn
@@ -34,7 +34,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "large": {"convkxk": 2, "conv1x1": 8, "linear": 4},
 }
 LAYER_KINDS = ("conv1x1", "convkxk", "linear")
-OVERRIDE_KEYS = ("block_size", "n_centroids", "skip", "codebook_bits")
+OVERRIDE_KEYS = ("block_size", "n_centroids", "skip", "codebook_bits", "share")
 CODEBOOK_BITS = (16, 8)     # fp16 codebooks (the paper), or int8 with one fp16 scale per column
 MAX_CENTROIDS = 1 << 15  # codes are stored as int16 at most
 
@@ -108,6 +108,7 @@ class LayerPlan:
     n_centroids: int          # after clamping
     groups: int = 1
     codebook_bits: int = 16   # 16: fp16 codebook; 8: int8 codebook + (d,) fp16 column scales
+    share: str | None = None  # name of the group of layers sharing one codebook (None: its own codebook)
 
     @property
     def row_length(self) -> int:
@@ -155,6 +156,7 @@ class QuantConfig:
                                         # None: only when em.teacher_target is off (measured in docs/DESIGN.md:
                                         # with teacher targets the teacher's statistics are the better ones)
     bn_images: int = 2048           # images used for that
+    share_same_shape: bool = False  # one codebook per (kind, weight shape) group of layers
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -219,6 +221,8 @@ def _check_override(ov: dict[str, Any] | None, what: str) -> None:
         _check_centroids(ov["n_centroids"], f"{what}: n_centroids")
     if "codebook_bits" in ov:
         _check_bits(ov["codebook_bits"], f"{what}: codebook_bits")
+    if "share" in ov and ov["share"] is not None and (not isinstance(ov["share"], str) or not ov["share"]):
+        raise ValueError(f"{what}: share must be a non-empty group name (str) or None, got {ov['share']!r}")
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -253,6 +257,7 @@ def _apply_override(st: dict[str, Any], ov: dict[str, Any] | None, label: str) -
         st["block_size"], st["forced"] = ov["block_size"], True
     st["n_centroids"] = ov.get("n_centroids", st["n_centroids"])
     st["codebook_bits"] = ov.get("codebook_bits", st["codebook_bits"])
+    st["share"] = ov.get("share", st["share"])
     if "skip" in ov:
         st["skip"], st["reason"] = bool(ov["skip"]), label
 
@@ -276,7 +281,7 @@ def resolve_layer(name: str, module: nn.Module, config: QuantConfig, is_stem: bo
         block_size = PRESETS[config.preset][kind]
 
     st = {"block_size": block_size, "n_centroids": config.n_centroids, "codebook_bits": config.codebook_bits,
-          "forced": False,
+          "forced": False, "share": None,
           "skip": is_stem and not config.quantize_stem,
           "reason": "stem conv (quantize_stem=False)" if is_stem and not config.quantize_stem else ""}
     for key in (type(module).__name__, kind):  # a kind key wins over a class-name key
@@ -296,6 +301,12 @@ def resolve_layer(name: str, module: nn.Module, config: QuantConfig, is_stem: bo
             raise ValueError(msg)
         return None, msg
     n_sub = math.prod(shape) // block_size
+    share = st["share"]
+    if share is None and config.share_same_shape:
+        share = f"{kind}:{'x'.join(map(str, shape))}"
+    if share is not None:   # the group's clamp (on all its subvectors) is applied by resolve_plan
+        groups = module.groups if isinstance(module, nn.Conv2d) else 1
+        return LayerPlan(name, kind, shape, block_size, n_centroids, groups, st["codebook_bits"], share), ""
     k = clamp_centroids(n_centroids, n_sub)
     if k < 2:
         return None, f"layer {name!r}: only {n_sub} subvectors, too few for 2 centroids"
@@ -331,7 +342,42 @@ def resolve_plan(model: nn.Module, config: QuantConfig, order: list[str] | None 
             plans.append(plan)
     if not plans:
         raise ValueError(f"no layer left to quantize; skipped: {skipped}")
-    return plans, skipped
+    return _resolve_shared(plans), skipped
+
+
+def share_groups(plans: list[LayerPlan]) -> dict[str, list[LayerPlan]]:
+    """group name -> its member plans (in `plans` order) for the layers that share a codebook."""
+    groups: dict[str, list[LayerPlan]] = {}
+    for p in plans:
+        if p.share is not None:
+            groups.setdefault(p.share, []).append(p)
+    return groups
+
+
+def share_owner(members: list[str]) -> str:
+    """The member whose name holds a shared codebook in files (the first in sorted name order)."""
+    return min(members)
+
+
+def _resolve_shared(plans: list[LayerPlan]) -> list[LayerPlan]:
+    """Check that every share group agrees on block size, centroids and codebook bits; clamp the
+    group's centroids on all its subvectors; a group of one layer is an ordinary layer."""
+    out = {p.name: p for p in plans}
+    for group, members in share_groups(plans).items():
+        for key in ("block_size", "n_centroids", "codebook_bits"):
+            values = {getattr(p, key) for p in members}
+            if len(values) > 1:
+                raise ValueError(f"share group {group!r}: its layers disagree on {key} "
+                                 f"({ {p.name: getattr(p, key) for p in members} }); a shared codebook needs one")
+        n_sub = sum(p.n_subvectors for p in members)
+        k = clamp_centroids(members[0].n_centroids, n_sub)
+        if k < 2:
+            raise ValueError(f"share group {group!r}: only {n_sub} subvectors, too few for 2 centroids")
+        single = len(members) == 1
+        for p in members:
+            out[p.name] = replace(p, n_centroids=k if not single else clamp_centroids(k, p.n_subvectors),
+                                  share=None if single else group)
+    return [out[p.name] for p in plans]
 
 
 def _check_patterns_match(config: QuantConfig, layers: dict[str, nn.Module]) -> None:

@@ -416,3 +416,108 @@ def _reopt_codes(w: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor, h
         codes[:, :, b] = new
         hr += torch.einsum("god,grd->gor", delta, h[:, :, s])               # H is symmetric
     return codes
+
+
+# ----------------------------------------------------------------------------- shared codebooks
+
+def kmeans_shared(weights: list[torch.Tensor], grams: list[torch.Tensor], n_centroids: int,
+                  config: EMConfig | None = None, seed: int = 0) -> EMResult:
+    """One codebook (K, d) for several layers: the EM on the sum of their *relative* pooled output errors,
+
+        sum_l  sum_{i in l} (m_i - c_k(i))^T G_l (m_i - c_k(i)) / E_l,     E_l = sum_{i in l} m_i^T G_l m_i,
+
+    so every layer counts by its relative error, whatever the scale of its activations.
+    weights: L tensors (C_out_l, ...); grams: L pooled Grams (d, d) (sum of a layer's block Grams).
+    E-step per layer under its own metric; M-step c_k = (sum_l n_lk G_l/E_l)^-1 sum_l G_l/E_l sum_{i in k,l} m_i.
+    Returns the codebook, the codes of all layers concatenated (sum_l C_out_l * nb_l,) and the objective
+    (the summed relative error); split them with `split_codes`."""
+    config = config or EMConfig.paper()
+    if len(weights) != len(grams) or not weights:
+        raise ValueError("kmeans_shared needs one pooled Gram per weight, and at least one weight")
+    d = grams[0].shape[0]
+    ms, gs = [], []
+    for w, g in zip(weights, grams):
+        check_weight(w)
+        if tuple(g.shape) != (d, d) or not torch.isfinite(g).all():
+            raise ValueError(f"every Gram must be a finite ({d}, {d}) matrix, got {list(g.shape)}")
+        m = subvectors(w, d).reshape(-1, d).double()                       # (N_l, d)
+        g = g.double()
+        energy = float(((m @ g) * m).sum())
+        ms.append(m)
+        gs.append(g / energy if energy > 0 else g)                          # (d, d) relative metric
+    sizes = [m.shape[0] for m in ms]
+    n = sum(sizes)
+    mgs = [m @ g for m, g in zip(ms, gs)]                                   # (N_l, d) each
+    base = sum(float((m * mg).sum()) for m, mg in zip(ms, mgs))            # the objective with W_hat = 0
+    white = torch.cat([m @ _whitener(g) for m, g in zip(ms, gs)])           # (N, d) for the initialisation
+    allm = torch.cat(ms)                                                    # (N, d)
+    if n <= n_centroids:
+        codebook = torch.zeros(n_centroids, d, dtype=torch.float64)
+        codebook[:n] = allm
+        return EMResult(codebook.float(), torch.arange(n), 0.0, [0.0], 0, 0.0)
+    gen = torch.Generator().manual_seed(seed * 1000003)
+    codebook = allm[_init(white.float(), n_centroids, config.init, gen)].clone()  # (K, d)
+    layer_of = torch.repeat_interleave(torch.arange(len(ms)), torch.tensor(sizes))  # (N,)
+
+    def assign(cb: torch.Tensor) -> tuple[torch.Tensor, float]:
+        codes, total = [], base
+        for mg, g in zip(mgs, gs):
+            metric = _Metric(g.expand(1, 1, d, d), mg.shape[0], pooled=True)
+            c, score = _assign(mg[:, None, :], metric, cb)                  # (N_l, 1)
+            codes.append(c.reshape(-1))
+            total += float(score.double().sum())
+        return torch.cat(codes), total                                      # (N,)
+
+    codes, obj = assign(codebook)
+    history = [obj]
+    it = 0
+    for it in range(1, config.n_iter + 1):
+        counts = torch.bincount(codes, minlength=n_centroids)                # (K,)
+        a = torch.zeros(n_centroids, d, d, dtype=torch.float64)             # (K, d, d) sum_l n_lk G_l
+        rhs = torch.zeros(n_centroids, d, dtype=torch.float64)              # (K, d)   sum_l G_l sum m_i
+        for li, (mg, g) in enumerate(zip(mgs, gs)):
+            sel = codes[layer_of == li]                                      # (N_l,)
+            a += torch.bincount(sel, minlength=n_centroids).double()[:, None, None] * g
+            rhs.index_add_(0, sel, mg)
+        idx = (counts > 0).nonzero().squeeze(1)
+        a_ne = a[idx]
+        ridge = 1e-9 * a_ne.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
+        a_ne = a_ne + ridge[:, None, None] * torch.eye(d, dtype=torch.float64)
+        codebook[idx] = torch.linalg.solve(a_ne, rhs[idx].unsqueeze(-1)).squeeze(-1)
+        n_empty = _split_empty(codebook, counts)
+        codes, obj = assign(codebook)
+        history.append(obj)
+        if n_empty == 0 and history[-2] - obj <= config.tol * max(abs(history[-2]), 1e-30):
+            break
+    obj = max(history[-1], 0.0)
+    return EMResult(codebook.float(), codes, obj, history, it, math.sqrt(obj / base) if base > 0 else 0.0)
+
+
+def assign_codes(weight: torch.Tensor, codebook: torch.Tensor, block_grams: torch.Tensor,
+                 config: EMConfig | None = None, full_gram: torch.Tensor | None = None,
+                 row_weights: torch.Tensor | None = None) -> EMResult:
+    """Codes of `weight` for a *fixed* codebook (a shared one): the pooled E-step, then, when the
+    config asks for it and `full_gram` is given, GPTQ error feedback and code re-optimisation on the
+    exact objective (never a codebook refit: the codebook belongs to other layers too)."""
+    config = config or EMConfig.paper()
+    check_weight(weight)
+    g, nb, d, _ = block_grams.shape
+    if codebook.shape[1] != d:
+        raise ValueError(f"codebook of block size {codebook.shape[1]} for statistics of block size {d}")
+    gram = torch.eye(d, dtype=torch.float64) if config.objective == "weights" else block_grams.sum(dim=(0, 1))
+    codes = assign_pooled(weight, gram, codebook.double())                  # (C_out, nb)
+    m = subvectors(weight, d).double()                                      # (C_out, nb, d)
+    e = m - codebook.double()[codes]
+    obj = float(torch.einsum("obd,de,obe->", e, gram.double(), e))
+    energy = float(torch.einsum("obd,de,obe->", m, gram.double(), m))
+    res = EMResult(codebook.float(), codes, obj, [obj], 0, math.sqrt(obj / energy) if energy > 0 else 0.0)
+    if full_gram is not None and (config.error_feedback or config.code_reopt > 0):
+        fixed = EMConfig(**{**config.__dict__, "codebook_refit": False})
+        res = _refine_exact(weight, res, full_gram, fixed, _row_weights(row_weights, weight.shape[0]))
+    return res
+
+
+def split_codes(codes: torch.Tensor, weights: list[torch.Tensor], block_size: int) -> list[torch.Tensor]:
+    """kmeans_shared's concatenated codes -> one (C_out_l, nb_l) tensor per weight."""
+    sizes = [w.numel() // block_size for w in weights]
+    return [c.reshape(w.shape[0], -1) for c, w in zip(codes.split(sizes), weights)]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
 import torch
@@ -178,7 +178,7 @@ def _lr_at(step: int, cfg: FinetuneConfig) -> float:
 
 
 def global_params(student: nn.Module, cfg: FinetuneConfig) -> list[nn.Parameter]:
-    params = [m.codebook for m in student.modules() if is_pq(m)]
+    params = list({id(m.codebook): m.codebook for m in student.modules() if is_pq(m)}.values())  # shared once
     if cfg.train_bn_affine:
         for m in student.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:

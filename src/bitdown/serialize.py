@@ -4,6 +4,8 @@ Tensors: for every product-quantized layer `NAME.codebook` (K, d) fp16 (or int8 
 `NAME.codebook_scale` when the layer's codebook_bits is 8) and `NAME.codes` (C_out, nb) uint8
 (int16 when K > 256); every other tensor of the state dict as it is (biases,
 BatchNorm weight/bias *and* running statistics, uncompressed layers).
+A codebook shared by several layers (LayerPlan.share) is stored once, under the group's first
+layer in name order; the others have only their codes.
 Metadata: one JSON string under the key "bitdown":
 
     {"format": "bitdown", "format_version": 1, "arch": {"name": ..., "source": "zoo"|"user"},
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .config import LayerPlan
+from .config import LayerPlan, share_groups, share_owner
 from .modules import decode_codebook, empty_pq_like, encode_codebook, is_pq
 
 log = logging.getLogger(__name__)
@@ -57,8 +59,15 @@ def file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     else as is."""
     out: dict[str, torch.Tensor] = {}
     bits = {name: m.codebook_bits for name, m in model.named_modules() if is_pq(m)}
+    users: dict[int, list[str]] = {}          # a shared codebook Parameter -> the layers using it
+    for name, m in model.named_modules():
+        if is_pq(m):
+            users.setdefault(id(m.codebook), []).append(name)
+    borrowed = {n for names in users.values() for n in names if n != share_owner(names)}
     for key, t in model.state_dict().items():
         prefix, _, leaf = key.rpartition(".")
+        if prefix in borrowed and leaf == "codebook":
+            continue                          # stored once, under the group's owner
         if prefix in bits and leaf == "codebook":
             t, scale = encode_codebook(t, bits[prefix])
             if scale is not None:
@@ -144,6 +153,13 @@ def apply(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, An
         raise BitdownFileError(f"{path}: corrupt layer list in the metadata: {e}") from None
     modules = dict(model.named_modules())
     arch = meta.get("arch", {}).get("name", "?")
+    owner = {}                                         # layer -> the layer whose codebook it uses
+    for g, members in share_groups(plans).items():
+        first = share_owner([p.name for p in members])
+        for key in ("block_size", "n_centroids", "codebook_bits"):
+            if len({getattr(p, key) for p in members}) > 1:
+                raise BitdownFileError(f"{path}: share group {g!r} has layers with different {key}")
+        owner.update({p.name: first for p in members})
     for p in plans:                                    # every check first: a failed load changes nothing
         if p.codebook_bits not in (8, 16):
             raise BitdownFileError(f"{path}: layer {p.name!r} has an unknown codebook_bits {p.codebook_bits!r}")
@@ -157,11 +173,12 @@ def apply(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, An
             shape = list(w.shape) if isinstance(w, torch.Tensor) else None
             raise BitdownFileError(f"{path}: layer {p.name!r} has weight shape {shape} in the model but "
                                    f"{list(p.weight_shape)} in the file (file is for architecture {arch!r})")
-        cb, codes = tensors.get(f"{p.name}.codebook"), tensors.get(f"{p.name}.codes")
+        src = owner.get(p.name, p.name)
+        cb, codes = tensors.get(f"{src}.codebook"), tensors.get(f"{p.name}.codes")
         if cb is None or codes is None or tuple(cb.shape) != (p.n_centroids, p.block_size):
             raise BitdownFileError(f"{path}: codebook/codes of {p.name!r} missing or of the wrong shape")
         want = torch.int8 if p.codebook_bits == 8 else torch.float16
-        scale = tensors.get(f"{p.name}.codebook_scale")
+        scale = tensors.get(f"{src}.codebook_scale")
         if cb.dtype != want or (p.codebook_bits == 8) != (scale is not None) or (
                 scale is not None and (scale.dtype != torch.float16 or tuple(scale.shape) != (p.block_size,))):
             raise BitdownFileError(f"{path}: codebook of {p.name!r} is not stored as the metadata says "
@@ -172,8 +189,10 @@ def apply(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, An
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for p in plans:
         del own[f"{p.name}.weight"]
-        own[f"{p.name}.codebook"] = (p.n_centroids, p.block_size)
         own[f"{p.name}.codes"] = (p.weight_shape[0], p.n_subvectors // p.weight_shape[0])
+        if owner.get(p.name, p.name) != p.name:
+            continue                                   # its codebook is the owner's
+        own[f"{p.name}.codebook"] = (p.n_centroids, p.block_size)
         if p.codebook_bits == 8:
             own[f"{p.name}.codebook_scale"] = (p.block_size,)
     missing = sorted(set(own) - set(tensors))
@@ -184,8 +203,11 @@ def apply(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, An
                                f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {bad[:5]}")
     state = {k: v for k, v in tensors.items() if not k.endswith(".codebook_scale")}
     for p in plans:
+        src = owner.get(p.name, p.name)
         empty_pq_like(modules[p.name], p.n_centroids, p.block_size, p.codebook_bits)
-        state[f"{p.name}.codebook"] = decode_codebook(tensors[f"{p.name}.codebook"],
-                                                      tensors.get(f"{p.name}.codebook_scale"))
+        state[f"{p.name}.codebook"] = decode_codebook(tensors[f"{src}.codebook"], tensors.get(f"{src}.codebook_scale"))
     model.load_state_dict(state, strict=True)
+    for name, src in owner.items():                    # tie: one Parameter per share group
+        if name != src:
+            modules[name].codebook = modules[src].codebook
     return model.eval()

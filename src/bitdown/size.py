@@ -4,6 +4,7 @@
 - a quantized layer costs its indices, log2(K) bits per subvector (log2(K)/d bits per weight),
   plus its codebook, K x d values in fp16 (or, with codebook_bits=8, K x d int8 values plus d fp16
   column scales: an extension of the paper's accounting, not in the paper);
+- a codebook shared by several layers (LayerPlan.share) is counted once;
 - every other parameter (stem conv, biases, BatchNorm weight/bias, ...) counts in fp32;
 - buffers (BatchNorm running statistics) are not counted.
 
@@ -66,12 +67,14 @@ def codebook_bytes(n_centroids: int, block_size: int, codebook_bits: int = 16) -
     return n_centroids * block_size + 2 * block_size
 
 
-def layer_size(plan: LayerPlan) -> LayerSize:
+def layer_size(plan: LayerPlan, count_codebook: bool = True) -> LayerSize:
+    """Paper-style bytes of one layer; `count_codebook=False` for a layer whose codebook is shared
+    with a layer already counted."""
     n = 1
     for s in plan.weight_shape:
         n *= s
     index = plan.n_subvectors * plan.code_bits / 8
-    codebook = codebook_bytes(plan.n_centroids, plan.block_size, plan.codebook_bits)
+    codebook = codebook_bytes(plan.n_centroids, plan.block_size, plan.codebook_bits) if count_codebook else 0
     return LayerSize(plan.name, plan.kind, list(plan.weight_shape), plan.block_size, plan.n_centroids, n,
                      index, codebook, 8 * (index + codebook) / n)
 
@@ -81,7 +84,12 @@ def size_report(model: nn.Module, plans: list[LayerPlan]) -> SizeReport:
     quantized = {p.name for p in plans}
     skip = {f"{n}.{a}" for n in quantized for a in ("weight", "codebook")}
     other = sum(p.numel() for n, p in model.named_parameters() if n not in skip) * 4
-    layers = [layer_size(p) for p in plans]
+    seen: set[str] = set()          # a shared codebook is counted once, at its group's first layer
+    layers = []
+    for p in plans:
+        layers.append(layer_size(p, count_codebook=p.share is None or p.share not in seen))
+        if p.share is not None:
+            seen.add(p.share)
     dense = other + sum(layer.n_weights * 4 for layer in layers)
     size = other + sum(layer.index_bytes + layer.codebook_bytes for layer in layers)
     return SizeReport(size, dense, other, layers)
