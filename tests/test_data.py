@@ -194,3 +194,14 @@ def test_make_loader_seeded_shuffle():
     order = lambda: torch.cat([b[0] for b in make_loader(ds, 4, shuffle=True, seed=5)]).tolist()  # noqa: E731
     assert order() == order() and sorted(order()) == list(range(20))
     assert torch.cat([b[0] for b in make_loader(ds, 4)]).tolist() == list(range(20))
+
+
+def test_make_loader_same_images_on_every_pass():
+    """A shuffled loader read twice (two compress calls, or calibration then BN re-estimation) yields
+    the same seeded order both times; another seed gives another order."""
+    ds = torch.utils.data.TensorDataset(torch.arange(50))
+    loader = make_loader(ds, 8, shuffle=True, seed=3)
+    first = torch.cat([b[0] for b in loader]).tolist()
+    assert torch.cat([b[0] for b in loader]).tolist() == first != list(range(50))
+    assert sorted(first) == list(range(50))
+    assert torch.cat([b[0] for b in make_loader(ds, 8, shuffle=True, seed=4)]).tolist() != first

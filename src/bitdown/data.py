@@ -338,7 +338,22 @@ def split_indices(n: int, sizes: Sequence[int], seed: int) -> list[list[int]]:
     return out
 
 
+class SeededPermutation(torch.utils.data.Sampler):
+    """The same seeded permutation of range(n) on every iteration, so a shuffled calibration loader
+    yields the same images however often it is read (torch's shuffle draws a new one each time)."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed = n, seed
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False) -> DataLoader:
-    """Single-process DataLoader; shuffling uses a generator seeded with ``seed``."""
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0, drop_last=drop_last)
+    """Single-process DataLoader. shuffle: one permutation seeded with ``seed``, the same on every
+    pass (a rerun, a second `compress` on the same loader, or a resumed run read the same images)."""
+    sampler = SeededPermutation(len(dataset), seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0, drop_last=drop_last)
