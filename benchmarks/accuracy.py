@@ -100,25 +100,34 @@ def run_pq(bench: Bench, name: str, preset: str, method: str, data, a) -> None:
     base = dict(model=name, method=method, preset=preset, layer_steps=a.layer_steps, global_steps=a.global_steps,
                 calib_images=a.calib_images)
     arch = {"name": name, "source": "zoo", "preprocess": get_entry(name).preprocess}
+    ft_cfg = zoo_config(name, preset, calib_images=a.calib_images, seed=a.seed, em=em)
+    reuse = None      # without per-layer FT, the FT run starts from this very model: not compressed twice
     if not bench.has(dict(base, stage="em+bn")):
         t0 = time.perf_counter()
         q = compress(teacher, loader, cfg, arch=arch)
         t_em = time.perf_counter() - t0
         rep = size_report(q, q.bitdown.plans)
         measure(bench, dict(base, stage="em"), q, teacher, eval_loader, rep.size_mb, rep.ratio, None, t_em, 0)
+        if not ft_cfg.recalibrates_bn:
+            reuse = (copy.deepcopy(q), t_em)
         t0 = time.perf_counter()
-        recalibrate_bn(q, take_images(loader, 2048, 128))
+        recalibrate_bn(q, take_images(loader, ft_cfg.bn_images, ft_cfg.batch_size))   # as compress() does it
         measure(bench, dict(base, stage="em+bn"), q, teacher, eval_loader, rep.size_mb, rep.ratio, disk_bytes(q),
                 t_em + time.perf_counter() - t0, 0)
+        if ft_cfg.recalibrates_bn:
+            reuse = (q, t_em + time.perf_counter() - t0)
     if (a.layer_steps == 0 and a.global_steps == 0) or method == "bitdown_paper_em":
         return
-    if bench.has(dict(base, stage="em+layer_ft+global_ft")):
+    final = "em+layer_ft+global_ft" if a.layer_steps else "em+global_ft"
+    if bench.has(dict(base, stage=final)):
         return
     ft = FinetuneConfig(layer_steps=a.layer_steps, batch_size=a.batch_size, seed=a.seed)
     t0 = time.perf_counter()
-    q = compress(teacher, loader, zoo_config(name, preset, calib_images=a.calib_images, seed=a.seed, em=em),
-                 arch=arch, finetune=ft if a.layer_steps else None, train_data=aug)
-    t_layer = time.perf_counter() - t0
+    if a.layer_steps == 0 and reuse is not None:
+        q, t_layer = reuse
+    else:
+        q = compress(teacher, loader, ft_cfg, arch=arch, finetune=ft if a.layer_steps else None, train_data=aug)
+        t_layer = time.perf_counter() - t0
     rep = size_report(q, q.bitdown.plans)
     seen = a.layer_steps * a.batch_size * len(q.bitdown.plans)
     if a.layer_steps:
@@ -129,7 +138,7 @@ def run_pq(bench: Bench, name: str, preset: str, method: str, data, a) -> None:
         gft = FinetuneConfig(global_steps=a.global_steps, batch_size=a.batch_size, seed=a.seed)
         finetune_global(q, teacher, aug, gft, seed=a.seed)
         round_codebooks_(q)
-        measure(bench, dict(base, stage="em+layer_ft+global_ft"), q, teacher, eval_loader, rep.size_mb, rep.ratio,
+        measure(bench, dict(base, stage=final), q, teacher, eval_loader, rep.size_mb, rep.ratio,
                 disk_bytes(q), t_layer + time.perf_counter() - t0, seen + a.global_steps * a.batch_size)
 
 

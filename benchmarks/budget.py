@@ -14,7 +14,8 @@ best uniform preset at the same size, each after the same fine-tuning budget, on
            (QuantConfig.share_same_shape): the codebooks saved buy more centroids at the same size.
 - --codebook-bits 8: int8 codebooks with fp16 column scales (the accounting counts them so).
 
-Do not run two instances on the same --out file at once (each rewrites the whole JSON: a row was
+To run two at once, give the second its own --out and fold it in afterwards with
+`--merge results/other.json`. Do not run two instances on the same --out file at once (each rewrites the whole JSON: a row was
 lost that way in session 2). Rows are appended to benchmarks/results/budget.json (a rerun skips measured rows) and budget.md and
 budget.png are rebuilt. Data splits as in accuracy.py (CIFAR: train for calibration/fine-tuning,
 test for top-1; EfficientNet-Lite0: seeded 500/500 split of the ImageNet sample images).
@@ -97,8 +98,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--em", default="{}", help='EM options on top of the default EMConfig, JSON')
     p.add_argument("--out", default=str(RESULTS / "budget.json"))
+    p.add_argument("--merge", help="comma-separated JSON files of other runs (--out elsewhere, e.g. run in "
+                                   "parallel): their rows are added to --out and the report rebuilt; nothing is run")
     a = p.parse_args()
     path = Path(a.out)
+    if a.merge:
+        merge(path, [Path(f) for f in a.merge.split(",")])
+        return
     doc = json.loads(path.read_text()) if path.exists() else {}
     rows, teachers = doc.get("rows", []), doc.get("teachers", {})
     em = json.loads(a.em)
@@ -159,6 +165,20 @@ def main() -> None:
                     print(json.dumps({k: rows[-1][k] for k in ("model", "method", "codebook_bits", "target_ratio",
                                                                 "ratio", "top1", "drop")}), flush=True)
     path.write_text(json.dumps({"machine": machine(), "teachers": teachers, "rows": rows}, indent=1))
+    write_report(path)
+
+
+def merge(path: Path, others: list[Path]) -> None:
+    """Add the rows of `others` to `path` (a row measured twice with the same settings: the newer one)."""
+    doc = json.loads(path.read_text())
+    settings = ("model", "method", "codebook_bits", "target_ratio", "em", "layer_steps", "global_steps",
+                "calib_images", "batch_size", "seed")
+    for other in others:
+        od = json.loads(other.read_text())
+        doc["teachers"].update(od["teachers"])
+        for row in od["rows"]:
+            doc["rows"] = [r for r in doc["rows"] if any(r.get(k) != row.get(k) for k in settings)] + [row]
+    path.write_text(json.dumps(doc, indent=1))
     write_report(path)
 
 
