@@ -102,3 +102,51 @@ def test_generous_budget_keeps_layers_uncompressed(data):
     assert kept and all(type(q.get_submodule(n)) in (nn.Conv2d, nn.Linear) for n in kept)
     assert all(n in q.bitdown.skipped for n in kept)
     assert bitdown.size_report(q, q.bitdown.plans).ratio >= 1.6 - 1e-9
+
+
+# ----------------------------------------------------------------------------- sensitivity weighting
+
+class TwoPaths(nn.Module):
+    """Two parallel convs; the output reads `loud` at full scale and `quiet` scaled by 1e-3."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.loud = nn.Conv2d(3, 8, 3, padding=1)
+        self.quiet = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc((self.loud(x) + 1e-3 * self.quiet(x)).mean((2, 3)))
+
+
+def test_layer_sensitivity_measures_what_reaches_the_output(data):
+    from bitdown.allocate import layer_sensitivity
+    model = TwoPaths().eval()
+    plans, _ = resolve_plan(model, QuantConfig(quantize_stem=True))
+    s = layer_sensitivity(model, plans, data, progress=False)
+    assert set(s) == {p.name for p in plans} >= {"loud", "quiet"}
+    assert s["quiet"] < 1e-3 * s["loud"] and s["loud"] > 0
+    assert s == layer_sensitivity(model, plans, data, progress=False)              # seeded
+    with pytest.raises(ValueError, match="no calibration image"):
+        layer_sensitivity(model, plans, [torch.zeros(0, 3, 12, 12)], progress=False)
+
+
+def test_weighted_allocation_favours_the_sensitive_layer():
+    from bitdown.allocate import weighted
+    opts = {n: [Option(4, 2, 10.0, 0.5), Option(4, 16, 30.0, 0.1)] for n in ("a", "b")}
+    plain = allocate(opts, 40.0, 0.0)                       # room for one upgrade; a tie: either
+    assert sorted(o.n_centroids for o in plain.values()) == [2, 16]
+    choice = allocate(weighted(opts, {"a": 1.0, "b": 100.0}), 40.0, 0.0)
+    assert choice["b"].n_centroids == 16 and choice["a"].n_centroids == 2
+
+
+def test_compress_with_sensitivity_weighting(data):
+    cfg = QuantConfig(calib_images=128, bn_recalibrate=False, alloc_weighting="sensitivity")
+    q = bitdown.compress(net(), data, cfg, target_ratio=8.0, progress=False)
+    al = q.bitdown.extra["allocation"]
+    assert al["weighting"] == "sensitivity"
+    assert all(v["sensitivity"] > 0 for v in al["layers"].values())
+    assert bitdown.size_report(q, q.bitdown.plans).ratio >= 8.0 - 1e-9
+    with pytest.raises(ValueError, match="alloc_weighting"):
+        QuantConfig(alloc_weighting="hessian")

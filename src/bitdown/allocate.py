@@ -9,7 +9,8 @@ K a power of two within the paper's clamp) we know the exact paper-style cost in
 and measure the distortion D_l(o) = ||X(W - W_hat)||^2 / ||X W||^2, the layer's relative output
 error on the calibration inputs, with the fast pooled EM and the exact full-Gram objective (one
 pass of the teacher collects every layer's full Gram; the block Grams of any d are its diagonal
-blocks). The allocation minimises sum_l D_l subject to sum_l R_l + other <= budget by a
+blocks). The allocation minimises sum_l D_l (or sum_l s_l D_l with `alloc_weighting="sensitivity"`,
+s_l measured by `layer_sensitivity`) subject to sum_l R_l + other <= budget by a
 Lagrangian search (each layer picks argmin D + lambda R; lambda bisected), then spends what is
 left greedily by best distortion decrease per byte.
 
@@ -21,6 +22,7 @@ Budgets smaller than the smallest achievable size are refused before any statist
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -154,6 +156,51 @@ def measure_options(model: nn.Module, plans: list[LayerPlan], batches: Iterable[
     return out
 
 
+@torch.no_grad()
+def layer_sensitivity(model: nn.Module, plans: list[LayerPlan], batches: list[torch.Tensor], eps: float = 0.1,
+                      n_images: int = 64, seed: int = 0, progress: bool = True) -> dict[str, float]:
+    """How much each layer's relative output error reaches the network's output:
+
+        s_l = E||f(x; y_l + n) - f(x)||^2 / E||f(x)||^2 / eps^2,   n ~ N(0, eps^2 mean(y_l^2)),
+
+    white noise of relative energy eps^2 added to layer l's output y_l (its quantization error is an
+    output error of that size: D_l = ||X(W - W_hat)||^2 / ||XW||^2), on `n_images` calibration images,
+    seeded. One forward pass per layer. Weighting D_l by s_l makes the allocation minimise (to first
+    order) the error of the network's outputs rather than the plain sum of layer errors, which starves
+    the big layers of compact networks whose errors compound."""
+    x = torch.cat(list(batches))[:n_images]
+    if x.shape[0] == 0:
+        raise ValueError("no calibration image to measure layer sensitivities on")
+    was_training = model.training
+    model.eval()
+    ref = model(x).float()                                                  # (n, classes)
+    ref_energy = float(ref.pow(2).sum()) or 1.0
+    modules = dict(model.named_modules())
+    out: dict[str, float] = {}
+    try:
+        for i, p in enumerate(tqdm(plans, desc="sensitivity", unit="layer", disable=not progress)):
+            gen = torch.Generator().manual_seed(seed * 1000003 + i)
+
+            def noisy(_m, _inp, y, gen=gen):
+                scale = eps * float(y.pow(2).mean().sqrt())
+                return y + scale * torch.randn(y.shape, generator=gen, dtype=y.dtype)
+            handle = modules[p.name].register_forward_hook(noisy)
+            try:
+                err = float((model(x).float() - ref).pow(2).sum())
+            finally:
+                handle.remove()
+            out[p.name] = err / ref_energy / eps ** 2
+    finally:
+        model.train(was_training)
+    return out
+
+
+def weighted(options: dict[str, list[Option]], weights: dict[str, float]) -> dict[str, list[Option]]:
+    """Options with every distortion multiplied by its layer's weight (e.g. its sensitivity)."""
+    return {n: [dataclasses.replace(o, distortion=o.distortion * weights[n]) for o in opts]
+            for n, opts in options.items()}
+
+
 def allocate(options: dict[str, list[Option]], budget: float, other: float) -> dict[str, Option]:
     """Per-layer options minimising the summed distortion within `budget` bytes (paper-style)."""
     names = list(options)
@@ -212,7 +259,14 @@ def budget_config(model: nn.Module, batches: list[torch.Tensor], config: QuantCo
     budget = budget_bytes(model, plans, target_ratio, target_size)        # refuses before any work
     _, dense, other = size_bounds(model, plans)
     options = measure_options(model, plans, batches, seed=config.seed, progress=progress)
-    choice = allocate(options, budget, other)
+    sens = None
+    if config.alloc_weighting == "sensitivity":
+        sens = layer_sensitivity(model, plans, batches, seed=config.seed, progress=progress)
+        choice = allocate(weighted(options, sens), budget, other)
+        choice = {n: next(o for o in options[n] if (o.block_size, o.n_centroids) == (c.block_size, c.n_centroids))
+                  for n, c in choice.items()}                            # report the unweighted distortion
+    else:
+        choice = allocate(options, budget, other)
     overrides = dict(config.name_overrides)
     for name, o in choice.items():
         overrides[re.escape(name)] = ({"skip": True} if o.keep else
@@ -220,8 +274,10 @@ def budget_config(model: nn.Module, batches: list[torch.Tensor], config: QuantCo
     achieved = other + sum(o.bytes for o in choice.values())
     report = {"budget_bytes": budget, "achieved_bytes": achieved, "ratio": dense / achieved,
               "target_ratio": target_ratio, "target_size": target_size,
+              "weighting": config.alloc_weighting,
               "layers": {n: {"block_size": o.block_size, "n_centroids": o.n_centroids, "bytes": o.bytes,
-                             "rel_err2": o.distortion, "keep": o.keep} for n, o in choice.items()}}
+                             "rel_err2": o.distortion, "keep": o.keep,
+                             **({"sensitivity": sens[n]} if sens else {})} for n, o in choice.items()}}
     log.info("allocation: %.4f MB (%.1fx) for a budget of %.4f MB", achieved / MB, dense / achieved, budget / MB)
     new = QuantConfig.from_dict({**config.to_json(), "name_overrides": overrides, "em": config.em})
     return new, report

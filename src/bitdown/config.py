@@ -157,6 +157,8 @@ class QuantConfig:
                                         # with teacher targets the teacher's statistics are the better ones)
     bn_images: int = 2048           # images used for that
     share_same_shape: bool = False  # one codebook per (kind, weight shape) group of layers
+    alloc_weighting: str = "none"   # with a target size: 'none' minimises sum_l D_l (relative output errors);
+                                    # 'sensitivity' weights each D_l by how much it reaches the network output
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -173,6 +175,8 @@ class QuantConfig:
             _check_override(ov, f"name override {pattern!r}")
         for key, ov in self.type_overrides.items():
             _check_override(ov, f"type override {key!r}")
+        if self.alloc_weighting not in ("none", "sensitivity"):
+            raise ValueError(f"alloc_weighting must be 'none' or 'sensitivity', got {self.alloc_weighting!r}")
         for k in ("calib_images", "batch_size", "bn_images"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
