@@ -96,6 +96,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--calib-images", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--alloc-weighting", default="none", choices=["none", "sensitivity"],
+                   help="alloc: weight each layer's distortion by its measured sensitivity (QuantConfig.alloc_weighting)")
     p.add_argument("--em", default="{}", help='EM options on top of the default EMConfig, JSON')
     p.add_argument("--out", default=str(RESULTS / "budget.json"))
     p.add_argument("--merge", help="comma-separated JSON files of other runs (--out elsewhere, e.g. run in "
@@ -110,6 +112,7 @@ def main() -> None:
     em = json.loads(a.em)
     for r in rows:
         r.setdefault("em", {})
+        r.setdefault("alloc_weighting", "none")
     for name in a.models.split(","):
         calib, aug, ev = datasets(name, a.seed)
         teacher = build_model(name)
@@ -120,13 +123,15 @@ def main() -> None:
         for ratio in [float(r) for r in a.ratios.split(",")]:
             for bits in [int(b) for b in a.codebook_bits.split(",")]:
                 for method in a.methods.split(","):
+                    weighting = a.alloc_weighting if method == "alloc" else "none"
                     key = dict(model=name, method=method, codebook_bits=bits, target_ratio=ratio, em=em,
+                               alloc_weighting=weighting,
                                layer_steps=a.layer_steps, global_steps=a.global_steps, calib_images=a.calib_images,
                                batch_size=a.batch_size, seed=a.seed)
                     if any(all(r.get(k) == v for k, v in key.items()) for r in rows):
                         continue
                     cfg = zoo_config(name, "small", calib_images=a.calib_images, seed=a.seed, codebook_bits=bits,
-                                     em=EMConfig(**em))
+                                     em=EMConfig(**em), alloc_weighting=weighting)
                     extra, target = {}, ratio
                     if method in ("uniform", "shared"):
                         if batches is None:
@@ -171,12 +176,15 @@ def main() -> None:
 def merge(path: Path, others: list[Path]) -> None:
     """Add the rows of `others` to `path` (a row measured twice with the same settings: the newer one)."""
     doc = json.loads(path.read_text())
-    settings = ("model", "method", "codebook_bits", "target_ratio", "em", "layer_steps", "global_steps",
-                "calib_images", "batch_size", "seed")
+    for r in doc["rows"]:
+        r.setdefault("alloc_weighting", "none")
+    settings = ("model", "method", "codebook_bits", "target_ratio", "em", "alloc_weighting", "layer_steps",
+                "global_steps", "calib_images", "batch_size", "seed")
     for other in others:
         od = json.loads(other.read_text())
         doc["teachers"].update(od["teachers"])
         for row in od["rows"]:
+            row.setdefault("alloc_weighting", "none")
             doc["rows"] = [r for r in doc["rows"] if any(r.get(k) != row.get(k) for k in settings)] + [row]
     path.write_text(json.dumps(doc, indent=1))
     write_report(path)
@@ -200,6 +208,7 @@ def write_report(path: Path) -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         meth = r["method"] + (f" ({r['preset']})" if r.get("preset") else "")
+        meth += ", sensitivity-weighted" if r.get("alloc_weighting", "none") != "none" else ""
         meth += "".join(f", {k}={v}" for k, v in r.get("em", {}).items())
         lines.append(f"| {r['model']} | {meth} | {'int8' if r['codebook_bits'] == 8 else 'fp16'} | "
                      f"{r['target_ratio']:.0f}x | {r['ratio']:.2f}x | {r['size_mb']:.4f} | {r['bytes_on_disk']:,} | "
@@ -218,7 +227,8 @@ def write_report(path: Path) -> None:
     for ax, model in zip(axes[0], models):
         mr = [r for r in rows if r["model"] == model]
         def group(r):
-            return r["method"], r["codebook_bits"], r["global_steps"], json.dumps(r.get("em", {}), sort_keys=True)
+            meth = r["method"] + ("+sens" if r.get("alloc_weighting", "none") != "none" else "")
+            return meth, r["codebook_bits"], r["global_steps"], json.dumps(r.get("em", {}), sort_keys=True)
         for (meth, bits, steps, em) in sorted({group(r) for r in mr}):
             pts = sorted((r["size_mb"] * 1024, r["top1"]) for r in mr if group(r) == (meth, bits, steps, em))
             em_label = "" if em == "{}" else " " + ",".join(f"{k}" for k in json.loads(em))
