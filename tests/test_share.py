@@ -238,3 +238,17 @@ def test_finetune_trains_the_shared_codebook_once(tmp_path):
     loaded = serialize.apply(make_net(), *serialize.read(path))
     with torch.no_grad():
         assert torch.equal(loaded(batches()[0]), q(batches()[0]))
+
+
+def test_weight_space_baseline_shares_without_data(monkeypatch):
+    """objective='weights' learns the shared codebook by plain k-means on the weights: no statistics
+    pass for it (collect_stats is never called) and the result is deterministic."""
+    calls = []
+    real = bc.collect_stats
+    monkeypatch.setattr(bc, "collect_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    c = cfg(em={"n_iter": 10, "objective": "weights", "error_feedback": False, "code_reopt": 0,
+                "codebook_refit": False, "teacher_target": False})
+    q = bitdown.compress(make_net(), batches(), c, progress=False)
+    assert calls == []
+    mods = dict(q.named_modules())
+    assert mods["conv2"].codebook is mods["conv4"].codebook

@@ -339,11 +339,14 @@ def _learn_shared(teacher: nn.Module, plans: list[LayerPlan], done: int, calib: 
         return {}
     tm = dict(teacher.named_modules())
     layers = {p.name: (tm[p.name], p.block_size) for ms in groups.values() for p in ms}
-    stats = collect_stats(teacher, layers, calib)
+    weights_only = config.em.objective == "weights"          # the weight-space baseline needs no data
+    stats = {} if weights_only else collect_stats(teacher, layers, calib)
     out = {}
     for gi, (g, ms) in enumerate(sorted(groups.items())):
         weights = [tm[p.name].weight.detach() for p in ms]
-        grams = [stats[p.name].block_grams.sum(dim=(0, 1)) for p in ms]
+        d = ms[0].block_size
+        grams = [torch.eye(d, dtype=torch.float64) if weights_only else stats[p.name].block_grams.sum(dim=(0, 1))
+                 for p in ms]
         res = kmeans_shared(weights, grams, ms[0].n_centroids, config.em, seed=config.seed + 7919 * (gi + 1))
         log.info("shared codebook %r (%d layers, K=%d, d=%d): relative pooled error %.4f", g, len(ms),
                  ms[0].n_centroids, ms[0].block_size, res.rel_error)
