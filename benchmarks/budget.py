@@ -190,6 +190,13 @@ def merge(path: Path, others: list[Path]) -> None:
     write_report(path)
 
 
+def _dist(r: dict) -> str:
+    """The summed calibration distortion, '-' where none is known (a shared codebook has no per-layer
+    entry in the rate-distortion table)."""
+    v = r.get("calib_distortion")
+    return f"{v:.3f}" if v is not None and math.isfinite(v) else "-"
+
+
 def write_report(path: Path) -> None:
     doc = json.loads(path.read_text())
     rows = sorted(doc["rows"], key=lambda r: (r["model"], r["global_steps"], r["target_ratio"], r["codebook_bits"],
@@ -213,7 +220,7 @@ def write_report(path: Path) -> None:
         lines.append(f"| {r['model']} | {meth} | {'int8' if r['codebook_bits'] == 8 else 'fp16'} | "
                      f"{r['target_ratio']:.0f}x | {r['ratio']:.2f}x | {r['size_mb']:.4f} | {r['bytes_on_disk']:,} | "
                      f"{r['top1']:.2f} | {r['teacher_top1']:.2f} | {r['drop']:.2f} | {r['agreement']:.1f} | "
-                     f"{r.get('calib_distortion') or float('nan'):.3f} | {r['layer_steps']}/{r['global_steps']} x "
+                     f"{_dist(r)} | {r['layer_steps']}/{r['global_steps']} x "
                      f"{r['batch_size']} | {r['wall_s']:.0f} |")
     (path.parent / (path.stem + ".md")).write_text("\n".join(lines) + "\n")
     try:
