@@ -252,3 +252,64 @@ def test_weight_space_baseline_shares_without_data(monkeypatch):
     assert calls == []
     mods = dict(q.named_modules())
     assert mods["conv2"].codebook is mods["conv4"].codebook
+
+
+def test_resume_with_two_groups_is_identical(monkeypatch, tmp_path):
+    """Each group's seed does not depend on how many groups were already started."""
+    # d = 8 everywhere: conv2 + conv3 share group a, conv4 (8x8x3x3) + conv5 (16x8x1x1) group b
+    c = cfg(name_overrides={"conv[23]": {"share": "a"}, "conv[45]": {"share": "b"}},
+            type_overrides={"convkxk": {"block_size": 8}, "conv1x1": {"block_size": 8}})
+    ref = bitdown.save(bitdown.compress(make_net(), batches(), c, progress=False), tmp_path / "ref.bitdown")
+    real, calls = bc.assign_codes, []
+
+    def failing(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return real(*a, **kw)
+    monkeypatch.setattr(bc, "assign_codes", failing)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        bitdown.compress(make_net(), batches(), c, checkpoint_dir=tmp_path / "ck", progress=False)
+    monkeypatch.setattr(bc, "assign_codes", real)
+    resumed = bitdown.compress(make_net(), batches(), c, checkpoint_dir=tmp_path / "ck", progress=False)
+    assert sorted(share_groups(resumed.bitdown.plans)) == ["a", "b"]
+    assert bitdown.save(resumed, tmp_path / "r.bitdown").read_bytes() == ref.read_bytes()
+
+
+def test_untied_group_refused_at_save(shared_model, tmp_path):
+    import copy
+    q = copy.deepcopy(shared_model)
+    sd = {k: v.clone() for k, v in q.state_dict().items()}
+    sd["conv3.codebook"] = sd["conv3.codebook"] + 1.0
+    q.load_state_dict(sd, assign=True)                          # unties the group, conv3 now differs
+    with pytest.raises(ValueError, match="'conv2' and 'conv3' share a codebook.*different"):
+        bitdown.save(q, tmp_path / "u.bitdown")
+    assert not (tmp_path / "u.bitdown").exists()
+
+
+def test_share_same_shape_singletons_behave_like_plain_layers():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3), nn.Conv2d(16, 16, 3), nn.Flatten(),
+                          nn.Linear(16, 2))
+    plain_plans, plain_skipped = resolve_plan(model, QuantConfig())
+    plans, skipped = resolve_plan(model, QuantConfig(share_same_shape=True))
+    assert set(skipped) == set(plain_skipped) and "4" in skipped            # too few subvectors: skipped
+    assert [p.name for p in plans] == [p.name for p in plain_plans]
+
+
+def test_explicit_none_opts_out_of_share_same_shape():
+    plans, _ = resolve_plan(make_net(), QuantConfig(share_same_shape=True, name_overrides={"conv3": {"share": None}}))
+    groups = share_groups(plans)
+    assert [[p.name for p in ms] for ms in groups.values()] == [["conv2", "conv4"]]
+    assert next(p for p in plans if p.name == "conv3").share is None
+
+
+def test_file_with_a_non_string_group_is_refused(shared_model, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+    tensors, meta = serialize.read(bitdown.save(shared_model, tmp_path / "s.bitdown"))
+    meta["layers"][0]["share"] = ["g"]
+    meta["checksum"] = serialize.checksum(tensors, meta)
+    save_file(tensors, str(tmp_path / "bad.bitdown"), metadata={"bitdown": json.dumps(meta)})
+    with pytest.raises(BitdownFileError, match="corrupt layer list"):
+        serialize.apply(make_net(), *serialize.read(tmp_path / "bad.bitdown"))

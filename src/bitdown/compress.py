@@ -334,6 +334,7 @@ def _learn_shared(teacher: nn.Module, plans: list[LayerPlan], done: int, calib: 
     input statistics in the uncompressed model (one forward pass for all groups). Each member then
     gets its codes on its own sequential statistics in the layer loop."""
     started = {p.share for p in plans[:done]}
+    seeds = {g: config.seed + 7919 * (gi + 1) for gi, g in enumerate(sorted(share_groups(plans)))}  # resume-stable
     groups = {g: ms for g, ms in share_groups(plans).items() if g not in started}
     if not groups:
         return {}
@@ -342,12 +343,12 @@ def _learn_shared(teacher: nn.Module, plans: list[LayerPlan], done: int, calib: 
     weights_only = config.em.objective == "weights"          # the weight-space baseline needs no data
     stats = {} if weights_only else collect_stats(teacher, layers, calib)
     out = {}
-    for gi, (g, ms) in enumerate(sorted(groups.items())):
+    for g, ms in sorted(groups.items()):
         weights = [tm[p.name].weight.detach() for p in ms]
         d = ms[0].block_size
         grams = [torch.eye(d, dtype=torch.float64) if weights_only else stats[p.name].block_grams.sum(dim=(0, 1))
                  for p in ms]
-        res = kmeans_shared(weights, grams, ms[0].n_centroids, config.em, seed=config.seed + 7919 * (gi + 1))
+        res = kmeans_shared(weights, grams, ms[0].n_centroids, config.em, seed=seeds[g])
         log.info("shared codebook %r (%d layers, K=%d, d=%d): relative pooled error %.4f", g, len(ms),
                  ms[0].n_centroids, ms[0].block_size, res.rel_error)
         out[g] = round_codebook(res.codebook, ms[0].codebook_bits)

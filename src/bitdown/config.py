@@ -131,6 +131,8 @@ class LayerPlan:
     def from_json(cls, d: dict[str, Any]) -> "LayerPlan":
         d = dict(d)
         d["weight_shape"] = tuple(d["weight_shape"])
+        if d.get("share") is not None and not isinstance(d["share"], str):
+            raise TypeError(f"share must be a group name or null, got {d['share']!r}")
         return cls(**d)
 
 
@@ -229,6 +231,9 @@ def _check_override(ov: dict[str, Any] | None, what: str) -> None:
         raise ValueError(f"{what}: share must be a non-empty group name (str) or None, got {ov['share']!r}")
 
 
+_UNSET = object()   # a layer's `share` not set by any override
+
+
 def layer_kind(module: nn.Module) -> str | None:
     """`conv1x1`, `convkxk`, `linear`, or None for a module bitdown does not quantize."""
     if isinstance(module, nn.Conv2d):
@@ -285,7 +290,7 @@ def resolve_layer(name: str, module: nn.Module, config: QuantConfig, is_stem: bo
         block_size = PRESETS[config.preset][kind]
 
     st = {"block_size": block_size, "n_centroids": config.n_centroids, "codebook_bits": config.codebook_bits,
-          "forced": False, "share": None,
+          "forced": False, "share": _UNSET,
           "skip": is_stem and not config.quantize_stem,
           "reason": "stem conv (quantize_stem=False)" if is_stem and not config.quantize_stem else ""}
     for key in (type(module).__name__, kind):  # a kind key wins over a class-name key
@@ -305,9 +310,9 @@ def resolve_layer(name: str, module: nn.Module, config: QuantConfig, is_stem: bo
             raise ValueError(msg)
         return None, msg
     n_sub = math.prod(shape) // block_size
-    share = st["share"]
-    if share is None and config.share_same_shape:
-        share = f"{kind}:{'x'.join(map(str, shape))}"
+    share = st["share"]            # an explicit None opts a layer out of share_same_shape
+    if share is _UNSET:
+        share = f"{kind}:{'x'.join(map(str, shape))}" if config.share_same_shape else None
     if share is not None:   # the group's clamp (on all its subvectors) is applied by resolve_plan
         groups = module.groups if isinstance(module, nn.Conv2d) else 1
         return LayerPlan(name, kind, shape, block_size, n_centroids, groups, st["codebook_bits"], share), ""
@@ -344,9 +349,10 @@ def resolve_plan(model: nn.Module, config: QuantConfig, order: list[str] | None 
             log.info("leaving %s uncompressed: %s", name, reason)
         else:
             plans.append(plan)
+    plans = _resolve_shared(plans, skipped)
     if not plans:
         raise ValueError(f"no layer left to quantize; skipped: {skipped}")
-    return _resolve_shared(plans), skipped
+    return plans, skipped
 
 
 def share_groups(plans: list[LayerPlan]) -> dict[str, list[LayerPlan]]:
@@ -363,10 +369,11 @@ def share_owner(members: list[str]) -> str:
     return min(members)
 
 
-def _resolve_shared(plans: list[LayerPlan]) -> list[LayerPlan]:
+def _resolve_shared(plans: list[LayerPlan], skipped: dict[str, str]) -> list[LayerPlan]:
     """Check that every share group agrees on block size, centroids and codebook bits; clamp the
-    group's centroids on all its subvectors; a group of one layer is an ordinary layer."""
-    out = {p.name: p for p in plans}
+    group's centroids on all its subvectors; a group of one layer is an ordinary layer (clamped, or
+    skipped into `skipped` when it has too few subvectors, as any layer)."""
+    out: dict[str, LayerPlan | None] = {p.name: p for p in plans}
     for group, members in share_groups(plans).items():
         for key in ("block_size", "n_centroids", "codebook_bits"):
             values = {getattr(p, key) for p in members}
@@ -375,13 +382,19 @@ def _resolve_shared(plans: list[LayerPlan]) -> list[LayerPlan]:
                                  f"({ {p.name: getattr(p, key) for p in members} }); a shared codebook needs one")
         n_sub = sum(p.n_subvectors for p in members)
         k = clamp_centroids(members[0].n_centroids, n_sub)
+        if len(members) == 1 and k < 2:
+            p = members[0]
+            skipped[p.name] = f"layer {p.name!r}: only {n_sub} subvectors, too few for 2 centroids"
+            log.info("leaving %s uncompressed: %s", p.name, skipped[p.name])
+            out[p.name] = None
+            continue
         if k < 2:
             raise ValueError(f"share group {group!r}: only {n_sub} subvectors, too few for 2 centroids")
         single = len(members) == 1
         for p in members:
             out[p.name] = replace(p, n_centroids=k if not single else clamp_centroids(k, p.n_subvectors),
                                   share=None if single else group)
-    return [out[p.name] for p in plans]
+    return [out[p.name] for p in plans if out[p.name] is not None]
 
 
 def _check_patterns_match(config: QuantConfig, layers: dict[str, nn.Module]) -> None:

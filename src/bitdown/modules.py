@@ -20,6 +20,7 @@ import torch.nn as nn
 __all__ = ["PQMixin", "PQConv2d", "PQLinear", "quantize_module", "is_pq", "code_dtype", "round_codebooks_",
            "round_codebook", "encode_codebook", "decode_codebook", "CODEBOOK_BITS"]
 
+FP16_TINY = float(torch.finfo(torch.float16).tiny)   # smallest normal fp16 number
 CODEBOOK_BITS = (16, 8)     # fp16 codebooks (the paper) | int8 codebooks with one fp16 scale per column
 
 
@@ -132,8 +133,8 @@ def encode_codebook(codebook: torch.Tensor, bits: int = 16) -> tuple[torch.Tenso
     if bits == 16:
         return codebook.detach().to(torch.float16), None
     cb = codebook.detach().float()                                          # (K, d)
-    scale = (cb.abs().amax(dim=0) / 127).half()                              # (d,)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))            # all-zero column: any scale
+    # at least fp16's smallest normal number: a subnormal scale would not round-trip (not idempotent)
+    scale = (cb.abs().amax(dim=0) / 127).clamp_min(FP16_TINY).half()          # (d,)
     q = torch.round(cb / scale.float()).clamp_(-127, 127).to(torch.int8)     # (K, d)
     return q, scale
 

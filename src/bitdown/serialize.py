@@ -54,16 +54,29 @@ def checksum(tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = Non
     return h.hexdigest()
 
 
-def file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def file_tensors(model: nn.Module, plans: list[LayerPlan] | None = None) -> dict[str, torch.Tensor]:
     """The tensors of the compact file: fp16 (or int8 + scale) codebooks, integer codes, everything
-    else as is."""
+    else as is. A share group of `plans` (default: layers using one codebook Parameter) stores its
+    codebook once; its layers must hold the same codebook values, else ValueError (never a file that
+    loads as something else)."""
     out: dict[str, torch.Tensor] = {}
-    bits = {name: m.codebook_bits for name, m in model.named_modules() if is_pq(m)}
-    users: dict[int, list[str]] = {}          # a shared codebook Parameter -> the layers using it
-    for name, m in model.named_modules():
-        if is_pq(m):
-            users.setdefault(id(m.codebook), []).append(name)
-    borrowed = {n for names in users.values() for n in names if n != share_owner(names)}
+    modules = dict(model.named_modules())
+    bits = {name: m.codebook_bits for name, m in modules.items() if is_pq(m)}
+    if plans is not None:
+        groups = [[p.name for p in ms] for ms in share_groups(plans).values()]
+    else:
+        users: dict[int, list[str]] = {}      # a shared codebook Parameter -> the layers using it
+        for name in bits:
+            users.setdefault(id(modules[name].codebook), []).append(name)
+        groups = [names for names in users.values() if len(names) > 1]
+    for names in groups:
+        first = modules[names[0]].codebook
+        for n in names[1:]:
+            cb = modules[n].codebook
+            if cb is not first and (cb.shape != first.shape or not torch.equal(cb.detach(), first.detach())):
+                raise ValueError(f"layers {names[0]!r} and {n!r} share a codebook in the plan but hold different "
+                                 f"codebooks (untied, e.g. by load_state_dict(assign=True)): re-tie them before saving")
+    borrowed = {n for names in groups for n in names if n != share_owner(names)}
     for key, t in model.state_dict().items():
         prefix, _, leaf = key.rpartition(".")
         if prefix in borrowed and leaf == "codebook":
@@ -89,7 +102,11 @@ def save(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = N
         metadata = info.metadata(model)
     if not any(is_pq(m) for m in model.modules()):
         raise ValueError("model has no product-quantized layer to save")
-    tensors = file_tensors(model)
+    try:
+        plans = [LayerPlan.from_json(p) for p in metadata.get("layers", [])] or None
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"metadata has a corrupt layer list: {e}") from None
+    tensors = file_tensors(model, plans)
     meta = dict(metadata, format=FORMAT, format_version=FORMAT_VERSION)
     meta = json.loads(json.dumps(meta))               # canonical JSON types, as read() will see them
     meta["checksum"] = checksum(tensors, meta)
