@@ -89,6 +89,21 @@ def disk_bytes(model) -> int:
         return save(model, Path(d) / "m.bitdown").stat().st_size
 
 
+KEY = ("model", "method", "preset", "stage", "layer_steps", "global_steps", "calib_images")
+
+
+def merge(bench: Bench, others: list[Path]) -> None:
+    """Add the rows of other runs' JSON files that `bench` does not have yet (same key), then rebuild
+    the report. Two runs must never write the same JSON at once; this is how parallel runs meet."""
+    from report_accuracy import write_report
+    for other in others:
+        for row in json.loads(other.read_text())["rows"]:
+            key = {k: row.get(k) for k in KEY}
+            if not bench.has(key):
+                bench.add(row)
+    write_report(bench.path)
+
+
 def run_pq(bench: Bench, name: str, preset: str, method: str, data, a) -> None:
     calib, aug, ev = data
     teacher = build_model(name)
@@ -173,9 +188,15 @@ def main() -> None:
     p.add_argument("--calib-images", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "accuracy.json"))
+    p.add_argument("--merge", help="comma-separated JSON files written by other runs (--out elsewhere, run in "
+                                   "parallel): their rows not yet in --out are added and the report rebuilt; "
+                                   "nothing is run")
     a = p.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     bench = Bench(Path(a.out), vars(a))
+    if a.merge:
+        merge(bench, [Path(f) for f in a.merge.split(",")])
+        return
     methods = a.methods.split(",")
     for name in a.models.split(","):
         data = datasets(name, a.seed)

@@ -275,10 +275,38 @@ def test_compress_to_target_size_and_info_shows_allocation(ws, capsys):
                                                        al["layers"][p["name"]]["n_centroids"])
 
 
-def test_unsatisfiable_target_size_refused(ws, capsys):
+def test_unsatisfiable_target_size_refused(ws, capsys, monkeypatch):
+    import bitdown.cli as cli
+
+    def no_data(*a, **k):
+        raise AssertionError("the data was read before the budget was checked")
+
+    monkeypatch.setattr(cli, "_data", no_data)          # refused before any image is decoded
     rc, out, err = run(capsys, *COMPRESS, "--target-size", "1KB", "--out", "c.bitdown")
     assert_error(rc, err, "unsatisfiable", "smallest achievable size")
     assert not (ws / "c.bitdown").exists()
+
+
+@pytest.mark.parametrize("ratio", ["inf", "nan", "0.5"])
+def test_bad_target_ratio_refused(ws, capsys, ratio):
+    rc, out, err = run(capsys, *COMPRESS, "--target-ratio", ratio, "--out", "c.bitdown")
+    assert_error(rc, err, "target_ratio must be a finite number > 1")
+
+
+def test_finetune_config_flag(ws, capsys):
+    rc, out, err = run(capsys, *COMPRESS, "--out", "x.bitdown", "--global-steps", "2", "--ft-batch-size", "8",
+                       "--finetune-config", json.dumps({"lr": 1e-3}))
+    assert_error(rc, err, "unknown fine-tuning key", "'lr'")
+    rc, out, err = run(capsys, *COMPRESS, "--out", "x.bitdown", "--global-steps", "2", "--ft-batch-size", "8",
+                       "--finetune-config", json.dumps({"global_lr": 1e-4, "optimizer": "sgd", "temperature": 2.0}))
+    assert rc == 0, err
+
+
+def test_compressed_file_as_teacher_weights_refused(compressed, capsys):
+    path, _ = compressed
+    rc, out, err = run(capsys, "compress", "--model", SPEC, "--weights", path, "--data", "imgs", "--preprocess",
+                       "cifar10", "--out", "y.bitdown")
+    assert_error(rc, err, "compressed bitdown file", "uncompressed model")
 
 
 def test_quant_config_flags():

@@ -470,6 +470,36 @@ def test_nan_loss_raises_floating_point_error():
         finetune_layer(student, teacher, student.conv3, TensorDataset(bad), FinetuneConfig(layer_steps=2))
 
 
+def test_nan_loss_says_what_was_kept(tmp_path):
+    x = images()
+    bad = x.clone()
+    bad[:, :, 0, 0] = float("nan")
+    ft = FinetuneConfig(global_steps=3, batch_size=16)
+    with pytest.raises(FloatingPointError, match="nothing was saved"):
+        bitdown.compress(make_net(), list(x.split(32)), cfg(), progress=False, finetune=ft,
+                         train_data=TensorDataset(bad))
+    with pytest.raises(FloatingPointError, match="last good checkpoint is kept in") as err:
+        bitdown.compress(make_net(), list(x.split(32)), cfg(), progress=False, finetune=ft,
+                         train_data=TensorDataset(bad), checkpoint_dir=tmp_path / "c")
+    assert str(tmp_path / "c") in str(err.value)
+    with pytest.raises(FloatingPointError, match="nothing was saved"):      # per-layer stage: no layer kept yet
+        bitdown.compress(make_net(), list(x.split(32)), cfg(), progress=False,
+                         finetune=FinetuneConfig(layer_steps=2, batch_size=16), train_data=TensorDataset(bad),
+                         checkpoint_dir=tmp_path / "d")
+
+
+def test_one_shot_stream_bn_falls_back_to_calibration():
+    x = images()
+    q = bitdown.compress(make_net(), iter(list(x.split(32))), cfg(bn_recalibrate=True), progress=False)
+    assert all(torch.isfinite(b.running_mean).all() for b in q.modules() if isinstance(b, torch.nn.BatchNorm2d))
+
+
+def test_finetune_config_from_dict():
+    assert FinetuneConfig.from_dict({"global_lr": 3e-4}).global_lr == 3e-4
+    with pytest.raises(ValueError, match="unknown fine-tuning key"):
+        FinetuneConfig.from_dict({"lr": 1e-3})
+
+
 @pytest.mark.parametrize("kw", [{"layer_steps": -1}, {"batch_size": 0}, {"global_lr": 0.0}, {"optimizer": "lbfgs"},
                                 {"milestones": (0.5, 1.0)}, {"checkpoint_every": 0}])
 def test_finetune_config_validation(kw):

@@ -77,9 +77,11 @@ def test_kill_and_resume_is_byte_identical(workdir: Path) -> None:
     assert kills >= 1, "the run finished before it could be killed: make it longer"
     assert state.exists()
     assert not (workdir / "resumed.bitdown").exists() or kills < 2
-    final = subprocess.run(_cmd("resumed.bitdown", "ck"), cwd=workdir, env=env, capture_output=True, text=True,
-                           timeout=600)
+    cmd = _cmd("resumed.bitdown", "ck")
+    cmd.insert(cmd.index("compress"), "--verbose")
+    final = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stderr[-2000:]
+    assert "resuming from ck" in final.stderr           # it did resume, it did not start over
     assert (workdir / "resumed.bitdown").read_bytes() == (workdir / "ref.bitdown").read_bytes()
 
 

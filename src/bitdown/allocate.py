@@ -106,11 +106,13 @@ def budget_bytes(model: nn.Module, plans: list[LayerPlan], target_ratio: float |
         raise ValueError("give exactly one of target_ratio and target_size")
     smallest, dense, _ = size_bounds(model, plans)
     if target_ratio is not None:
-        if target_ratio <= 1:
-            raise ValueError(f"target_ratio must be > 1, got {target_ratio}")
+        if not (math.isfinite(target_ratio) and target_ratio > 1):
+            raise ValueError(f"target_ratio must be a finite number > 1, got {target_ratio}")
         budget = dense / target_ratio
     else:
         budget = parse_size(target_size) if isinstance(target_size, str) else float(target_size)
+        if not (math.isfinite(budget) and budget > 0):
+            raise ValueError(f"target_size must be a finite size > 0, got {target_size!r}")
     if budget < smallest:
         raise ValueError(f"budget {budget / MB:.6f} MB ({budget:.0f} B, {dense / budget:.2f}x) is unsatisfiable: "
                          f"the smallest achievable size is {smallest / MB:.6f} MB ({smallest:.0f} B, "

@@ -95,9 +95,20 @@ def cmd_compress(a: argparse.Namespace) -> int:
         raise SystemExit("error: --preprocess is required for a module:function model")
     arch["preprocess"] = preprocess
     config = _quant_config(a, arch)
+    if a.target_ratio is not None or a.target_size is not None:    # an impossible budget: refused before reading data
+        from .allocate import budget_bytes
+        from .config import resolve_plan
+        budget_bytes(model, resolve_plan(model, config)[0], a.target_ratio, a.target_size)
     calib = _data(a.data, preprocess, "none")
-    ft = FinetuneConfig(layer_steps=a.finetune_steps, global_steps=a.global_steps, seed=a.seed,
-                        batch_size=a.ft_batch_size, checkpoint_every=a.checkpoint_every)
+    try:
+        ft_extra = json.loads(a.finetune_config) if a.finetune_config else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--finetune-config is not valid JSON: {e}") from None
+    if not isinstance(ft_extra, dict):
+        raise ValueError("--finetune-config must be a JSON object")
+    ft = FinetuneConfig.from_dict({"layer_steps": a.finetune_steps, "global_steps": a.global_steps, "seed": a.seed,
+                                   "batch_size": a.ft_batch_size, "checkpoint_every": a.checkpoint_every,
+                                   **ft_extra})
     train = _data(a.data, preprocess, "none", train=True, seed=a.seed) if ft.enabled else None
     t0 = time.perf_counter()
     q = compress(model, make_loader(calib, config.batch_size, shuffle=True, seed=a.seed), config, arch=arch,
@@ -231,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint-dir", help="save progress here; rerunning the same command resumes")
     c.add_argument("--checkpoint-every", type=int, default=100, help="global fine-tuning steps between checkpoints")
     c.add_argument("--config", help="JSON of extra QuantConfig keys, e.g. '{\"name_overrides\": {...}}'")
+    c.add_argument("--finetune-config", help="JSON of extra fine-tuning keys (finetune.FinetuneConfig), e.g. "
+                                             "'{\"global_lr\": 3e-4, \"optimizer\": \"sgd\", \"temperature\": 2}'")
     c.add_argument("--eval-data", help="labelled images to report top-1 on after compression")
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=cmd_compress)
@@ -260,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return a.fn(a)
-    except (BitdownFileError, ValueError, FileNotFoundError, KeyError, TypeError) as e:
+    except (BitdownFileError, ValueError, FileNotFoundError, KeyError, TypeError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` etc.

@@ -85,6 +85,8 @@ def take_images(data: Iterable, n: int, batch_size: int) -> list[torch.Tensor]:
             break
     if count == 0:
         raise ValueError("the calibration data is empty: no image was read")
+    if count < n:
+        log.warning("the data holds %d images, fewer than the %d asked for: using them all", count, n)
     if not all(torch.isfinite(c).all() for c in chunks):
         raise ValueError("the calibration images contain NaN/inf values")
     return list(torch.cat(chunks).split(batch_size))
@@ -203,6 +205,9 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     teacher = copy.deepcopy(model) if inplace and needs_teacher else model
     student = model if inplace else copy.deepcopy(model)
     student.eval()
+    if target_ratio is not None or target_size is not None:     # refuse an impossible budget before any work
+        from .allocate import budget_bytes
+        budget_bytes(student, resolve_plan(student, config)[0], target_ratio, target_size)
     calib = take_images(data, config.calib_images, config.batch_size)
     n_calib = sum(x.shape[0] for x in calib)
     log.info("calibration: %d images in %d batches", n_calib, len(calib))
@@ -281,8 +286,12 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
                                   "em_s": time.perf_counter() - t1 - t_stats}
         if ft is not None and ft.layer_steps > 0:
             from .finetune import finetune_layer
-            info.layers[plan.name]["finetune"] = finetune_layer(student, teacher, module, ft_data, ft,
-                                                                seed=config.seed + i)
+            try:
+                info.layers[plan.name]["finetune"] = finetune_layer(student, teacher, module, ft_data, ft,
+                                                                    seed=config.seed + i)
+            except FloatingPointError as e:
+                raise FloatingPointError(_kept(e, checkpoint_dir if i else None,
+                                               f"{i} of {len(plans)} layers done")) from e
         bar.set_postfix(layer=plan.name, err=f"{res.rel_error:.3f}")
         bar.update(1)
         if checkpoint_dir is not None:
@@ -293,7 +302,12 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     if resume.get("stage") != "global":
         if config.recalibrates_bn:
             t1 = time.perf_counter()
-            bn_batches = take_images(data, config.bn_images, config.batch_size)
+            try:
+                bn_batches = take_images(data, config.bn_images, config.batch_size)
+            except ValueError:      # a one-shot stream, already consumed by the calibration
+                log.warning("the data yielded nothing on a second pass: BatchNorm statistics re-estimated on "
+                            "the %d calibration images", n_calib)
+                bn_batches = calib
             n = recalibrate_bn(student, bn_batches)
             info.timings["bn_s"] = time.perf_counter() - t1
             log.info("re-estimated %d BatchNorm layers on %d images", n, sum(x.shape[0] for x in bn_batches))
@@ -309,14 +323,27 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
                       extra_tensors=tensors, extra={"optimizer": opt_meta})
 
         t1 = time.perf_counter()
-        info.extra["global_finetune"] = finetune_global(
-            student, teacher, ft_data, ft, seed=config.seed, start=resume.get("step", 0),
-            opt_state=resume.get("optimizer"), on_checkpoint=on_checkpoint, progress=progress)
+        try:
+            info.extra["global_finetune"] = finetune_global(
+                student, teacher, ft_data, ft, seed=config.seed, start=resume.get("step", 0),
+                opt_state=resume.get("optimizer"), on_checkpoint=on_checkpoint, progress=progress)
+        except FloatingPointError as e:
+            raise FloatingPointError(_kept(e, checkpoint_dir, "at the last global step that is a multiple of "
+                                                              f"{ft.checkpoint_every} (or its start)")) from e
         info.timings["global_finetune_s"] = time.perf_counter() - t1
     round_codebooks_(student)     # the file stores fp16 codebooks: make memory identical to the file
     info.timings["total_s"] = time.perf_counter() - t0
     student.bitdown = info
     return student.eval()
+
+
+def _kept(err: Exception, checkpoint_dir: str | Path | None, where: str) -> str:
+    """The message of a fine-tuning failure, saying what was kept."""
+    if checkpoint_dir is None:
+        return (f"{err}. Stopped; nothing was saved (no checkpoint_dir, or no layer finished yet). Pass "
+                "checkpoint_dir (CLI: --checkpoint-dir) to keep the quantized layers across such a stop")
+    return (f"{err}. Stopped; the last good checkpoint is kept in {checkpoint_dir} ({where}); rerunning the "
+            "same command resumes from it, a run with another learning rate starts afresh")
 
 
 def _shared_param(modules: dict[str, nn.Module], plans: list[LayerPlan], group: str) -> nn.Parameter | None:

@@ -7,7 +7,8 @@ Loss: KL(teacher || student) of the network outputs at temperature T (times T^2)
 - per layer (`finetune_layer`): right after a layer's EM, only its codebook trains; the model is in
   eval mode, so BatchNorm is frozen (running statistics and affine);
 - global (`finetune_global`): every codebook together, optionally the BatchNorm affine parameters,
-  still in eval mode (running statistics fixed; compress() re-estimates them before), with a step
+  still in eval mode (running statistics fixed; compress() re-estimates them first when
+  QuantConfig.recalibrates_bn, by default only without teacher targets: docs/DESIGN.md), with a step
   learning-rate schedule, checkpointed every `checkpoint_every` steps.
 
 Gradients reach a codeword through the decode W = codebook[codes]: its gradient is the *sum* of the
@@ -24,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterator
 
 import torch
@@ -68,6 +69,15 @@ class FinetuneConfig:
         self.milestones = tuple(float(m) for m in self.milestones)
         if any(not 0 < m < 1 for m in self.milestones):
             raise ValueError(f"milestones are fractions in (0, 1), got {self.milestones}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FinetuneConfig":
+        """From a JSON dict; unknown keys are refused with the list of known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown fine-tuning key(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
 
     @property
     def enabled(self) -> bool:

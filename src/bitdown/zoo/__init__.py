@@ -7,7 +7,9 @@ unpickled.
 
 from __future__ import annotations
 
+import json
 import logging
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -124,6 +126,25 @@ def resolve_weights(spec: str | Path) -> Path:
     raise FileNotFoundError(f"weights file not found: {path}")
 
 
+def _safetensors_metadata(path: Path) -> dict | None:
+    """The `__metadata__` of a safetensors file (whatever its suffix), or None if `path` is not one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            (n,) = struct.unpack("<Q", head)
+            if not 2 <= n <= 100_000_000:
+                return None
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    meta = header.get("__metadata__")
+    return meta if isinstance(meta, dict) else {}
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     """Safely read a checkpoint into a flat ``{name: tensor}`` dict.
 
@@ -135,8 +156,12 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    header = _safetensors_metadata(path)
+    if header is not None and "bitdown" in header:
+        raise ValueError(f"{path} is a compressed bitdown file, not the original weights: compression and "
+                         "fine-tuning need the uncompressed model (the teacher); load the file with bitdown.load")
     try:
-        if path.suffix.lower() == ".safetensors":
+        if path.suffix.lower() == ".safetensors" or header is not None:
             from safetensors.torch import load_file
 
             obj = load_file(str(path), device="cpu")
