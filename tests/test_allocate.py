@@ -83,6 +83,31 @@ def test_compress_to_ratio_meets_budget_and_is_reproducible(data, ratio):
         assert torch.equal(a, b), n
 
 
+def test_resumed_budget_run_reuses_the_allocation(data, tmp_path, monkeypatch):
+    """A budget run with a checkpoint folder keeps its allocation there: a rerun skips the
+    rate-distortion sweep and ends identical; another budget recomputes it."""
+    import bitdown.allocate as ba
+    from bitdown.serialize import file_tensors
+
+    cfg = QuantConfig(calib_images=128, bn_recalibrate=False)
+    ref = bitdown.compress(net(), data, cfg, target_ratio=8.0, progress=False)
+    first = bitdown.compress(net(), data, cfg, target_ratio=8.0, progress=False, checkpoint_dir=tmp_path)
+    assert (tmp_path / "allocation.json").exists()
+
+    def no_sweep(*a, **k):
+        raise AssertionError("rate-distortion sweep rerun")
+
+    monkeypatch.setattr(ba, "measure_options", no_sweep)
+    again = bitdown.compress(net(), data, cfg, target_ratio=8.0, progress=False, checkpoint_dir=tmp_path)
+    for q in (first, again):
+        assert q.bitdown.extra["allocation"] == ref.bitdown.extra["allocation"]
+        assert q.bitdown.metadata(q) == ref.bitdown.metadata(ref)
+        fa, fb = file_tensors(q), file_tensors(ref)
+        assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
+    with pytest.raises(AssertionError, match="sweep rerun"):         # another budget: not the cached one
+        bitdown.compress(net(), data, cfg, target_ratio=9.0, progress=False, checkpoint_dir=tmp_path / "b")
+
+
 def test_tighter_budget_gives_more_error(data):
     cfg = QuantConfig(calib_images=128, bn_recalibrate=False)
     errs = []

@@ -23,6 +23,7 @@ Budgets smaller than the smallest achievable size are refused before any statist
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import re
@@ -269,10 +270,6 @@ def budget_config(model: nn.Module, batches: list[torch.Tensor], config: QuantCo
                   for n, c in choice.items()}                            # report the unweighted distortion
     else:
         choice = allocate(options, budget, other)
-    overrides = dict(config.name_overrides)
-    for name, o in choice.items():
-        overrides[re.escape(name)] = ({"skip": True} if o.keep else
-                                      {"block_size": o.block_size, "n_centroids": o.n_centroids})
     achieved = other + sum(o.bytes for o in choice.values())
     report = {"budget_bytes": budget, "achieved_bytes": achieved, "ratio": dense / achieved,
               "target_ratio": target_ratio, "target_size": target_size,
@@ -281,5 +278,14 @@ def budget_config(model: nn.Module, batches: list[torch.Tensor], config: QuantCo
                              "rel_err2": o.distortion, "keep": o.keep,
                              **({"sensitivity": sens[n]} if sens else {})} for n, o in choice.items()}}
     log.info("allocation: %.4f MB (%.1fx) for a budget of %.4f MB", achieved / MB, dense / achieved, budget / MB)
-    new = QuantConfig.from_dict({**config.to_json(), "name_overrides": overrides, "em": config.em})
-    return new, report
+    report = json.loads(json.dumps(report))     # exactly what a checkpoint's allocation.json gives back
+    return apply_allocation(config, report), report
+
+
+def apply_allocation(config: QuantConfig, report: dict) -> QuantConfig:
+    """`config` with exact per-layer name overrides realising an allocation report (`budget_config`)."""
+    overrides = dict(config.name_overrides)
+    for name, lay in report["layers"].items():
+        overrides[re.escape(name)] = ({"skip": True} if lay["keep"] else
+                                      {"block_size": lay["block_size"], "n_centroids": lay["n_centroids"]})
+    return QuantConfig.from_dict({**config.to_json(), "name_overrides": overrides, "em": config.em})

@@ -12,7 +12,9 @@ quantizing L layers costs about L/2 forward passes over the calibration images.
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,8 @@ from .stats import StatsCollector, capture_input, collect_stats, run_until, teac
 
 log = logging.getLogger(__name__)
 
-VOLATILE = ("resumed",)  # CompressionInfo.extra keys that describe the run, not the result
+VOLATILE = ("resumed",)
+ALLOCATION = "allocation.json"   # in a checkpoint folder: the size allocation of a budget run  # CompressionInfo.extra keys that describe the run, not the result
 
 
 @dataclass
@@ -214,8 +217,8 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     order = forward_order(student, calib[0][:2])
     allocation = None
     if target_ratio is not None or target_size is not None:
-        from .allocate import budget_config
-        config, allocation = budget_config(student, calib, config, target_ratio, target_size, order, progress)
+        config, allocation = _allocation(student, calib, config, target_ratio, target_size, order, progress,
+                                         checkpoint_dir)
     plans, skipped = resolve_plan(student, config, order)
     for name, _ in quantizable_layers(student):
         if name not in order:
@@ -335,6 +338,33 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     info.timings["total_s"] = time.perf_counter() - t0
     student.bitdown = info
     return student.eval()
+
+
+def _allocation(student: nn.Module, calib: list[torch.Tensor], config: QuantConfig, target_ratio, target_size,
+                order: list[str], progress: bool, checkpoint_dir: str | Path | None) -> tuple[QuantConfig, dict]:
+    """The size-budget allocation (allocate.budget_config); with a checkpoint folder it is kept there
+    (allocation.json, keyed by config, budget, weights and calibration images), so a resumed run skips
+    the rate-distortion sweep."""
+    from .allocate import apply_allocation, budget_config
+
+    cache = Path(checkpoint_dir) / ALLOCATION if checkpoint_dir is not None else None
+    key = fingerprint(config.to_json(), [target_ratio, target_size], order,
+                      {k: v for k, v in student.state_dict().items()}, {str(i): x for i, x in enumerate(calib)})
+    if cache is not None and cache.exists():
+        try:
+            saved = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            saved = {}
+        if saved.get("key") == key:
+            log.info("size allocation read from %s", cache)
+            return apply_allocation(config, saved["allocation"]), saved["allocation"]
+    config, allocation = budget_config(student, calib, config, target_ratio, target_size, order, progress)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "allocation": allocation}))
+        os.replace(tmp, cache)
+    return config, allocation
 
 
 def _kept(err: Exception, checkpoint_dir: str | Path | None, where: str) -> str:
