@@ -105,6 +105,9 @@ def budget_bytes(model: nn.Module, plans: list[LayerPlan], target_ratio: float |
     """The budget in bytes; raises ValueError (naming the smallest achievable size) when unsatisfiable."""
     if (target_ratio is None) == (target_size is None):
         raise ValueError("give exactly one of target_ratio and target_size")
+    if any(p.share is not None for p in plans):
+        raise ValueError("shared codebooks (share overrides / share_same_shape) cannot be combined with a "
+                         "target size yet: the allocator prices every layer's codebook separately")
     smallest, dense, _ = size_bounds(model, plans)
     if target_ratio is not None:
         if not (math.isfinite(target_ratio) and target_ratio > 1):
@@ -256,9 +259,6 @@ def budget_config(model: nn.Module, batches: list[torch.Tensor], config: QuantCo
                   progress: bool = True) -> tuple[QuantConfig, dict]:
     """`config` with exact per-layer name overrides realising the allocation, and a report."""
     plans, _ = resolve_plan(model, config, order)
-    if any(p.share is not None for p in plans):
-        raise ValueError("shared codebooks (share overrides / share_same_shape) cannot be combined with a "
-                         "target size yet: the allocator prices every layer's codebook separately")
     budget = budget_bytes(model, plans, target_ratio, target_size)        # refuses before any work
     _, dense, other = size_bounds(model, plans)
     options = measure_options(model, plans, batches, seed=config.seed, progress=progress)
