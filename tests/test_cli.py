@@ -252,7 +252,7 @@ def test_console_script(tmp_path):
     write_workspace(tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(tmp_path))
     bad = subprocess.run([str(BITDOWN), "compress", "--model", "resnet9000", "--data", "imgs", "--out", "x"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "error: unknown model 'resnet9000'" in bad.stderr
 
 

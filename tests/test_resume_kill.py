@@ -65,7 +65,7 @@ def test_kill_and_resume_is_byte_identical(workdir: Path) -> None:
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         before = state.stat().st_mtime_ns if state.exists() else 0
         t0 = time.time()
-        while time.time() - t0 < 120 and p.poll() is None:
+        while time.time() - t0 < 600 and p.poll() is None:
             if state.exists() and state.stat().st_mtime_ns != before:
                 time.sleep(0.3)
                 break
