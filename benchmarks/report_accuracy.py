@@ -45,15 +45,21 @@ def write_report(path: Path) -> None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return
     models = sorted({r["model"] for r in rows})
+    def series(r: dict) -> str:  # the scalar bit widths form one curve
+        return "scalar RTN (8/4/2 bit)" if r["method"].startswith("scalar_") else r["method"]
+
+    names = sorted({series(r) for r in rows if r["method"] != "teacher"})
+    colour = {n: f"C{i}" for i, n in enumerate(names)}  # one colour per method in every panel
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, m in zip(axes[0], models):
-        def series(r: dict) -> str:  # the scalar bit widths form one curve
-            return "scalar RTN (8/4/2 bit)" if r["method"].startswith("scalar_") else r["method"]
-
-        for method in sorted({series(r) for r in rows if r["model"] == m}):
+        teacher = [r for r in rows if r["model"] == m and r["method"] == "teacher"]
+        if teacher:
+            ax.axhline(teacher[0]["top1"], color="k", ls="--", lw=1, label=f"teacher ({teacher[0]['size_mb']:.2f} MB)")
+        for method in sorted({series(r) for r in rows if r["model"] == m and r["method"] != "teacher"}):
             pts = [r for r in rows if r["model"] == m and series(r) == method]
             best = {}
             for r in pts:  # best stage per size
@@ -61,8 +67,11 @@ def write_report(path: Path) -> None:
                 if k not in best or r["top1"] > best[k]["top1"]:
                     best[k] = r
             xs = sorted(best)
-            ax.plot(xs, [best[x]["top1"] for x in xs], "o-", label=method)
+            ax.plot(xs, [best[x]["top1"] for x in xs], "o-", label=method, color=colour[method], alpha=0.85)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no overlapping minor labels
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.set_xlabel("size (paper MB, log)")
         ax.set_ylabel("top-1 %")
         ax.set_title(m)
