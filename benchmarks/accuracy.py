@@ -19,6 +19,7 @@ import copy
 import json
 import os
 import platform
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -92,6 +93,9 @@ def disk_bytes(model) -> int:
 KEY = ("model", "method", "preset", "stage", "layer_steps", "global_steps", "calib_images")
 
 
+PQ_METHODS = ("bitdown", "bitdown_s1", "bitdown_paper_em", "weight_pq", "bitdown_fp_depthwise")
+
+
 def merge(bench: Bench, others: list[Path]) -> None:
     """Add the rows of other runs' JSON files that `bench` does not have yet (same key), then rebuild
     the report. Two runs must never write the same JSON at once; this is how parallel runs meet."""
@@ -110,12 +114,16 @@ def run_pq(bench: Bench, name: str, preset: str, method: str, data, a) -> None:
     loader = make_loader(calib, 128, shuffle=True, seed=a.seed)
     eval_loader = make_loader(ev, 250)
     em = {"bitdown": EMConfig(), "bitdown_s1": EMConfig(teacher_target=False), "bitdown_paper_em": EMConfig.paper(),
-          "weight_pq": EMConfig.paper(objective="weights")}[method]
-    cfg = zoo_config(name, preset, calib_images=a.calib_images, seed=a.seed, em=em, bn_recalibrate=False)
+          "weight_pq": EMConfig.paper(objective="weights"), "bitdown_fp_depthwise": EMConfig()}[method]
+    extra = {}
+    if method == "bitdown_fp_depthwise":   # diagnostic: depthwise convs (groups == channels) left uncompressed
+        extra["name_overrides"] = {re.escape(n): {"skip": True} for n, m in teacher.named_modules()
+                                   if isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels}
+    cfg = zoo_config(name, preset, calib_images=a.calib_images, seed=a.seed, em=em, bn_recalibrate=False, **extra)
     base = dict(model=name, method=method, preset=preset, layer_steps=a.layer_steps, global_steps=a.global_steps,
                 calib_images=a.calib_images)
     arch = {"name": name, "source": "zoo", "preprocess": get_entry(name).preprocess}
-    ft_cfg = zoo_config(name, preset, calib_images=a.calib_images, seed=a.seed, em=em)
+    ft_cfg = zoo_config(name, preset, calib_images=a.calib_images, seed=a.seed, em=em, **extra)
     reuse = None      # without per-layer FT, the FT run starts from this very model: not compressed twice
     if not bench.has(dict(base, stage="em+bn")):
         t0 = time.perf_counter()
@@ -181,7 +189,7 @@ def main() -> None:
     p.add_argument("--presets", default="small,large")
     p.add_argument("--methods", default="bitdown,bitdown_paper_em,weight_pq,scalar",
                    help="bitdown (default EM, teacher targets), bitdown_s1 (session-1 default: no teacher targets), "
-                        "bitdown_paper_em, weight_pq, scalar")
+                        "bitdown_paper_em, weight_pq, scalar, bitdown_fp_depthwise (diagnostic: depthwise convs uncompressed)")
     p.add_argument("--layer-steps", type=int, default=20)
     p.add_argument("--global-steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=64)
@@ -198,6 +206,9 @@ def main() -> None:
         merge(bench, [Path(f) for f in a.merge.split(",")])
         return
     methods = a.methods.split(",")
+    unknown = set(methods) - set(PQ_METHODS) - {"scalar"}
+    if unknown:
+        p.error(f"unknown method(s) {sorted(unknown)}; known: {', '.join(PQ_METHODS)}, scalar")
     for name in a.models.split(","):
         data = datasets(name, a.seed)
         teacher = build_model(name)
@@ -211,7 +222,7 @@ def main() -> None:
             row = measure(bench, key, teacher, None, make_loader(data[2], 250), n / 2**20, 1.0, None, 0.0, 0)
             bench.teacher_top1 = row["top1"]
         for preset in a.presets.split(","):
-            for method in ("bitdown", "bitdown_s1", "bitdown_paper_em", "weight_pq"):
+            for method in PQ_METHODS:
                 if method in methods:
                     run_pq(bench, name, preset, method, data, a)
         if "scalar" in methods:
