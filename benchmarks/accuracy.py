@@ -90,16 +90,13 @@ def disk_bytes(model) -> int:
         return save(model, Path(d) / "m.bitdown").stat().st_size
 
 
-KEY = ("model", "method", "preset", "stage", "layer_steps", "global_steps", "calib_images")
-
-
 PQ_METHODS = ("bitdown", "bitdown_s1", "bitdown_paper_em", "weight_pq", "bitdown_fp_depthwise")
 
 
 def merge(bench: Bench, others: list[Path]) -> None:
     """Add the rows of other runs' JSON files that `bench` does not have yet (same key), then rebuild
     the report. Two runs must never write the same JSON at once; this is how parallel runs meet."""
-    from report_accuracy import write_report
+    from report_accuracy import KEY, write_report
     for other in others:
         for row in json.loads(other.read_text())["rows"]:
             key = {k: row.get(k) for k in KEY}

@@ -125,6 +125,12 @@ def budget_bytes(model: nn.Module, plans: list[LayerPlan], target_ratio: float |
     return budget
 
 
+def check_budget(model: nn.Module, config: QuantConfig, target_ratio: float | None = None,
+                 target_size: str | float | None = None) -> float:
+    """`budget_bytes` for `model` under `config`: refuses an impossible budget before any data is read."""
+    return budget_bytes(model, resolve_plan(model, config)[0], target_ratio, target_size)
+
+
 def measure_options(model: nn.Module, plans: list[LayerPlan], batches: Iterable[torch.Tensor],
                     em: EMConfig | None = None, seed: int = 0, progress: bool = True) -> dict[str, list[Option]]:
     """Distortion of every option of every layer, from one pass of `model` (the teacher).

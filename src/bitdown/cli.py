@@ -96,16 +96,10 @@ def cmd_compress(a: argparse.Namespace) -> int:
     arch["preprocess"] = preprocess
     config = _quant_config(a, arch)
     if a.target_ratio is not None or a.target_size is not None:    # an impossible budget: refused before reading data
-        from .allocate import budget_bytes
-        from .config import resolve_plan
-        budget_bytes(model, resolve_plan(model, config)[0], a.target_ratio, a.target_size)
+        from .allocate import check_budget
+        check_budget(model, config, a.target_ratio, a.target_size)
     calib = _data(a.data, preprocess, "none")
-    try:
-        ft_extra = json.loads(a.finetune_config) if a.finetune_config else {}
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--finetune-config is not valid JSON: {e}") from None
-    if not isinstance(ft_extra, dict):
-        raise ValueError("--finetune-config must be a JSON object")
+    ft_extra = _json_object(a.finetune_config, "--finetune-config")
     ft = FinetuneConfig.from_dict({"layer_steps": a.finetune_steps, "global_steps": a.global_steps, "seed": a.seed,
                                    "batch_size": a.ft_batch_size, "checkpoint_every": a.checkpoint_every,
                                    **ft_extra})
@@ -127,17 +121,23 @@ def cmd_compress(a: argparse.Namespace) -> int:
     return 0
 
 
+def _json_object(text: str | None, flag: str) -> dict[str, Any]:
+    """The JSON object given to `flag` ({} when absent); anything else is a clear error."""
+    try:
+        obj = json.loads(text) if text else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{flag} must be a JSON object")
+    return obj
+
+
 def _quant_config(a: argparse.Namespace, arch: dict[str, Any]):
     """QuantConfig from the flags, then `--config` JSON on top (its "em" dict merges into the EM options)."""
     from .config import EMConfig, QuantConfig
     from .recipes import zoo_config
 
-    try:
-        extra = json.loads(a.config) if a.config else {}
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--config is not valid JSON: {e}") from None
-    if not isinstance(extra, dict):
-        raise ValueError("--config must be a JSON object")
+    extra = _json_object(a.config, "--config")
     em = {"n_iter": a.em_iters, "n_restarts": a.restarts}
     if a.paper_em:
         em.update(error_feedback=False, code_reopt=0, codebook_refit=False, teacher_target=False)

@@ -33,8 +33,8 @@ from .stats import StatsCollector, capture_input, collect_stats, run_until, teac
 
 log = logging.getLogger(__name__)
 
-VOLATILE = ("resumed",)
-ALLOCATION = "allocation.json"   # in a checkpoint folder: the size allocation of a budget run  # CompressionInfo.extra keys that describe the run, not the result
+VOLATILE = ("resumed",)  # CompressionInfo.extra keys that describe the run, not the result
+ALLOCATION = "allocation.json"   # in a checkpoint folder: the size allocation of a budget run
 
 
 @dataclass
@@ -209,8 +209,8 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     student = model if inplace else copy.deepcopy(model)
     student.eval()
     if target_ratio is not None or target_size is not None:     # refuse an impossible budget before any work
-        from .allocate import budget_bytes
-        budget_bytes(student, resolve_plan(student, config)[0], target_ratio, target_size)
+        from .allocate import check_budget
+        check_budget(student, config, target_ratio, target_size)
     calib = take_images(data, config.calib_images, config.batch_size)
     n_calib = sum(x.shape[0] for x in calib)
     log.info("calibration: %d images in %d batches", n_calib, len(calib))
@@ -349,7 +349,7 @@ def _allocation(student: nn.Module, calib: list[torch.Tensor], config: QuantConf
 
     cache = Path(checkpoint_dir) / ALLOCATION if checkpoint_dir is not None else None
     key = fingerprint(config.to_json(), [target_ratio, target_size], order,
-                      {k: v for k, v in student.state_dict().items()}, {str(i): x for i, x in enumerate(calib)})
+                      student.state_dict(), {str(i): x for i, x in enumerate(calib)})
     if cache is not None and cache.exists():
         try:
             saved = json.loads(cache.read_text())
