@@ -197,15 +197,15 @@ def main() -> None:
                                    "parallel): their rows not yet in --out are added and the report rebuilt; "
                                    "nothing is run")
     a = p.parse_args()
+    methods = a.methods.split(",")
+    unknown = set(methods) - set(PQ_METHODS) - {"scalar"}
+    if unknown:
+        p.error(f"unknown method(s) {sorted(unknown)}; known: {', '.join(PQ_METHODS)}, scalar")
     RESULTS.mkdir(parents=True, exist_ok=True)
     bench = Bench(Path(a.out), vars(a))
     if a.merge:
         merge(bench, [Path(f) for f in a.merge.split(",")])
         return
-    methods = a.methods.split(",")
-    unknown = set(methods) - set(PQ_METHODS) - {"scalar"}
-    if unknown:
-        p.error(f"unknown method(s) {sorted(unknown)}; known: {', '.join(PQ_METHODS)}, scalar")
     for name in a.models.split(","):
         data = datasets(name, a.seed)
         teacher = build_model(name)
