@@ -36,6 +36,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from accuracy import RESULTS, datasets, disk_bytes, machine  # noqa: E402
 
 from bitdown import compress  # noqa: E402
+from bitdown.checkpoint import fingerprint  # noqa: E402
 from bitdown.allocate import _other_bytes, budget_bytes, measure_options  # noqa: E402
 from bitdown.compress import forward_order, take_images  # noqa: E402
 from bitdown.config import EMConfig, resolve_plan  # noqa: E402
@@ -99,6 +100,10 @@ def main() -> None:
     p.add_argument("--alloc-weighting", default="none", choices=["none", "sensitivity"],
                    help="alloc: weight each layer's distortion by its measured sensitivity (QuantConfig.alloc_weighting)")
     p.add_argument("--em", default="{}", help='EM options on top of the default EMConfig, JSON')
+    p.add_argument("--mixup", type=float, default=0.0, help="fine-tuning mixup alpha (FinetuneConfig.mixup; 0: off)")
+    p.add_argument("--device", default="cpu", help="where forward passes and fine-tuning run (cuda on a GPU machine)")
+    p.add_argument("--checkpoint-root", help="each row's compression checkpoints (and size allocation) in a "
+                                             "subfolder named by its settings: a killed run resumes")
     p.add_argument("--out", default=str(RESULTS / "budget.json"))
     p.add_argument("--merge", help="comma-separated JSON files of other runs (--out elsewhere, e.g. run in "
                                    "parallel): their rows are added to --out and the report rebuilt; nothing is run")
@@ -113,11 +118,12 @@ def main() -> None:
     for r in rows:
         r.setdefault("em", {})
         r.setdefault("alloc_weighting", "none")
+        r.setdefault("mixup", 0.0)
     for name in a.models.split(","):
         calib, aug, ev = datasets(name, a.seed)
         teacher = build_model(name)
         if name not in teachers:
-            teachers[name] = evaluate(teacher, make_loader(ev, 250))["top1"]
+            teachers[name] = evaluate(teacher, make_loader(ev, 250))["top1"]      # on the CPU, as deployed
         loader = make_loader(calib, 128, shuffle=True, seed=a.seed)
         batches = order = options = None      # calibration images and RD table: once per model, if needed
         for ratio in [float(r) for r in a.ratios.split(",")]:
@@ -125,7 +131,7 @@ def main() -> None:
                 for method in a.methods.split(","):
                     weighting = a.alloc_weighting if method == "alloc" else "none"
                     key = dict(model=name, method=method, codebook_bits=bits, target_ratio=ratio, em=em,
-                               alloc_weighting=weighting,
+                               alloc_weighting=weighting, mixup=a.mixup,
                                layer_steps=a.layer_steps, global_steps=a.global_steps, calib_images=a.calib_images,
                                batch_size=a.batch_size, seed=a.seed)
                     if any(all(r.get(k) == v for k, v in key.items()) for r in rows):
@@ -150,11 +156,16 @@ def main() -> None:
                         extra, target = {"preset": preset, "calib_distortion": dist}, None
                     t0 = time.perf_counter()
                     ft = FinetuneConfig(layer_steps=a.layer_steps, global_steps=a.global_steps,
-                                        batch_size=a.batch_size, seed=a.seed)
+                                        batch_size=a.batch_size, seed=a.seed, mixup=a.mixup)
+                    ck = None
+                    if a.checkpoint_root:
+                        ck = Path(a.checkpoint_root) / fingerprint({k: v for k, v in key.items()})
                     q = compress(teacher, loader, cfg,
                                  arch={"name": name, "source": "zoo", "preprocess": get_entry(name).preprocess},
-                                 finetune=ft if ft.enabled else None, train_data=aug, target_ratio=target)
+                                 finetune=ft if ft.enabled else None, train_data=aug, target_ratio=target,
+                                 device=a.device, checkpoint_dir=ck)
                     wall = time.perf_counter() - t0
+                    q = q.cpu()                 # top-1 measured on the CPU, as deployed
                     rep = size_report(q, q.bitdown.plans)
                     res = evaluate(q, make_loader(ev, 250), teacher=teacher)
                     n_layers = len(q.bitdown.plans)
@@ -165,6 +176,7 @@ def main() -> None:
                                      drop=teachers[name] - res["top1"], agreement=res["agreement"],
                                      size_mb=rep.size_mb, ratio=rep.ratio, bytes_on_disk=disk_bytes(q), wall_s=wall,
                                      ft_images=(a.layer_steps * n_layers + a.global_steps) * a.batch_size,
+                                     device=_device_name(a.device),
                                      allocation={p.name: [p.block_size, p.n_centroids] for p in q.bitdown.plans}))
                     path.write_text(json.dumps({"machine": machine(), "teachers": teachers, "rows": rows}, indent=1))
                     print(json.dumps({k: rows[-1][k] for k in ("model", "method", "codebook_bits", "target_ratio",
@@ -173,18 +185,29 @@ def main() -> None:
     write_report(path)
 
 
+def _device_name(device: str) -> str:
+    """What ran the forward passes and fine-tuning: 'cpu', or the GPU's name."""
+    import torch
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return "cpu"
+
+
 def merge(path: Path, others: list[Path]) -> None:
     """Add the rows of `others` to `path` (a row measured twice with the same settings: the newer one)."""
     doc = json.loads(path.read_text())
     for r in doc["rows"]:
         r.setdefault("alloc_weighting", "none")
-    settings = ("model", "method", "codebook_bits", "target_ratio", "em", "alloc_weighting", "layer_steps",
+        r.setdefault("mixup", 0.0)
+    settings = ("model", "method", "codebook_bits", "target_ratio", "em", "alloc_weighting", "mixup", "layer_steps",
                 "global_steps", "calib_images", "batch_size", "seed")
     for other in others:
         od = json.loads(other.read_text())
         doc["teachers"].update(od["teachers"])
         for row in od["rows"]:
             row.setdefault("alloc_weighting", "none")
+            row.setdefault("mixup", 0.0)
+            row.setdefault("machine", od["machine"])    # rows measured elsewhere keep their machine
             doc["rows"] = [r for r in doc["rows"] if any(r.get(k) != row.get(k) for k in settings)] + [row]
     path.write_text(json.dumps(doc, indent=1))
     write_report(path)
@@ -209,19 +232,22 @@ def write_report(path: Path) -> None:
              "layer's centroids divided by the same power of two to fit; `shared`: the same with one codebook per "
              "group of same-shape layers (share_same_shape). All then get the same fine-tuning "
              "(layer steps per layer + global steps, batch size as stated; labels never used). Top-1 on images "
-             "never used for calibration (CIFAR-10 test set; EfficientNet-Lite0: the held-out 500).", "",
+             "never used for calibration (CIFAR-10 test set; EfficientNet-Lite0: the held-out 500). "
+             "'run on': where the forward passes and fine-tuning ran (a GPU row: EM on that machine's CPU, "
+             "top-1 on its CPU); wall s is that machine's.", "",
              "| model | method | codebook | target | ratio | MB | bytes on disk | top-1 % | teacher % | drop (pt) | "
-             "agreement % | calib. distortion | FT steps (layer/global x batch) | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "agreement % | calib. distortion | FT steps (layer/global x batch) | run on | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         meth = r["method"] + (f" ({r['preset']})" if r.get("preset") else "")
         meth += ", sensitivity-weighted" if r.get("alloc_weighting", "none") != "none" else ""
         meth += "".join(f", {k}={v}" for k, v in r.get("em", {}).items())
+        meth += f", mixup {r['mixup']:g}" if r.get("mixup") else ""
         lines.append(f"| {r['model']} | {meth} | {'int8' if r['codebook_bits'] == 8 else 'fp16'} | "
                      f"{r['target_ratio']:.0f}x | {r['ratio']:.2f}x | {r['size_mb']:.4f} | {r['bytes_on_disk']:,} | "
                      f"{r['top1']:.2f} | {r['teacher_top1']:.2f} | {r['drop']:.2f} | {r['agreement']:.1f} | "
                      f"{_dist(r)} | {r['layer_steps']}/{r['global_steps']} x "
-                     f"{r['batch_size']} | {r['wall_s']:.0f} |")
+                     f"{r['batch_size']} | {r.get('device', 'cpu')} | {r['wall_s']:.0f} |")
     (path.parent / (path.stem + ".md")).write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -235,6 +261,7 @@ def write_report(path: Path) -> None:
         mr = [r for r in rows if r["model"] == model]
         def group(r):
             meth = r["method"] + ("+sens" if r.get("alloc_weighting", "none") != "none" else "")
+            meth += f"+mixup{r['mixup']:g}" if r.get("mixup") else ""
             return meth, r["codebook_bits"], r["global_steps"], json.dumps(r.get("em", {}), sort_keys=True)
         for (meth, bits, steps, em) in sorted({group(r) for r in mr}):
             pts = sorted((r["size_mb"] * 1024, r["top1"]) for r in mr if group(r) == (meth, bits, steps, em))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from bitdown.cli import main
@@ -324,3 +325,12 @@ def test_quant_config_flags():
     cfg = _quant_config(argparse.Namespace(**base, paper_em=False, codebook_bits=16, share_same_shape=True),
                         {"source": "user"})
     assert cfg.share_same_shape
+
+
+def test_device_flag(ws, capsys):
+    rc, out, err = run(capsys, *COMPRESS, "--out", "d.bitdown", "--device", "cpu")
+    assert rc == 0, err
+    if not torch.cuda.is_available():
+        rc, out, err = run(capsys, *COMPRESS, "--out", "g.bitdown", "--device", "cuda")
+        assert_error(rc, err, "no CUDA device")
+        assert not (ws / "g.bitdown").exists()

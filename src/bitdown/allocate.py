@@ -144,7 +144,7 @@ def measure_options(model: nn.Module, plans: list[LayerPlan], batches: Iterable[
     out: dict[str, list[Option]] = {}
     for p in tqdm(plans, desc="rate-distortion", unit="layer", disable=not progress):
         module, full = modules[p.name], stats[p.name].full_gram               # (g, R, R)
-        w = module.weight.detach()
+        w = module.weight.detach().cpu()
         opts = []
         for o in layer_options(p, _kernel_area(module)):
             if o.keep:
@@ -195,7 +195,7 @@ def layer_sensitivity(model: nn.Module, plans: list[LayerPlan], batches: list[to
 
             def noisy(_m, _inp, y, gen=gen):
                 scale = eps * float(y.pow(2).mean().sqrt())
-                return y + scale * torch.randn(y.shape, generator=gen, dtype=y.dtype)
+                return y + scale * torch.randn(y.shape, generator=gen, dtype=y.dtype).to(y.device)
             handle = modules[p.name].register_forward_hook(noisy)
             try:
                 err = float((model(x).float() - ref).pow(2).sum())

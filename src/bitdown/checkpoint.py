@@ -28,11 +28,11 @@ def fingerprint(*parts: Any) -> str:
     h = hashlib.sha256()
     for p in parts:
         if isinstance(p, torch.Tensor):
-            h.update(p.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         elif isinstance(p, dict) and p and all(isinstance(v, torch.Tensor) for v in p.values()):
             for k in sorted(p):
                 h.update(k.encode())
-                h.update(p[k].detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                h.update(p[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         else:
             h.update(json.dumps(p, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]

@@ -107,7 +107,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     q = compress(model, make_loader(calib, config.batch_size, shuffle=True, seed=a.seed), config, arch=arch,
                  checkpoint_dir=a.checkpoint_dir, finetune=ft if ft.enabled else None, train_data=train,
-                 target_ratio=a.target_ratio, target_size=a.target_size)
+                 target_ratio=a.target_ratio, target_size=a.target_size, device=a.device)
     wall = time.perf_counter() - t0
     path = save(q, a.out)
     rep = size_report(q, q.bitdown.plans)
@@ -244,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="JSON of extra QuantConfig keys, e.g. '{\"name_overrides\": {...}}'")
     c.add_argument("--finetune-config", help="JSON of extra fine-tuning keys (finetune.FinetuneConfig), e.g. "
                                              "'{\"global_lr\": 3e-4, \"optimizer\": \"sgd\", \"temperature\": 2}'")
+    c.add_argument("--device", help="where the forward passes and fine-tuning run, e.g. cuda (default: cpu); "
+                                    "the EM runs on the CPU and the file is the same format")
     c.add_argument("--eval-data", help="labelled images to report top-1 on after compression")
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=cmd_compress)

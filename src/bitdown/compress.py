@@ -188,7 +188,7 @@ def _min_rows_check(plan: LayerPlan, n_rows: int, n_images: int) -> None:
 def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None, *, arch: dict | None = None,
              inplace: bool = False, checkpoint_dir: str | Path | None = None, progress: bool = True,
              finetune: Any = None, train_data: Any = None, target_ratio: float | None = None,
-             target_size: str | float | None = None) -> nn.Module:
+             target_size: str | float | None = None, device: str | torch.device | None = None) -> nn.Module:
     """Product-quantize every eligible Conv2d/Linear of `model` on unlabelled `data`.
 
     data: an iterable of image batches (tensors, or (images, labels) whose labels are ignored).
@@ -198,6 +198,10 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     model on `train_data` (a map-style dataset of augmented unlabelled images; default: `data`'s).
     `target_ratio` / `target_size` ('100KB', '1.5MB', bytes) choose every layer's block size and
     number of centroids by rate-distortion to fit that paper-style size (allocate.py).
+    `device` ('cuda', 'cpu', ...; default: where the model's parameters are) runs the forward passes
+    and the fine-tuning there; the EM always runs on the CPU. The result lives on `device`; a copy of
+    the teacher is made there when fine-tuning needs one and `model` is elsewhere (`model` is never
+    moved unless `inplace`).
     """
     config = config or QuantConfig()
     _check_model(model)
@@ -205,13 +209,16 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     model.eval()
     # the uncompressed model is needed next to the student for teacher targets and distillation
     needs_teacher = config.em.teacher_target or finetune is not None
+    dev = _device(model, device)
     teacher = copy.deepcopy(model) if inplace and needs_teacher else model
     student = model if inplace else copy.deepcopy(model)
-    student.eval()
+    if _device(teacher, None) != dev:       # the teacher runs next to the student; the user's model stays put
+        teacher = (copy.deepcopy(teacher) if teacher is model else teacher).to(dev).eval()
+    student.to(dev).eval()
     if target_ratio is not None or target_size is not None:     # refuse an impossible budget before any work
         from .allocate import check_budget
         check_budget(student, config, target_ratio, target_size)
-    calib = take_images(data, config.calib_images, config.batch_size)
+    calib = [x.to(dev) for x in take_images(data, config.calib_images, config.batch_size)]
     n_calib = sum(x.shape[0] for x in calib)
     log.info("calibration: %d images in %d batches", n_calib, len(calib))
     order = forward_order(student, calib[0][:2])
@@ -261,12 +268,12 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
                 run_until(student, calib, module)
         finally:
             collector.remove()
-        st = collector.stats
+        st = collector.stats.to("cpu")                     # the EM runs on the CPU, in float64
         _min_rows_check(plan, st.n_rows, n_calib)
-        target, shift = module.weight, {}
+        w0 = module.weight.detach().cpu()
+        target, shift = w0, {}
         if cross:
-            target = teacher_target_weight(module.weight, st, config.em.target_damp)
-            w0 = module.weight.detach()
+            target = teacher_target_weight(w0, st, config.em.target_damp)
             shift = {"target_shift": float((target - w0).norm() / w0.norm())}
         t_stats = time.perf_counter() - t1
         row_weights = channel_weights(st) if weighted else None
@@ -277,7 +284,7 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
                             plan.codebook_bits)
         else:           # the group's codebook is fixed: only this layer's codes, on its own statistics
             owner = _shared_param(modules, plans, plan.share)
-            codebook = owner.detach() if owner is not None else shared[plan.share]
+            codebook = owner.detach().cpu() if owner is not None else shared[plan.share]
             res = assign_codes(target, codebook, st.block_grams, config.em, full_gram=st.full_gram,
                                row_weights=row_weights)
             quantize_module(module, codebook, res.codes, plan.codebook_bits)
@@ -306,7 +313,7 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
         if config.recalibrates_bn:
             t1 = time.perf_counter()
             try:
-                bn_batches = take_images(data, config.bn_images, config.batch_size)
+                bn_batches = [x.to(dev) for x in take_images(data, config.bn_images, config.batch_size)]
             except ValueError:      # a one-shot stream, already consumed by the calibration
                 log.warning("the data yielded nothing on a second pass: BatchNorm statistics re-estimated on "
                             "the %d calibration images", n_calib)
@@ -338,6 +345,20 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     info.timings["total_s"] = time.perf_counter() - t0
     student.bitdown = info
     return student.eval()
+
+
+def _device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """`device`, else the device of the model's first parameter (or buffer), else the CPU."""
+    if device is not None:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA device")
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        return dev
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 def _allocation(student: nn.Module, calib: list[torch.Tensor], config: QuantConfig, target_ratio, target_size,
@@ -401,7 +422,7 @@ def _learn_shared(teacher: nn.Module, plans: list[LayerPlan], done: int, calib: 
     stats = {} if weights_only else collect_stats(teacher, layers, calib)
     out = {}
     for g, ms in sorted(groups.items()):
-        weights = [tm[p.name].weight.detach() for p in ms]
+        weights = [tm[p.name].weight.detach().cpu() for p in ms]
         d = ms[0].block_size
         grams = [torch.eye(d, dtype=torch.float64) if weights_only else stats[p.name].block_grams.sum(dim=(0, 1))
                  for p in ms]

@@ -35,11 +35,14 @@ def evaluate(
     model: nn.Module,
     loader: DataLoader,
     teacher: nn.Module | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     desc: str = "eval",
 ) -> dict[str, float | int]:
     """Return ``{'top1': %, 'top5': %, 'n': images}`` (+ ``'agreement'``: % of images where the
-    student's and teacher's top-1 predictions agree, when ``teacher`` is given)."""
+    student's and teacher's top-1 predictions agree, when ``teacher`` is given). Batches go to
+    ``device`` (default: the model's device); the models are not moved."""
+    if device is None:
+        device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
     n = top1 = top5 = agree = 0
     with torch.no_grad(), _eval_mode(model, teacher):
         for batch in tqdm(loader, desc=desc, unit="batch", disable=None, leave=False):

@@ -165,7 +165,8 @@ def quantize_module(module: nn.Module, codebook: torch.Tensor, codes: torch.Tens
     """Turn `module` (Conv2d/Linear or a subclass) into its PQ version in place and return it.
 
     codebook: (K, d) float; codes: (C_out, nb) integers in [0, K); codebook_bits: how the file
-    stores the codebook (16: fp16, 8: int8 + fp16 column scales; see round_codebook)."""
+    stores the codebook (16: fp16, 8: int8 + fp16 column scales; see round_codebook). Both are
+    moved to the device of the layer's weight."""
     if is_pq(module):
         raise TypeError("module is already product-quantized")
     _check_bits(codebook_bits)
@@ -186,8 +187,9 @@ def quantize_module(module: nn.Module, codebook: torch.Tensor, codes: torch.Tens
     module.__class__ = pq_class
     module.weight_shape = shape
     module._codebook_bits = codebook_bits
-    module.codebook = nn.Parameter(codebook.detach().to(torch.float32).clone())
-    module.register_buffer("codes", codes.detach().reshape(shape[0], -1).to(code_dtype(k)).clone())
+    dev = weight.device
+    module.codebook = nn.Parameter(codebook.detach().to(dev, torch.float32).clone())
+    module.register_buffer("codes", codes.detach().reshape(shape[0], -1).to(dev, code_dtype(k)).clone())
     return module
 
 

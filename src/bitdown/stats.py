@@ -13,7 +13,10 @@ a weight row, so X splits into nb = R / d column blocks X_b. We accumulate, in f
                                                    T are the same images' patches at the same layer
                                                    of the *uncompressed* model (teacher_target_weight)
 
-plus the number of rows. Products are computed in float32 on chunks of at most CHUNK_ELEMENTS
+plus the number of rows. Sums accumulate on the device of the activations (the model's device);
+`LayerStats.to('cpu')` hands them to the EM, which always runs on the CPU in float64 (so a layer's
+codebook does not depend on the kind of GPU, and float64 is slow on most GPUs).
+Products are computed in float32 on chunks of at most CHUNK_ELEMENTS
 input values (so each partial sum covers a bounded number of rows) and accumulated in float64.
 Sums and counts only, so two `LayerStats` merge by addition (and can be
 all-reduced across processes).
@@ -51,6 +54,13 @@ class LayerStats:
             raise ValueError("output statistics were not collected (StatsCollector(output_stats=True))")
         mean = self.out_sum / self.n_rows
         return (self.out_sqsum / self.n_rows - mean * mean).clamp_min(0.0)
+
+    def to(self, device: str | torch.device) -> "LayerStats":
+        """A copy with every tensor on `device` (`self` when they are all there already)."""
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+        return LayerStats(self.block_size, mv(self.block_grams), mv(self.full_gram), self.n_rows, self.n_images,
+                          mv(self.out_sum), mv(self.out_sqsum), mv(self.cross_gram))
 
     @property
     def gram(self) -> torch.Tensor:
@@ -122,17 +132,18 @@ class StatsCollector:
         self.name, self.module, self.d = name, module, block_size
         g = module.groups if isinstance(module, nn.Conv2d) else 1
         nb = row // block_size
-        self.stats = LayerStats(block_size, torch.zeros(g, nb, block_size, block_size, dtype=torch.float64),
-                                torch.zeros(g, row, row, dtype=torch.float64) if full_gram else None)
+        f64 = {"dtype": torch.float64, "device": weight.device}       # sums live where the activations are
+        self.stats = LayerStats(block_size, torch.zeros(g, nb, block_size, block_size, **f64),
+                                torch.zeros(g, row, row, **f64) if full_gram else None)
         if cross_gram:
             if not full_gram:
                 raise ValueError("cross_gram needs full_gram")
-            self.stats.cross_gram = torch.zeros(g, row, row, dtype=torch.float64)
+            self.stats.cross_gram = torch.zeros(g, row, row, **f64)
         self.reference: torch.Tensor | None = None     # the teacher's input for the coming batch
         if output_stats:
             c_out = weight.shape[0]
-            self.stats.out_sum = torch.zeros(c_out, dtype=torch.float64)
-            self.stats.out_sqsum = torch.zeros(c_out, dtype=torch.float64)
+            self.stats.out_sum = torch.zeros(c_out, **f64)
+            self.stats.out_sqsum = torch.zeros(c_out, **f64)
         self._handle = module.register_forward_pre_hook(self._hook)
 
     @torch.no_grad()
@@ -190,9 +201,9 @@ def teacher_target_weight(weight: torch.Tensor, stats: LayerStats, damp: float =
         raise ValueError("teacher_target_weight needs full and cross Grams (StatsCollector(cross_gram=True))")
     h, c = stats.full_gram, stats.cross_gram                                  # (g, R, R) each
     g, r, _ = h.shape
-    w = weight.detach().reshape(g, -1, r).double()                            # (g, C_out/g, R)
+    w = weight.detach().to(h.device).reshape(g, -1, r).double()               # (g, C_out/g, R)
     lam = damp * torch.diagonal(h, dim1=1, dim2=2).mean(1).clamp_min(1e-12)   # (g,)
-    hd = h + lam[:, None, None] * torch.eye(r, dtype=h.dtype)                 # (g, R, R)
+    hd = h + lam[:, None, None] * torch.eye(r, dtype=h.dtype, device=h.device)  # (g, R, R)
     rhs = (c - h) @ w.transpose(1, 2)                                         # (g, R, C_out/g)
     delta = torch.linalg.solve(hd, rhs).transpose(1, 2)                       # (g, C_out/g, R)
     return (w + delta).reshape(weight.shape).to(torch.float32)
@@ -249,7 +260,8 @@ def run_until(model: nn.Module, batches: Iterable[torch.Tensor], last: nn.Module
 
 def collect_stats(model: nn.Module, layers: dict[str, tuple[nn.Module, int]], batches: Iterable[torch.Tensor],
                   full_gram: bool = False, stop_after: nn.Module | None = None) -> dict[str, LayerStats]:
-    """Statistics of several layers in one pass over `batches`. `layers`: name -> (module, block_size)."""
+    """Statistics of several layers in one pass over `batches`, on the CPU whatever the model's device.
+    `layers`: name -> (module, block_size)."""
     collectors = [StatsCollector(n, m, d, full_gram) for n, (m, d) in layers.items()]
     try:
         if stop_after is not None:
@@ -261,7 +273,7 @@ def collect_stats(model: nn.Module, layers: dict[str, tuple[nn.Module, int]], ba
     finally:
         for c in collectors:
             c.remove()
-    out = {c.name: c.stats for c in collectors}
+    out = {c.name: c.stats.to("cpu") for c in collectors}
     for name, st in out.items():
         if st.n_rows == 0:
             raise ValueError(f"layer {name!r} received no input: is it used in forward()?")
