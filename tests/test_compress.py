@@ -438,18 +438,18 @@ def test_global_finetune_resume_is_identical(monkeypatch, tmp_path):
     real_step = bf._step
     seen = []
 
-    def failing(student, teacher, xb, opt, t, step):
+    def failing(student, teacher, xb, opt, ft_cfg, step, seed):
         seen.append(step)
         if step == 7:
             raise RuntimeError("interrupted")
-        return real_step(student, teacher, xb, opt, t, step)
+        return real_step(student, teacher, xb, opt, ft_cfg, step, seed)
 
     monkeypatch.setattr(bf, "_step", failing)
     with pytest.raises(RuntimeError, match="interrupted"):
         bitdown.compress(make_net(), data, cfg(), progress=False, finetune=ft, train_data=TensorDataset(x),
                          checkpoint_dir=tmp_path / "b")
     seen.clear()
-    monkeypatch.setattr(bf, "_step", lambda *a: seen.append(a[-1]) or real_step(*a))
+    monkeypatch.setattr(bf, "_step", lambda *a: seen.append(a[-2]) or real_step(*a))
     resumed = bitdown.compress(make_net(), data, cfg(), progress=False, finetune=ft, train_data=TensorDataset(x),
                                checkpoint_dir=tmp_path / "b")
     assert seen == [6, 7]                                  # resumed from the step-6 checkpoint

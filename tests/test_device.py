@@ -138,3 +138,24 @@ def test_shared_codebooks_on_cuda():
     owners = {id(m.codebook) for m in q.modules() if is_pq(m)}
     assert len(owners) < sum(1 for m in q.modules() if is_pq(m))          # some layers share one Parameter
     assert all(m.codebook.device.type == "cuda" for m in q.modules() if is_pq(m))
+
+
+def test_stream_prefetch_yields_every_step_in_order():
+    from bitdown.finetune import batch_at, stream
+    ds = TensorDataset(images(40))
+    got = list(stream(ds, 3, 9, 8, seed=2))
+    assert [s for s, _ in got] == list(range(3, 9))
+    for s, x in got:
+        assert torch.equal(x, batch_at(ds, s, 8, 2))
+    assert list(stream(ds, 5, 5, 8, seed=2)) == []
+
+
+def test_mixup_resume_is_identical(tmp_path):
+    x = images(64)
+    ft = FinetuneConfig(global_steps=6, batch_size=16, checkpoint_every=2, mixup=0.4)
+    kw = dict(progress=False, finetune=ft, train_data=TensorDataset(x))
+    ref = bitdown.compress(make_net(), batches(), cfg(), **kw)
+    bitdown.compress(make_net(), batches(), cfg(), checkpoint_dir=tmp_path, **kw)
+    resumed = bitdown.compress(make_net(), batches(), cfg(), checkpoint_dir=tmp_path, **kw)
+    assert resumed.bitdown.extra["resumed"]["stage"] == "global"
+    assert_same_state(resumed, ref)
