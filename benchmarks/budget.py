@@ -37,7 +37,7 @@ from accuracy import RESULTS, datasets, disk_bytes, machine  # noqa: E402
 
 from bitdown import compress  # noqa: E402
 from bitdown.checkpoint import fingerprint  # noqa: E402
-from bitdown.allocate import _other_bytes, budget_bytes, measure_options  # noqa: E402
+from bitdown.allocate import _other_bytes, apply_allocation, budget_bytes, measure_options  # noqa: E402
 from bitdown.compress import forward_order, take_images  # noqa: E402
 from bitdown.config import EMConfig, resolve_plan  # noqa: E402
 from bitdown.data import make_loader  # noqa: E402
@@ -99,6 +99,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--alloc-weighting", default="none", choices=["none", "sensitivity"],
                    help="alloc: weight each layer's distortion by its measured sensitivity (QuantConfig.alloc_weighting)")
+    p.add_argument("--alloc-max-error", type=float, help="alloc: no layer above this relative output error "
+                                                        "(QuantConfig.alloc_max_error)")
+    p.add_argument("--allocation", help="alloc: an allocation report (compress's allocation.json 'allocation', or "
+                                        "its bare report) computed on the same calibration images, e.g. on another "
+                                        "machine; its ratio, weighting and error cap must match the flags")
     p.add_argument("--em", default="{}", help='EM options on top of the default EMConfig, JSON')
     p.add_argument("--mixup", type=float, default=0.0, help="fine-tuning mixup alpha (FinetuneConfig.mixup; 0: off)")
     p.add_argument("--device", default="cpu", help="where forward passes and fine-tuning run (cuda on a GPU machine)")
@@ -119,6 +124,7 @@ def main() -> None:
         r.setdefault("em", {})
         r.setdefault("alloc_weighting", "none")
         r.setdefault("mixup", 0.0)
+        r.setdefault("alloc_max_error", None)
     for name in a.models.split(","):
         calib, aug, ev = datasets(name, a.seed)
         teacher = build_model(name)
@@ -130,15 +136,20 @@ def main() -> None:
             for bits in [int(b) for b in a.codebook_bits.split(",")]:
                 for method in a.methods.split(","):
                     weighting = a.alloc_weighting if method == "alloc" else "none"
+                    cap = a.alloc_max_error if method == "alloc" else None
                     key = dict(model=name, method=method, codebook_bits=bits, target_ratio=ratio, em=em,
-                               alloc_weighting=weighting, mixup=a.mixup,
+                               alloc_weighting=weighting, alloc_max_error=cap, mixup=a.mixup,
                                layer_steps=a.layer_steps, global_steps=a.global_steps, calib_images=a.calib_images,
                                batch_size=a.batch_size, seed=a.seed)
                     if any(all(r.get(k) == v for k, v in key.items()) for r in rows):
                         continue
                     cfg = zoo_config(name, "small", calib_images=a.calib_images, seed=a.seed, codebook_bits=bits,
-                                     em=EMConfig(**em), alloc_weighting=weighting)
-                    extra, target = {}, ratio
+                                     em=EMConfig(**em), alloc_weighting=weighting, alloc_max_error=cap)
+                    extra, target, given = {}, ratio, None
+                    if method == "alloc" and a.allocation:
+                        given = _given_allocation(Path(a.allocation), ratio, weighting, cap)
+                        cfg, target = apply_allocation(cfg, given), None
+                        extra["allocation_from"] = Path(a.allocation).name
                     if method in ("uniform", "shared"):
                         if batches is None:
                             batches = take_images(loader, a.calib_images, 128)
@@ -166,6 +177,8 @@ def main() -> None:
                                  device=a.device, checkpoint_dir=ck)
                     wall = time.perf_counter() - t0
                     q = q.cpu()                 # top-1 measured on the CPU, as deployed
+                    if given is not None:
+                        q.bitdown.extra["allocation"] = given
                     rep = size_report(q, q.bitdown.plans)
                     res = evaluate(q, make_loader(ev, 250), teacher=teacher)
                     n_layers = len(q.bitdown.plans)
@@ -185,6 +198,16 @@ def main() -> None:
     write_report(path)
 
 
+def _given_allocation(path: Path, ratio: float, weighting: str, cap: float | None) -> dict:
+    """The allocation report in `path`, refused unless it was made for this ratio, weighting and cap."""
+    doc = json.loads(path.read_text())
+    rep = doc.get("allocation", doc)
+    got = (rep.get("target_ratio"), rep.get("weighting"), rep.get("max_error"))
+    if got != (ratio, weighting, cap):
+        raise SystemExit(f"{path}: made for (ratio, weighting, max error) {got}, not {(ratio, weighting, cap)}")
+    return rep
+
+
 def _device_name(device: str) -> str:
     """What ran the forward passes and fine-tuning: 'cpu', or the GPU's name."""
     import torch
@@ -199,7 +222,9 @@ def merge(path: Path, others: list[Path]) -> None:
     for r in doc["rows"]:
         r.setdefault("alloc_weighting", "none")
         r.setdefault("mixup", 0.0)
-    settings = ("model", "method", "codebook_bits", "target_ratio", "em", "alloc_weighting", "mixup", "layer_steps",
+        r.setdefault("alloc_max_error", None)
+    settings = ("model", "method", "codebook_bits", "target_ratio", "em", "alloc_weighting", "alloc_max_error",
+                "mixup", "layer_steps",
                 "global_steps", "calib_images", "batch_size", "seed")
     for other in others:
         od = json.loads(other.read_text())
@@ -207,6 +232,7 @@ def merge(path: Path, others: list[Path]) -> None:
         for row in od["rows"]:
             row.setdefault("alloc_weighting", "none")
             row.setdefault("mixup", 0.0)
+            row.setdefault("alloc_max_error", None)
             row.setdefault("machine", od["machine"])    # rows measured elsewhere keep their machine
             doc["rows"] = [r for r in doc["rows"] if any(r.get(k) != row.get(k) for k in settings)] + [row]
     path.write_text(json.dumps(doc, indent=1))
@@ -242,6 +268,7 @@ def write_report(path: Path) -> None:
         meth = r["method"] + (f" ({r['preset']})" if r.get("preset") else "")
         meth += ", sensitivity-weighted" if r.get("alloc_weighting", "none") != "none" else ""
         meth += "".join(f", {k}={v}" for k, v in r.get("em", {}).items())
+        meth += f", max error {r['alloc_max_error']:g}" if r.get("alloc_max_error") else ""
         meth += f", mixup {r['mixup']:g}" if r.get("mixup") else ""
         lines.append(f"| {r['model']} | {meth} | {'int8' if r['codebook_bits'] == 8 else 'fp16'} | "
                      f"{r['target_ratio']:.0f}x | {r['ratio']:.2f}x | {r['size_mb']:.4f} | {r['bytes_on_disk']:,} | "
@@ -261,6 +288,7 @@ def write_report(path: Path) -> None:
         mr = [r for r in rows if r["model"] == model]
         def group(r):
             meth = r["method"] + ("+sens" if r.get("alloc_weighting", "none") != "none" else "")
+            meth += f"+cap{r['alloc_max_error']:g}" if r.get("alloc_max_error") else ""
             meth += f"+mixup{r['mixup']:g}" if r.get("mixup") else ""
             return meth, r["codebook_bits"], r["global_steps"], json.dumps(r.get("em", {}), sort_keys=True)
         for (meth, bits, steps, em) in sorted({group(r) for r in mr}):

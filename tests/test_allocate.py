@@ -175,3 +175,34 @@ def test_compress_with_sensitivity_weighting(data):
     assert bitdown.size_report(q, q.bitdown.plans).ratio >= 8.0 - 1e-9
     with pytest.raises(ValueError, match="alloc_weighting"):
         QuantConfig(alloc_weighting="hessian")
+
+
+def test_capped_options_drop_layers_above_the_error_cap():
+    from bitdown.allocate import capped
+    opts = {"a": [Option(4, 2, 10, 0.9), Option(4, 4, 20, 0.5), Option(4, 8, 40, 0.1)],
+            "b": [Option(4, 2, 10, 0.7), Option(4, 4, 20, 0.6)]}
+    c = capped(opts, 0.5)
+    assert [o.n_centroids for o in c["a"]] == [4, 8]
+    assert [o.n_centroids for o in c["b"]] == [4]            # none qualifies: the least distorted is kept
+    assert allocate(opts, budget=30, other=0)["a"].distortion == 0.5   # uncapped: a=20, b=10 (0.5 + 0.7)
+    choice = allocate(capped(opts, 0.4), budget=60, other=0)            # capped: only a=40 qualifies
+    assert choice["a"].distortion == 0.1
+
+
+def test_compress_with_error_cap(data):
+    plain = bitdown.compress(net(), data, QuantConfig(calib_images=128, bn_recalibrate=False), target_ratio=10.0,
+                             progress=False)
+    worst = max(v["rel_err2"] for v in plain.bitdown.extra["allocation"]["layers"].values())
+    cap = 0.8 * worst
+    cfg = QuantConfig(calib_images=128, bn_recalibrate=False, alloc_max_error=cap)
+    q = bitdown.compress(net(), data, cfg, target_ratio=10.0, progress=False)
+    al = q.bitdown.extra["allocation"]
+    assert al["max_error"] == cap
+    assert max(v["rel_err2"] for v in al["layers"].values()) <= cap
+    assert bitdown.size_report(q, q.bitdown.plans).ratio >= 10.0 - 1e-9
+    with pytest.raises(ValueError, match="no allocation keeps every layer"):
+        bitdown.compress(net(), data, QuantConfig(calib_images=128, alloc_max_error=1e-9), target_ratio=10.0,
+                         progress=False)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="alloc_max_error"):
+            QuantConfig(alloc_max_error=bad)

@@ -207,6 +207,19 @@ def layer_sensitivity(model: nn.Module, plans: list[LayerPlan], batches: list[to
     return out
 
 
+def capped(options: dict[str, list[Option]], max_error: float) -> dict[str, list[Option]]:
+    """Each layer's options with distortion <= `max_error`; a layer with none keeps its least distorted
+    option(s) (e.g. only keeping it uncompressed qualifies)."""
+    out = {}
+    for n, opts in options.items():
+        ok = [o for o in opts if o.distortion <= max_error]
+        if not ok:
+            best = min(o.distortion for o in opts)
+            ok = [o for o in opts if o.distortion == best]
+        out[n] = ok
+    return out
+
+
 def weighted(options: dict[str, list[Option]], weights: dict[str, float]) -> dict[str, list[Option]]:
     """Options with every distortion multiplied by its layer's weight (e.g. its sensitivity)."""
     return {n: [dataclasses.replace(o, distortion=o.distortion * weights[n]) for o in opts]
@@ -268,6 +281,13 @@ def budget_config(model: nn.Module, batches: list[torch.Tensor], config: QuantCo
     budget = budget_bytes(model, plans, target_ratio, target_size)        # refuses before any work
     _, dense, other = size_bounds(model, plans)
     options = measure_options(model, plans, batches, seed=config.seed, progress=progress)
+    if config.alloc_max_error is not None:
+        options = capped(options, config.alloc_max_error)
+        smallest = other + sum(min(o.bytes for o in opts) for opts in options.values())
+        if smallest > budget:
+            raise ValueError(f"no allocation keeps every layer's relative output error <= {config.alloc_max_error} "
+                             f"within {budget / MB:.4f} MB: the smallest such model is {smallest / MB:.4f} MB "
+                             f"({dense / smallest:.1f}x); raise alloc_max_error or the budget")
     sens = None
     if config.alloc_weighting == "sensitivity":
         sens = layer_sensitivity(model, plans, batches, seed=config.seed, progress=progress)
@@ -279,7 +299,7 @@ def budget_config(model: nn.Module, batches: list[torch.Tensor], config: QuantCo
     achieved = other + sum(o.bytes for o in choice.values())
     report = {"budget_bytes": budget, "achieved_bytes": achieved, "ratio": dense / achieved,
               "target_ratio": target_ratio, "target_size": target_size,
-              "weighting": config.alloc_weighting,
+              "weighting": config.alloc_weighting, "max_error": config.alloc_max_error,
               "layers": {n: {"block_size": o.block_size, "n_centroids": o.n_centroids, "bytes": o.bytes,
                              "rel_err2": o.distortion, "keep": o.keep,
                              **({"sensitivity": sens[n]} if sens else {})} for n, o in choice.items()}}

@@ -161,6 +161,8 @@ class QuantConfig:
     share_same_shape: bool = False  # one codebook per (kind, weight shape) group of layers
     alloc_weighting: str = "none"   # with a target size: 'none' minimises sum_l D_l (relative output errors);
                                     # 'sensitivity' weights each D_l by how much it reaches the network output
+    alloc_max_error: float | None = None  # with a target size: no layer gets an option whose relative output
+                                          # error D_l exceeds this (e.g. 0.3), whatever the weighting says
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -179,6 +181,8 @@ class QuantConfig:
             _check_override(ov, f"type override {key!r}")
         if self.alloc_weighting not in ("none", "sensitivity"):
             raise ValueError(f"alloc_weighting must be 'none' or 'sensitivity', got {self.alloc_weighting!r}")
+        if self.alloc_max_error is not None and not (0 < self.alloc_max_error and math.isfinite(self.alloc_max_error)):
+            raise ValueError(f"alloc_max_error must be a finite number > 0 (or None), got {self.alloc_max_error!r}")
         for k in ("calib_images", "batch_size", "bn_images"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
