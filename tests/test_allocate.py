@@ -206,3 +206,25 @@ def test_compress_with_error_cap(data):
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="alloc_max_error"):
             QuantConfig(alloc_max_error=bad)
+
+
+def test_rate_distortion_table_measured_once_per_inputs(data, monkeypatch):
+    import bitdown.allocate as ba
+    calls = []
+    real = ba._measure_options
+    monkeypatch.setattr(ba, "_measure_options", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ba, "_RD_TABLES", {})
+    model = net()
+    plans, _ = resolve_plan(model, QuantConfig())
+    first = ba.measure_options(model, plans, data, progress=False)
+    again = ba.measure_options(model, plans, data, progress=False)
+    assert len(calls) == 1 and again == first
+    again[next(iter(again))].clear()                               # a caller's edit does not reach the cache
+    assert ba.measure_options(model, plans, data, progress=False) == first
+    ba.measure_options(model, plans, data, seed=1, progress=False)           # another seed: measured
+    ba.measure_options(model, plans, data[:2], progress=False)               # other images: measured
+    other = net()
+    with torch.no_grad():
+        other[0].weight.mul_(2)
+    ba.measure_options(other, plans, data, progress=False)                   # other weights: measured
+    assert len(calls) == 4

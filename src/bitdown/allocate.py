@@ -131,14 +131,37 @@ def check_budget(model: nn.Module, config: QuantConfig, target_ratio: float | No
     return budget_bytes(model, resolve_plan(model, config)[0], target_ratio, target_size)
 
 
+_RD_TABLES: dict[str, dict[str, list[Option]]] = {}   # fingerprint of the inputs -> table (this process)
+_RD_KEEP = 4
+
+
 def measure_options(model: nn.Module, plans: list[LayerPlan], batches: Iterable[torch.Tensor],
                     em: EMConfig | None = None, seed: int = 0, progress: bool = True) -> dict[str, list[Option]]:
     """Distortion of every option of every layer, from one pass of `model` (the teacher).
 
     Each option's codebook is learned by the pooled EM on at most max(16 K, 4096) subvectors (whole
     output rows drawn at random, seeded), then every subvector is assigned and the exact relative output
-    error measured: big layers (EfficientNet's 1x1 convs, K up to 2048) cost seconds, not minutes."""
+    error measured: big layers (EfficientNet's 1x1 convs, K up to 2048) cost seconds, not minutes.
+    The table depends on the model, plans, images, EM and seed only, not on the budget: the last few
+    are kept in this process, so a sweep over budgets measures it once."""
+    from .checkpoint import fingerprint
+
     em = em or EMConfig.paper(n_iter=10)
+    batches = list(batches)
+    key = fingerprint(repr(model), dict(model.state_dict()), [p.to_json() for p in plans],
+                      {str(i): b for i, b in enumerate(batches)}, dataclasses.asdict(em), seed)
+    if key in _RD_TABLES:
+        log.info("rate-distortion table reused (same model, layers, images, EM and seed)")
+        return {n: list(v) for n, v in _RD_TABLES[key].items()}
+    table = _measure_options(model, plans, batches, em, seed, progress)
+    _RD_TABLES[key] = table
+    while len(_RD_TABLES) > _RD_KEEP:
+        _RD_TABLES.pop(next(iter(_RD_TABLES)))
+    return {n: list(v) for n, v in table.items()}
+
+
+def _measure_options(model: nn.Module, plans: list[LayerPlan], batches: list[torch.Tensor], em: EMConfig,
+                     seed: int, progress: bool) -> dict[str, list[Option]]:
     modules = dict(model.named_modules())
     stats = collect_stats(model, {p.name: (modules[p.name], 1) for p in plans}, batches, full_gram=True)
     out: dict[str, list[Option]] = {}
