@@ -260,6 +260,18 @@ def test_console_script(tmp_path):
 # ----------------------------------------------------------------------------- size budgets
 
 
+def test_error_cap_and_mixup_from_the_cli(ws, capsys):
+    rc, out, err = run(capsys, *COMPRESS, "--target-ratio", "4", "--out", "cap.bitdown", "--global-steps", "2",
+                       "--ft-batch-size", "8", "--config", json.dumps({"alloc_max_error": 5.0}),
+                       "--finetune-config", json.dumps({"mixup": 0.4}))
+    assert rc == 0, err
+    rc, out, err = run(capsys, "info", "cap.bitdown", "--json")
+    assert json.loads(out)["allocation"]["max_error"] == 5.0
+    rc, out, err = run(capsys, *COMPRESS, "--target-ratio", "4", "--out", "bad.bitdown",
+                       "--config", json.dumps({"alloc_max_error": -1}))
+    assert_error(rc, err, "alloc_max_error")
+
+
 def test_compress_to_target_size_and_info_shows_allocation(ws, capsys):
     rc, out, err = run(capsys, *COMPRESS, "--target-ratio", "4", "--out", "b.bitdown")
     assert rc == 0, err
