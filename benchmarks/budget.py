@@ -260,7 +260,8 @@ def write_report(path: Path) -> None:
              "(layer steps per layer + global steps, batch size as stated; labels never used). Top-1 on images "
              "never used for calibration (CIFAR-10 test set; EfficientNet-Lite0: the held-out 500). "
              "'run on': where the forward passes and fine-tuning ran (a GPU row: EM on that machine's CPU, "
-             "top-1 on its CPU); wall s is that machine's.", "",
+             "top-1 on its CPU); wall s is that machine's, and since session 6 a later row of the same model in "
+             "one process reuses its rate-distortion table (minutes on the 2-core CPU).", "",
              "| model | method | codebook | target | ratio | MB | bytes on disk | top-1 % | teacher % | drop (pt) | "
              "agreement % | calib. distortion | FT steps (layer/global x batch) | run on | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -290,6 +291,7 @@ def write_report(path: Path) -> None:
             meth = r["method"] + ("+sens" if r.get("alloc_weighting", "none") != "none" else "")
             meth += f"+cap{r['alloc_max_error']:g}" if r.get("alloc_max_error") else ""
             meth += f"+mixup{r['mixup']:g}" if r.get("mixup") else ""
+            meth += " (GPU)" if r.get("device", "cpu") != "cpu" else ""
             return meth, r["codebook_bits"], r["global_steps"], json.dumps(r.get("em", {}), sort_keys=True)
         for (meth, bits, steps, em) in sorted({group(r) for r in mr}):
             pts = sorted((r["size_mb"] * 1024, r["top1"]) for r in mr if group(r) == (meth, bits, steps, em))

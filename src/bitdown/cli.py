@@ -173,6 +173,29 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from .data import get_preset
+    from .export import export_onnx
+
+    q = _load_file(a.file, a.model)
+    if a.input_shape:
+        try:
+            shape = [int(v) for v in a.input_shape.split(",")]
+        except ValueError:
+            raise ValueError(f"--input-shape must be comma-separated integers like 1,3,224,224, got "
+                             f"{a.input_shape!r}") from None
+    else:
+        preprocess = q.bitdown.arch.get("preprocess")
+        if preprocess is None:
+            raise SystemExit("error: the file records no preprocessing; pass --input-shape")
+        crop = get_preset(preprocess).crop
+        shape = [1, 3, crop, crop]
+    path = export_onnx(q, a.out, shape, check=not a.no_check)
+    _emit({"out": str(path), "bytes_on_disk": path.stat().st_size, "bitdown_bytes": Path(a.file).stat().st_size,
+           "input_shape": shape}, a.json)
+    return 0
+
+
 def cmd_info(a: argparse.Namespace) -> int:
     from . import serialize
 
@@ -259,6 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
+
+    x = sub.add_parser("export", help="write a compressed file as ONNX (codebooks and codes kept compact)")
+    x.add_argument("file")
+    x.add_argument("--out", required=True, help="the .onnx file to write")
+    x.add_argument("--model", help="module:function for a non-zoo architecture")
+    x.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224 (default: from the file's "
+                                         "preprocessing; the batch axis stays dynamic)")
+    x.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison with the model")
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(fn=cmd_export)
 
     i = sub.add_parser("info", help="what a compressed file holds")
     i.add_argument("file")

@@ -58,6 +58,10 @@ class PQMixin:
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
+        stored = self._buffers.get("export_codebook")     # registered by export.py while tracing for ONNX
+        if stored is not None:                            # the graph decodes the stored form: Cast (Mul) Gather
+            codebook = decode_codebook(stored, self._buffers.get("export_scale"))
+            return codebook[self.codes.long()].reshape(self.weight_shape)
         if self.training or torch.is_grad_enabled() and self.codebook.requires_grad:
             self._pq_cache = None
             return self.dequantize()

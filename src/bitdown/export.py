@@ -1,0 +1,102 @@
+"""Export a compressed model to ONNX with its codebooks and codes kept compact.
+
+Each product-quantized layer's weight is computed inside the graph from what the .bitdown file
+stores, so the .onnx file is about as small as the .bitdown file:
+
+    weight = Reshape(Gather(Cast<float>(codebook_fp16), Cast<int64>(codes_uint8)))          (fp16 codebooks)
+    weight = Reshape(Gather(Cast<float>(codebook_int8) * Cast<float>(scale_fp16), ...))    (int8 codebooks)
+
+then the layer's own Conv / Gemm. onnxruntime constant-folds this into dense weights when it builds a
+session, so inference runs at dense speed. The TorchScript exporter is used with constant folding
+off: the torch.export-based one folds the gather at export time and writes dense fp32 weights.
+After writing, the file is checked against the PyTorch model with onnxruntime when it is installed.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import warnings
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from .modules import encode_codebook, is_pq
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+
+
+@contextlib.contextmanager
+def _stored_codebooks(model: nn.Module) -> Iterator[None]:
+    """Inside the block every PQ layer decodes its weight from its stored (fp16 / int8 + scale) codebook;
+    a codebook shared by several layers is stored once (one tensor, one initializer)."""
+    stored: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    layers = [m for m in model.modules() if is_pq(m)]
+    try:
+        for m in layers:
+            key = id(m.codebook)
+            if key not in stored:
+                stored[key] = encode_codebook(m.codebook, m.codebook_bits)
+            m.register_buffer("export_codebook", stored[key][0])
+            m.register_buffer("export_scale", stored[key][1])
+        yield
+    finally:
+        for m in layers:
+            m._buffers.pop("export_codebook", None)
+            m._buffers.pop("export_scale", None)
+
+
+def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], *, opset: int = OPSET,
+                dynamic_batch: bool = True, check: bool = True, atol: float = 1e-4) -> Path:
+    """Write `model` (compressed by bitdown) as ONNX to `path`; returns the path.
+
+    input_shape: one example input's shape, e.g. (1, 3, 224, 224) (the batch axis is dynamic unless
+    `dynamic_batch=False`). With `check`, onnxruntime (when installed) runs the file on a seeded random
+    input and its outputs must match the PyTorch model's within `atol` (relative to their scale)."""
+    if not any(is_pq(m) for m in model.modules()):
+        raise ValueError("the model has no product-quantized layer: compress it (or bitdown.load a file) first")
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) < 2 or any(s < 1 for s in shape):
+        raise ValueError(f"input_shape must be (batch, ...) with positive sizes, got {list(input_shape)}")
+    model = copy.deepcopy(model).cpu().eval()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with _stored_codebooks(model), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")          # the TorchScript exporter's deprecation notices
+            torch.onnx.export(model, (x,), str(tmp), dynamo=False, do_constant_folding=False, opset_version=opset,
+                              input_names=["input"], output_names=["output"],
+                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None)
+        if check:
+            _check(model, tmp, x, atol)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("wrote %s (%d bytes)", path, path.stat().st_size)
+    return path
+
+
+def _check(model: nn.Module, path: Path, x: torch.Tensor, atol: float) -> None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        log.warning("onnxruntime is not installed: the ONNX file was not checked against the model")
+        return
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = model(x)
+    if not isinstance(want, torch.Tensor):
+        raise TypeError("export_onnx checks models with one tensor output; pass check=False for others")
+    want = want.numpy()
+    scale = max(float(abs(want).max()), 1.0)
+    err = float(abs(got - want).max())
+    if got.shape != want.shape or err > atol * scale:
+        raise ValueError(f"the exported ONNX model disagrees with the PyTorch model (max abs difference {err:.3g}, "
+                         f"output scale {scale:.3g}); the file was not written")
