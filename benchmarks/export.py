@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from accuracy import ASSETS, RESULTS, machine
