@@ -147,7 +147,7 @@ def main() -> None:
                                      em=EMConfig(**em), alloc_weighting=weighting, alloc_max_error=cap)
                     extra, target, given = {}, ratio, None
                     if method == "alloc" and a.allocation:
-                        given = _given_allocation(Path(a.allocation), ratio, weighting, cap)
+                        given = _given_allocation(Path(a.allocation), ratio, weighting, cap, teacher, cfg)
                         cfg, target = apply_allocation(cfg, given), None
                         extra["allocation_from"] = Path(a.allocation).name
                     if method in ("uniform", "shared"):
@@ -170,7 +170,7 @@ def main() -> None:
                                         batch_size=a.batch_size, seed=a.seed, mixup=a.mixup)
                     ck = None
                     if a.checkpoint_root:
-                        ck = Path(a.checkpoint_root) / fingerprint({k: v for k, v in key.items()})
+                        ck = Path(a.checkpoint_root) / fingerprint(key, given)
                     q = compress(teacher, loader, cfg,
                                  arch={"name": name, "source": "zoo", "preprocess": get_entry(name).preprocess},
                                  finetune=ft if ft.enabled else None, train_data=aug, target_ratio=target,
@@ -198,13 +198,18 @@ def main() -> None:
     write_report(path)
 
 
-def _given_allocation(path: Path, ratio: float, weighting: str, cap: float | None) -> dict:
-    """The allocation report in `path`, refused unless it was made for this ratio, weighting and cap."""
+def _given_allocation(path: Path, ratio: float, weighting: str, cap: float | None, model, cfg) -> dict:
+    """The allocation report in `path`, refused unless it was made for this ratio, weighting and cap and
+    names exactly the layers `cfg` quantizes in `model`."""
     doc = json.loads(path.read_text())
     rep = doc.get("allocation", doc)
     got = (rep.get("target_ratio"), rep.get("weighting"), rep.get("max_error"))
     if got != (ratio, weighting, cap):
         raise SystemExit(f"{path}: made for (ratio, weighting, max error) {got}, not {(ratio, weighting, cap)}")
+    names = {p.name for p in resolve_plan(model, cfg)[0]}
+    if set(rep.get("layers", {})) != names:
+        raise SystemExit(f"{path}: its layers are not the ones this model quantizes (differ in "
+                         f"{sorted(set(rep.get('layers', {})) ^ names)[:3]})")
     return rep
 
 

@@ -261,12 +261,20 @@ def test_console_script(tmp_path):
 
 
 def test_error_cap_and_mixup_from_the_cli(ws, capsys):
-    rc, out, err = run(capsys, *COMPRESS, "--target-ratio", "4", "--out", "cap.bitdown", "--global-steps", "2",
-                       "--ft-batch-size", "8", "--config", json.dumps({"alloc_max_error": 5.0}),
+    rc, out, err = run(capsys, *COMPRESS, "--target-ratio", "4", "--out", "plain.bitdown")
+    assert rc == 0, err
+    rc, out, err = run(capsys, "info", "plain.bitdown", "--json")
+    cap = 0.8 * max(v["rel_err2"] for v in json.loads(out)["allocation"]["layers"].values())
+    rc, out, err = run(capsys, *COMPRESS, "--target-ratio", "4", "--out", "cap.bitdown",
+                       "--config", json.dumps({"alloc_max_error": cap}))
+    assert_error(rc, err, "no allocation keeps every layer's relative output error", "smallest such model")
+    rc, out, err = run(capsys, *COMPRESS, "--target-ratio", "3", "--out", "cap.bitdown", "--global-steps", "2",
+                       "--ft-batch-size", "8", "--config", json.dumps({"alloc_max_error": cap}),
                        "--finetune-config", json.dumps({"mixup": 0.4}))
     assert rc == 0, err
     rc, out, err = run(capsys, "info", "cap.bitdown", "--json")
-    assert json.loads(out)["allocation"]["max_error"] == 5.0
+    al = json.loads(out)["allocation"]
+    assert al["max_error"] == cap and max(v["rel_err2"] for v in al["layers"].values()) <= cap
     rc, out, err = run(capsys, *COMPRESS, "--target-ratio", "4", "--out", "bad.bitdown",
                        "--config", json.dumps({"alloc_max_error": -1}))
     assert_error(rc, err, "alloc_max_error")

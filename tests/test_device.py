@@ -96,6 +96,7 @@ def test_compress_on_cuda_matches_cpu_and_leaves_the_model_alone(tmp_path):
     assert {n for n, m in q.named_modules() if is_pq(m)} == set(LAYERS)
     assert all(t.device.type == "cuda" for t in q.state_dict().values())
     ref = bitdown.compress(make_net(), batches(), conf, **kw)
+    path = bitdown.save(q, tmp_path / "m.bitdown")                        # saved straight from the GPU
     x = images(32, seed=5)
     with torch.no_grad():
         yc, yr, yt = q.cpu()(x), ref(x), net(x)
@@ -103,23 +104,20 @@ def test_compress_on_cuda_matches_cpu_and_leaves_the_model_alone(tmp_path):
     assert err_cuda < 1.5 * err_cpu + 0.02, (err_cuda, err_cpu)           # same quality as the CPU run
     same = [float((getattr(q, n).codes == getattr(ref, n).codes).float().mean()) for n in LAYERS]
     assert min(same) > 0.5, same                                           # mostly the same codes
-    path = bitdown.save(q, tmp_path / "m.bitdown")                        # a CUDA-made file loads on the CPU
-    back = bitdown.load(path, make_net())
+    back = bitdown.load(path, make_net())                                 # and loads on the CPU
     with torch.no_grad():
         assert torch.allclose(back(x), yc, atol=1e-5)
 
 
 @cuda
-def test_resume_on_cuda(tmp_path):
+def test_resume_on_cuda(tmp_path, monkeypatch):
     ft = FinetuneConfig(global_steps=6, batch_size=16, checkpoint_every=2)
     kw = dict(progress=False, finetune=ft, train_data=TensorDataset(images(64)), device="cuda")
     full = bitdown.compress(make_net(), batches(), cfg(), **kw)
-    again = bitdown.compress(make_net(), batches(), cfg(), checkpoint_dir=tmp_path, **kw)
-    resumed = bitdown.compress(make_net(), batches(), cfg(), checkpoint_dir=tmp_path, **kw)   # all from the file
-    assert resumed.bitdown.extra.get("resumed") is not None
-    for k, v in again.state_dict().items():
-        assert torch.allclose(v.float(), resumed.state_dict()[k].float(), atol=1e-5), k
-    assert torch.allclose(full.conv3.codebook, again.conv3.codebook, atol=1e-4)
+    seen, resumed = interrupted_then_resumed(tmp_path, monkeypatch, 5, **kw)
+    assert seen == [4, 5]                                   # Adam state restored onto the GPU, 2 steps replayed
+    for k, v in full.state_dict().items():                  # cuDNN backward is not bit-deterministic
+        assert torch.allclose(v.float(), resumed.state_dict()[k].float(), atol=1e-4), k
 
 
 @cuda
@@ -150,12 +148,50 @@ def test_stream_prefetch_yields_every_step_in_order():
     assert list(stream(ds, 5, 5, 8, seed=2)) == []
 
 
-def test_mixup_resume_is_identical(tmp_path):
-    x = images(64)
-    ft = FinetuneConfig(global_steps=6, batch_size=16, checkpoint_every=2, mixup=0.4)
-    kw = dict(progress=False, finetune=ft, train_data=TensorDataset(x))
-    ref = bitdown.compress(make_net(), batches(), cfg(), **kw)
-    bitdown.compress(make_net(), batches(), cfg(), checkpoint_dir=tmp_path, **kw)
+def interrupted_then_resumed(tmp_path, monkeypatch, stop_at: int, **kw):
+    """A run killed at global step `stop_at`, then rerun: (steps the rerun trained, the resumed model)."""
+    import importlib
+    bf = importlib.import_module("bitdown.finetune")
+    real, seen = bf._step, []
+
+    def failing(*a):
+        if a[-2] == stop_at:
+            raise RuntimeError("interrupted")
+        return real(*a)
+    monkeypatch.setattr(bf, "_step", failing)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        bitdown.compress(make_net(), batches(), cfg(), checkpoint_dir=tmp_path, **kw)
+    monkeypatch.setattr(bf, "_step", lambda *a: seen.append(a[-2]) or real(*a))
     resumed = bitdown.compress(make_net(), batches(), cfg(), checkpoint_dir=tmp_path, **kw)
+    monkeypatch.setattr(bf, "_step", real)
+    return seen, resumed
+
+
+def test_mixup_resume_is_identical(tmp_path, monkeypatch):
+    ft = FinetuneConfig(global_steps=6, batch_size=16, checkpoint_every=2, mixup=0.4)
+    kw = dict(progress=False, finetune=ft, train_data=TensorDataset(images(64)))
+    ref = bitdown.compress(make_net(), batches(), cfg(), **kw)
+    seen, resumed = interrupted_then_resumed(tmp_path, monkeypatch, 5, **kw)
+    assert seen == [4, 5]                                   # replayed from the step-4 checkpoint
     assert resumed.bitdown.extra["resumed"]["stage"] == "global"
     assert_same_state(resumed, ref)
+
+
+def test_stream_stops_its_worker_when_the_loop_fails():
+    from bitdown.finetune import stream
+
+    class Counting(TensorDataset):
+        calls = 0
+
+        def __getitem__(self, i):
+            Counting.calls += 1
+            return super().__getitem__(i)
+    ds = Counting(images(40))
+    it = stream(ds, 0, 100, 8, seed=0)
+    next(it)
+    it.close()                                              # as `closing` does when the training step raises
+    n = Counting.calls
+    assert n <= 2 * 8                                       # at most the batch in flight was built
+    import time
+    time.sleep(0.05)
+    assert Counting.calls == n                              # and nothing after

@@ -148,8 +148,11 @@ def measure_options(model: nn.Module, plans: list[LayerPlan], batches: Iterable[
 
     em = em or EMConfig.paper(n_iter=10)
     batches = list(batches)
-    key = fingerprint(repr(model), dict(model.state_dict()), [p.to_json() for p in plans],
-                      {str(i): b for i, b in enumerate(batches)}, dataclasses.asdict(em), seed)
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    key = fingerprint(type(model).__qualname__, repr(model), model.training, str(device),
+                      {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)},
+                      [p.to_json() for p in plans], {str(i): b for i, b in enumerate(batches)},
+                      dataclasses.asdict(em), seed)
     if key in _RD_TABLES:
         log.info("rate-distortion table reused (same model, layers, images, EM and seed)")
         return {n: list(v) for n, v in _RD_TABLES[key].items()}

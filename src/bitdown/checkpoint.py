@@ -1,5 +1,7 @@
 """Resumable progress: the student's full-precision state plus a JSON progress record, written
-atomically, so a killed run restarts where it stopped and ends byte-identical to an uninterrupted one.
+atomically, so a killed run restarts where it stopped and ends byte-identical to an uninterrupted one
+(on the CPU; on a GPU, cuDNN's backward passes are not deterministic by default, so a resumed run is
+close to, not identical with, an uninterrupted one).
 
 A checkpoint folder holds `state.safetensors` (every tensor of the student, fp32 codebooks
 included, plus optimizer/RNG tensors the caller adds) whose metadata carries the progress JSON.

@@ -212,7 +212,7 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     dev = _device(model, device)
     teacher = copy.deepcopy(model) if inplace and needs_teacher else model
     student = model if inplace else copy.deepcopy(model)
-    if _device(teacher, None) != dev:       # the teacher runs next to the student; the user's model stays put
+    if needs_teacher and _device(teacher, None) != dev:     # next to the student; the user's model stays put
         teacher = (copy.deepcopy(teacher) if teacher is model else teacher).to(dev).eval()
     student.to(dev).eval()
     if target_ratio is not None or target_size is not None:     # refuse an impossible budget before any work
@@ -237,7 +237,8 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
 
     ft = finetune
     ft_data = _finetune_data(train_data, data, calib) if ft is not None else None
-    fp = fingerprint(config.to_json(), ft.to_json() if ft is not None else None, info.arch,
+    fp = fingerprint(_fp_json(config.to_json(), {"alloc_max_error": None}),
+                     _fp_json(ft.to_json(), {"mixup": 0.0}) if ft is not None else None, info.arch,
                      {k: v for k, v in teacher.state_dict().items()}, {str(i): x for i, x in enumerate(calib)},
                      _describe(ft_data))
     done, resume = 0, {}
@@ -347,6 +348,12 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     return student.eval()
 
 
+def _fp_json(d: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """`d` without the keys added by later versions while they hold their defaults, so a checkpoint made
+    before those keys existed still matches a run that does not use them."""
+    return {k: v for k, v in d.items() if not (k in later and v == later[k])}
+
+
 def _device(model: nn.Module, device: str | torch.device | None) -> torch.device:
     """`device`, else the device of the model's first parameter (or buffer), else the CPU."""
     if device is not None:
@@ -369,7 +376,7 @@ def _allocation(student: nn.Module, calib: list[torch.Tensor], config: QuantConf
     from .allocate import apply_allocation, budget_config
 
     cache = Path(checkpoint_dir) / ALLOCATION if checkpoint_dir is not None else None
-    key = fingerprint(config.to_json(), [target_ratio, target_size], order,
+    key = fingerprint(_fp_json(config.to_json(), {"alloc_max_error": None}), [target_ratio, target_size], order,
                       student.state_dict(), {str(i): x for i, x in enumerate(calib)})
     if cache is not None and cache.exists():
         try:
@@ -416,6 +423,8 @@ def _learn_shared(teacher: nn.Module, plans: list[LayerPlan], done: int, calib: 
     groups = {g: ms for g, ms in share_groups(plans).items() if g not in started}
     if not groups:
         return {}
+    if calib and _device(teacher, None) != calib[0].device:   # the uncompressed model, where the images are
+        teacher = copy.deepcopy(teacher).to(calib[0].device).eval()
     tm = dict(teacher.named_modules())
     layers = {p.name: (tm[p.name], p.block_size) for ms in groups.values() for p in ms}
     weights_only = config.em.objective == "weights"          # the weight-space baseline needs no data

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterator
 
@@ -143,13 +143,17 @@ def stream(ds, start: int, steps: int, batch_size: int, seed: int) -> Iterator[t
     the caller trains on this one (a batch depends only on its step: the stream stays deterministic)."""
     if start >= steps:
         return
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        nxt = pool.submit(batch_at, ds, start, batch_size, seed)
+    pool = ThreadPoolExecutor(max_workers=1)
+    nxt = pool.submit(batch_at, ds, start, batch_size, seed)
+    try:
         for s in range(start, steps):
             x = nxt.result()
             if s + 1 < steps:
                 nxt = pool.submit(batch_at, ds, s + 1, batch_size, seed)
             yield s, x
+    finally:        # stopped early (an error, a closed generator): the worker must not touch `ds` afterwards
+        nxt.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------- training
@@ -207,9 +211,9 @@ def finetune_layer(student: nn.Module, teacher: nn.Module, layer: nn.Module, dat
     opt = _optimizer([layer.codebook], cfg.layer_lr, cfg)
     losses = []
     with _train_only(student, [layer.codebook]):
-        steps = stream(ds, 0, cfg.layer_steps, cfg.batch_size, cfg.seed + seed)
-        for s, x in tqdm(steps, total=cfg.layer_steps, desc="layer ft", leave=False, disable=not progress):
-            losses.append(_step(student, teacher, x, opt, cfg, s, cfg.seed + seed))
+        with closing(stream(ds, 0, cfg.layer_steps, cfg.batch_size, cfg.seed + seed)) as steps:
+            for s, x in tqdm(steps, total=cfg.layer_steps, desc="layer ft", leave=False, disable=not progress):
+                losses.append(_step(student, teacher, x, opt, cfg, s, cfg.seed + seed))
     layer.codebook.data = round_codebook(layer.codebook.data, layer.codebook_bits)   # what the file will hold
     return {"first_loss": losses[0], "last_loss": sum(losses[-10:]) / len(losses[-10:])}
 
@@ -245,8 +249,9 @@ def finetune_global(student: nn.Module, teacher: nn.Module, data: Any, cfg: Fine
         opt.load_state_dict(opt_state)
     losses: list[float] = []
     bar = tqdm(total=cfg.global_steps, initial=start, desc="global ft", unit="step", disable=not progress)
-    with _train_only(student, params), bar:
-        for s, x in stream(ds, start, cfg.global_steps, cfg.batch_size, cfg.seed + seed + 1):
+    with _train_only(student, params), bar, closing(stream(ds, start, cfg.global_steps, cfg.batch_size,
+                                                            cfg.seed + seed + 1)) as steps:
+        for s, x in steps:
             for group in opt.param_groups:
                 group["lr"] = _lr_at(s, cfg)
             losses.append(_step(student, teacher, x, opt, cfg, s, cfg.seed + seed + 1))

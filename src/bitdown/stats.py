@@ -14,8 +14,9 @@ a weight row, so X splits into nb = R / d column blocks X_b. We accumulate, in f
                                                    of the *uncompressed* model (teacher_target_weight)
 
 plus the number of rows. Sums accumulate on the device of the activations (the model's device);
-`LayerStats.to('cpu')` hands them to the EM, which always runs on the CPU in float64 (so a layer's
-codebook does not depend on the kind of GPU, and float64 is slow on most GPUs).
+`LayerStats.to('cpu')` hands them to the EM, which always runs on the CPU in float64 (float64 is slow
+on most GPUs). On a GPU the statistics themselves differ slightly from a CPU run's (cuDNN convolutions
+use TF32 by default), so GPU and CPU runs give close, not identical, codebooks.
 Products are computed in float32 on chunks of at most CHUNK_ELEMENTS
 input values (so each partial sum covers a bounded number of rows) and accumulated in float64.
 Sums and counts only, so two `LayerStats` merge by addition (and can be
