@@ -106,3 +106,22 @@ def test_cli_export(tmp_path, monkeypatch, capsys):
     rc = main(["export", str(f), "--out", str(tmp_path / "x.onnx"), "--input-shape", "1,3,a"])
     assert rc == 2 and "--input-shape" in capsys.readouterr().err
     assert sum(1 for m in q.modules() if is_pq(m)) == 19
+
+
+def test_export_efficientnet_with_conv_subclasses_and_int8(tmp_path):
+    """EfficientNet-Lite0's TF-"SAME" padding convs are Conv2d subclasses: their PQ versions export too."""
+    from bitdown.config import resolve_plan
+    from bitdown.modules import quantize_module
+    from bitdown.recipes import zoo_config
+    from bitdown.zoo import build_model
+    torch.manual_seed(0)
+    m = build_model("efficientnet_lite0", weights=None).eval()
+    plans, _ = resolve_plan(m, zoo_config("efficientnet_lite0", "small", codebook_bits=8))
+    mods = dict(m.named_modules())
+    for p in plans:                                  # random codebooks/codes: only the graph is under test
+        n = mods[p.name].weight.numel() // p.block_size
+        quantize_module(mods[p.name], torch.randn(p.n_centroids, p.block_size) * 0.05,
+                        torch.randint(0, p.n_centroids, (n,)), 8)
+    path = export_onnx(m, tmp_path / "eff.onnx", (1, 3, 224, 224))     # raises if onnxruntime disagrees
+    inits = initializers(path)
+    assert sum(i.data_type == INT8 for i in inits.values()) == len(plans)
