@@ -2,6 +2,9 @@
 
     make demo                                   # writes out/demo.bitdown (ResNet-20, CIFAR-10)
     python benchmarks/export.py [--file out/demo.bitdown] [--threads 1]
+    python benchmarks/export.py --file out/r56.bitdown --out benchmarks/results/export_resnet56.json
+        (out/r56.bitdown: python -m bitdown.demo --model resnet56_cifar10 --finetune-steps 0
+         --global-steps 300 --out out/r56.bitdown)
 
 Writes benchmarks/results/export.json and export.md. Sizes: the .bitdown file, its ONNX export
 (fp16/int8 codebooks + uint8 codes decoded in the graph, export.py) and the dense fp32 ONNX of the
