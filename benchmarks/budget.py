@@ -121,10 +121,7 @@ def main() -> None:
     rows, teachers = doc.get("rows", []), doc.get("teachers", {})
     em = json.loads(a.em)
     for r in rows:
-        r.setdefault("em", {})
-        r.setdefault("alloc_weighting", "none")
-        r.setdefault("mixup", 0.0)
-        r.setdefault("alloc_max_error", None)
+        _row_defaults(r)
     for name in a.models.split(","):
         calib, aug, ev = datasets(name, a.seed)
         teacher = build_model(name)
@@ -198,6 +195,12 @@ def main() -> None:
     write_report(path)
 
 
+def _row_defaults(row: dict) -> None:
+    """Fill the settings rows written before they existed, with the values those runs used."""
+    for k, v in (("em", {}), ("alloc_weighting", "none"), ("mixup", 0.0), ("alloc_max_error", None)):
+        row.setdefault(k, v)
+
+
 def _given_allocation(path: Path, ratio: float, weighting: str, cap: float | None, model, cfg) -> dict:
     """The allocation report in `path`, refused unless it was made for this ratio, weighting and cap and
     names exactly the layers `cfg` quantizes in `model`."""
@@ -225,9 +228,7 @@ def merge(path: Path, others: list[Path]) -> None:
     """Add the rows of `others` to `path` (a row measured twice with the same settings: the newer one)."""
     doc = json.loads(path.read_text())
     for r in doc["rows"]:
-        r.setdefault("alloc_weighting", "none")
-        r.setdefault("mixup", 0.0)
-        r.setdefault("alloc_max_error", None)
+        _row_defaults(r)
     settings = ("model", "method", "codebook_bits", "target_ratio", "em", "alloc_weighting", "alloc_max_error",
                 "mixup", "layer_steps",
                 "global_steps", "calib_images", "batch_size", "seed")
@@ -235,9 +236,7 @@ def merge(path: Path, others: list[Path]) -> None:
         od = json.loads(other.read_text())
         doc["teachers"].update(od["teachers"])
         for row in od["rows"]:
-            row.setdefault("alloc_weighting", "none")
-            row.setdefault("mixup", 0.0)
-            row.setdefault("alloc_max_error", None)
+            _row_defaults(row)
             row.setdefault("machine", od["machine"])    # rows measured elsewhere keep their machine
             doc["rows"] = [r for r in doc["rows"] if any(r.get(k) != row.get(k) for k in settings)] + [row]
     path.write_text(json.dumps(doc, indent=1))

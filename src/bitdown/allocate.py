@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .config import EMConfig, LayerPlan, QuantConfig, clamp_centroids, resolve_plan
 from .em import assign_pooled, exact_objective, kmeans
+from .modules import module_device
 from .size import MB, codebook_bytes
 from .stats import collect_stats
 
@@ -148,8 +149,7 @@ def measure_options(model: nn.Module, plans: list[LayerPlan], batches: Iterable[
 
     em = em or EMConfig.paper(n_iter=10)
     batches = list(batches)
-    device = next((t.device for t in model.parameters()), torch.device("cpu"))
-    key = fingerprint(type(model).__qualname__, repr(model), model.training, str(device),
+    key = fingerprint(type(model).__qualname__, repr(model), model.training, str(module_device(model)),
                       {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)},
                       [p.to_json() for p in plans], {str(i): b for i, b in enumerate(batches)},
                       dataclasses.asdict(em), seed)

@@ -99,8 +99,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
         from .allocate import check_budget
         check_budget(model, config, a.target_ratio, a.target_size)
     if a.device is not None:                 # a device torch cannot use: refused before reading data
-        from .compress import _device
-        _device(model, a.device)
+        from .compress import resolve_device
+        resolve_device(model, a.device)
     calib = _data(a.data, preprocess, "none")
     ft_extra = _json_object(a.finetune_config, "--finetune-config")
     ft = FinetuneConfig.from_dict({"layer_steps": a.finetune_steps, "global_steps": a.global_steps, "seed": a.seed,

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from .config import LayerPlan, QuantConfig, quantizable_layers, resolve_plan, share_groups
 from .em import assign_codes, kmeans, kmeans_shared
-from .modules import empty_pq_like, is_pq, quantize_module, round_codebook, round_codebooks_
+from .modules import empty_pq_like, is_pq, module_device, quantize_module, round_codebook, round_codebooks_
 from .size import size_report
 from .stats import StatsCollector, capture_input, collect_stats, run_until, teacher_target_weight
 
@@ -209,10 +209,10 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     model.eval()
     # the uncompressed model is needed next to the student for teacher targets and distillation
     needs_teacher = config.em.teacher_target or finetune is not None
-    dev = _device(model, device)
+    dev = resolve_device(model, device)
     teacher = copy.deepcopy(model) if inplace and needs_teacher else model
     student = model if inplace else copy.deepcopy(model)
-    if needs_teacher and _device(teacher, None) != dev:     # next to the student; the user's model stays put
+    if needs_teacher and module_device(teacher) != dev:     # next to the student; the user's model stays put
         teacher = (copy.deepcopy(teacher) if teacher is model else teacher).to(dev).eval()
     student.to(dev).eval()
     if target_ratio is not None or target_size is not None:     # refuse an impossible budget before any work
@@ -237,8 +237,7 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
 
     ft = finetune
     ft_data = _finetune_data(train_data, data, calib) if ft is not None else None
-    fp = fingerprint(_fp_json(config.to_json(), {"alloc_max_error": None}),
-                     _fp_json(ft.to_json(), {"mixup": 0.0}) if ft is not None else None, info.arch,
+    fp = fingerprint(_fp_json(config.to_json()), _fp_json(ft.to_json()) if ft is not None else None, info.arch,
                      {k: v for k, v in teacher.state_dict().items()}, {str(i): x for i, x in enumerate(calib)},
                      _describe(ft_data))
     done, resume = 0, {}
@@ -348,24 +347,26 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     return student.eval()
 
 
-def _fp_json(d: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
-    """`d` without the keys added by later versions while they hold their defaults, so a checkpoint made
-    before those keys existed still matches a run that does not use them."""
-    return {k: v for k, v in d.items() if not (k in later and v == later[k])}
+# config keys added after checkpoints were first written (QuantConfig / FinetuneConfig) -> their defaults
+ADDED_KEYS = {"alloc_max_error": None, "mixup": 0.0}
 
 
-def _device(model: nn.Module, device: str | torch.device | None) -> torch.device:
-    """`device`, else the device of the model's first parameter (or buffer), else the CPU."""
-    if device is not None:
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA device")
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        return dev
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
+def _fp_json(d: dict[str, Any]) -> dict[str, Any]:
+    """`d` without the ADDED_KEYS that hold their defaults, so a checkpoint made before those keys
+    existed still matches a run that does not use them."""
+    return {k: v for k, v in d.items() if not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
+
+
+def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """`device` (a CUDA device torch cannot use is a clear error), else where `model` is."""
+    if device is None:
+        return module_device(model)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA device")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 def _allocation(student: nn.Module, calib: list[torch.Tensor], config: QuantConfig, target_ratio, target_size,
@@ -376,7 +377,7 @@ def _allocation(student: nn.Module, calib: list[torch.Tensor], config: QuantConf
     from .allocate import apply_allocation, budget_config
 
     cache = Path(checkpoint_dir) / ALLOCATION if checkpoint_dir is not None else None
-    key = fingerprint(_fp_json(config.to_json(), {"alloc_max_error": None}), [target_ratio, target_size], order,
+    key = fingerprint(_fp_json(config.to_json()), [target_ratio, target_size], order,
                       student.state_dict(), {str(i): x for i, x in enumerate(calib)})
     if cache is not None and cache.exists():
         try:
@@ -423,7 +424,7 @@ def _learn_shared(teacher: nn.Module, plans: list[LayerPlan], done: int, calib: 
     groups = {g: ms for g, ms in share_groups(plans).items() if g not in started}
     if not groups:
         return {}
-    if calib and _device(teacher, None) != calib[0].device:   # the uncompressed model, where the images are
+    if calib and module_device(teacher) != calib[0].device:   # the uncompressed model, where the images are
         teacher = copy.deepcopy(teacher).to(calib[0].device).eval()
     tm = dict(teacher.named_modules())
     layers = {p.name: (tm[p.name], p.block_size) for ms in groups.values() for p in ms}

@@ -10,6 +10,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .modules import module_device
+
 
 @contextlib.contextmanager
 def _eval_mode(*models: nn.Module | None) -> Iterator[None]:
@@ -42,7 +44,7 @@ def evaluate(
     student's and teacher's top-1 predictions agree, when ``teacher`` is given). Batches go to
     ``device`` (default: the model's device); the models are not moved."""
     if device is None:
-        device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
+        device = module_device(model)
     n = top1 = top5 = agree = 0
     with torch.no_grad(), _eval_mode(model, teacher):
         for batch in tqdm(loader, desc=desc, unit="batch", disable=None, leave=False):

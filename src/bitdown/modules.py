@@ -18,10 +18,15 @@ import torch
 import torch.nn as nn
 
 __all__ = ["PQMixin", "PQConv2d", "PQLinear", "quantize_module", "is_pq", "code_dtype", "round_codebooks_",
-           "round_codebook", "encode_codebook", "decode_codebook", "CODEBOOK_BITS"]
+           "round_codebook", "encode_codebook", "decode_codebook", "CODEBOOK_BITS", "module_device"]
 
 FP16_TINY = float(torch.finfo(torch.float16).tiny)   # smallest normal fp16 number
 CODEBOOK_BITS = (16, 8)     # fp16 codebooks (the paper) | int8 codebooks with one fp16 scale per column
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of the module's first parameter (or buffer); the CPU when it has none."""
+    return next((t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu"))
 
 
 def code_dtype(n_centroids: int) -> torch.dtype:

@@ -57,7 +57,7 @@ class LayerStats:
         return (self.out_sqsum / self.n_rows - mean * mean).clamp_min(0.0)
 
     def to(self, device: str | torch.device) -> "LayerStats":
-        """A copy with every tensor on `device` (`self` when they are all there already)."""
+        """The same statistics with every tensor on `device` (tensors already there are shared, not copied)."""
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
         return LayerStats(self.block_size, mv(self.block_grams), mv(self.full_gram), self.n_rows, self.n_images,
