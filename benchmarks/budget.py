@@ -33,7 +33,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from accuracy import RESULTS, datasets, disk_bytes, machine  # noqa: E402
+from accuracy import RESULTS, datasets, disk_bytes, machine, train_eval_set  # noqa: E402
 
 from bitdown import compress  # noqa: E402
 from bitdown.checkpoint import fingerprint  # noqa: E402
@@ -97,10 +97,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--calib-images", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-pool", type=int, help="calibrate and fine-tune on only this many training images (a "
+                                                   "fixed seeded subset; default: all, CIFAR 50,000, EfficientNet 500)")
     p.add_argument("--alloc-weighting", default="none", choices=["none", "sensitivity"],
                    help="alloc: weight each layer's distortion by its measured sensitivity (QuantConfig.alloc_weighting)")
-    p.add_argument("--alloc-max-error", type=float, help="alloc: no layer above this relative output error "
-                                                        "(QuantConfig.alloc_max_error)")
+    p.add_argument("--alloc-max-error", help="alloc: no layer above this relative output error "
+                                             "(QuantConfig.alloc_max_error); a comma list (e.g. 0.3,0.5,none): each "
+                                             "ratio uses the first cap in it that the budget can satisfy")
     p.add_argument("--allocation", help="alloc: an allocation report (compress's allocation.json 'allocation', or "
                                         "its bare report) computed on the same calibration images, e.g. on another "
                                         "machine; its ratio, weighting and error cap must match the flags")
@@ -123,22 +126,26 @@ def main() -> None:
     for r in rows:
         _row_defaults(r)
     for name in a.models.split(","):
-        calib, aug, ev = datasets(name, a.seed)
+        calib, aug, ev = datasets(name, a.seed, a.train_pool)
+        seen = train_eval_set(name, a.train_pool)
         teacher = build_model(name)
         if name not in teachers:
             teachers[name] = evaluate(teacher, make_loader(ev, 250))["top1"]      # on the CPU, as deployed
         loader = make_loader(calib, 128, shuffle=True, seed=a.seed)
         batches = order = options = None      # calibration images and RD table: once per model, if needed
+        done_alloc: set = set()
         for ratio in [float(r) for r in a.ratios.split(",")]:
             for bits in [int(b) for b in a.codebook_bits.split(",")]:
-                for method in a.methods.split(","):
+                for method, cap in _method_caps(a.methods, a.alloc_max_error):
                     weighting = a.alloc_weighting if method == "alloc" else "none"
-                    cap = a.alloc_max_error if method == "alloc" else None
+                    if method == "alloc" and (ratio, bits) in done_alloc:
+                        continue                # a tighter cap of the list already gave this row
                     key = dict(model=name, method=method, codebook_bits=bits, target_ratio=ratio, em=em,
                                alloc_weighting=weighting, alloc_max_error=cap, mixup=a.mixup,
                                layer_steps=a.layer_steps, global_steps=a.global_steps, calib_images=a.calib_images,
-                               batch_size=a.batch_size, seed=a.seed)
+                               batch_size=a.batch_size, seed=a.seed, train_pool=a.train_pool)
                     if any(all(r.get(k) == v for k, v in key.items()) for r in rows):
+                        done_alloc.add((ratio, bits)) if method == "alloc" else None
                         continue
                     cfg = zoo_config(name, "small", calib_images=a.calib_images, seed=a.seed, codebook_bits=bits,
                                      em=EMConfig(**em), alloc_weighting=weighting, alloc_max_error=cap)
@@ -168,22 +175,33 @@ def main() -> None:
                     ck = None
                     if a.checkpoint_root:
                         ck = Path(a.checkpoint_root) / fingerprint(key, given)
-                    q = compress(teacher, loader, cfg,
-                                 arch={"name": name, "source": "zoo", "preprocess": get_entry(name).preprocess},
-                                 finetune=ft if ft.enabled else None, train_data=aug, target_ratio=target,
-                                 device=a.device, checkpoint_dir=ck)
+                    try:
+                        q = compress(teacher, loader, cfg,
+                                     arch={"name": name, "source": "zoo", "preprocess": get_entry(name).preprocess},
+                                     finetune=ft if ft.enabled else None, train_data=aug, target_ratio=target,
+                                     device=a.device, checkpoint_dir=ck)
+                    except ValueError as e:
+                        if cap is None or "no allocation keeps" not in str(e):
+                            raise
+                        print(f"{name} {ratio:g}x: cap {cap:g} infeasible ({e}); next cap", flush=True)
+                        continue
+                    if method == "alloc":
+                        done_alloc.add((ratio, bits))
                     wall = time.perf_counter() - t0
                     q = q.cpu()                 # top-1 measured on the CPU, as deployed
                     if given is not None:
                         q.bitdown.extra["allocation"] = given
                     rep = size_report(q, q.bitdown.plans)
                     res = evaluate(q, make_loader(ev, 250), teacher=teacher)
+                    res_seen = evaluate(q, make_loader(seen, 250), teacher=teacher)
                     n_layers = len(q.bitdown.plans)
                     if method == "alloc":
                         extra["calib_distortion"] = sum(v["rel_err2"] for v in
                                                         q.bitdown.extra["allocation"]["layers"].values())
                     rows.append(dict(key, **extra, teacher_top1=teachers[name], top1=res["top1"],
                                      drop=teachers[name] - res["top1"], agreement=res["agreement"],
+                                     train_top1=res_seen["top1"], train_agreement=res_seen["agreement"],
+                                     n_train_eval=res_seen["n"],
                                      size_mb=rep.size_mb, ratio=rep.ratio, bytes_on_disk=disk_bytes(q), wall_s=wall,
                                      ft_images=(a.layer_steps * n_layers + a.global_steps) * a.batch_size,
                                      device=_device_name(a.device),
@@ -195,9 +213,17 @@ def main() -> None:
     write_report(path)
 
 
+def _method_caps(methods: str, caps: str | None) -> list[tuple[str, float | None]]:
+    """(method, error cap) in run order: alloc once per cap of the list (the first feasible one is kept),
+    the other methods uncapped."""
+    cap_list = [None if c in ("none", "") else float(c) for c in (caps or "none").split(",")]
+    return [(m, c) for m in methods.split(",") for c in (cap_list if m == "alloc" else [None])]
+
+
 def _row_defaults(row: dict) -> None:
     """Fill the settings rows written before they existed, with the values those runs used."""
-    for k, v in (("em", {}), ("alloc_weighting", "none"), ("mixup", 0.0), ("alloc_max_error", None)):
+    for k, v in (("em", {}), ("alloc_weighting", "none"), ("mixup", 0.0), ("alloc_max_error", None),
+                 ("train_pool", None)):
         row.setdefault(k, v)
 
 
@@ -231,7 +257,7 @@ def merge(path: Path, others: list[Path]) -> None:
         _row_defaults(r)
     settings = ("model", "method", "codebook_bits", "target_ratio", "em", "alloc_weighting", "alloc_max_error",
                 "mixup", "layer_steps",
-                "global_steps", "calib_images", "batch_size", "seed")
+                "global_steps", "calib_images", "batch_size", "seed", "train_pool")
     for other in others:
         od = json.loads(other.read_text())
         doc["teachers"].update(od["teachers"])
@@ -263,21 +289,26 @@ def write_report(path: Path) -> None:
              "group of same-shape layers (share_same_shape). All then get the same fine-tuning "
              "(layer steps per layer + global steps, batch size as stated; labels never used). Top-1 on images "
              "never used for calibration (CIFAR-10 test set; EfficientNet-Lite0: the held-out 500). "
+             "'top-1 on seen images': top-1 on (at most 2,000 of) the unlabelled training images the "
+             "compression calibrated and fine-tuned on, against their labels (over-fitting shows as a gap to the "
+             "held-out top-1; '-': not measured then). "
              "'run on': where the forward passes and fine-tuning ran (a GPU row: EM on that machine's CPU, "
              "top-1 on its CPU); wall s is that machine's, and since session 6 a later row of the same model in "
              "one process reuses its rate-distortion table (minutes on the 2-core CPU).", "",
              "| model | method | codebook | target | ratio | MB | bytes on disk | top-1 % | teacher % | drop (pt) | "
-             "agreement % | calib. distortion | FT steps (layer/global x batch) | run on | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "agreement % | top-1 on seen images % | calib. distortion | FT steps (layer/global x batch) | run on | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         meth = r["method"] + (f" ({r['preset']})" if r.get("preset") else "")
         meth += ", sensitivity-weighted" if r.get("alloc_weighting", "none") != "none" else ""
         meth += "".join(f", {k}={v}" for k, v in r.get("em", {}).items())
         meth += f", max error {r['alloc_max_error']:g}" if r.get("alloc_max_error") else ""
         meth += f", mixup {r['mixup']:g}" if r.get("mixup") else ""
+        meth += f", {r['train_pool']} training images" if r.get("train_pool") else ""
+        seen = f"{r['train_top1']:.1f}" if r.get("train_top1") is not None else "-"
         lines.append(f"| {r['model']} | {meth} | {'int8' if r['codebook_bits'] == 8 else 'fp16'} | "
                      f"{r['target_ratio']:.0f}x | {r['ratio']:.2f}x | {r['size_mb']:.4f} | {r['bytes_on_disk']:,} | "
-                     f"{r['top1']:.2f} | {r['teacher_top1']:.2f} | {r['drop']:.2f} | {r['agreement']:.1f} | "
+                     f"{r['top1']:.2f} | {r['teacher_top1']:.2f} | {r['drop']:.2f} | {r['agreement']:.1f} | {seen} | "
                      f"{_dist(r)} | {r['layer_steps']}/{r['global_steps']} x "
                      f"{r['batch_size']} | {r.get('device', 'cpu')} | {r['wall_s']:.0f} |")
     (path.parent / (path.stem + ".md")).write_text("\n".join(lines) + "\n")
@@ -295,6 +326,7 @@ def write_report(path: Path) -> None:
             meth = r["method"] + ("+sens" if r.get("alloc_weighting", "none") != "none" else "")
             meth += f"+cap{r['alloc_max_error']:g}" if r.get("alloc_max_error") else ""
             meth += f"+mixup{r['mixup']:g}" if r.get("mixup") else ""
+            meth += f"+pool{r['train_pool']}" if r.get("train_pool") else ""
             meth += " (GPU)" if r.get("device", "cpu") != "cpu" else ""
             return meth, r["codebook_bits"], r["global_steps"], json.dumps(r.get("em", {}), sort_keys=True)
         for (meth, bits, steps, em) in sorted({group(r) for r in mr}):
