@@ -6,6 +6,8 @@ after EM and after BatchNorm re-estimation. Used to diagnose the EfficientNet-Li
 Variants (name -> how the QuantConfig differs from the zoo `small` preset with the default EM):
     small         default EM without teacher targets (the default before session 2)
     small_tt      + em.teacher_target (quantize the weight mapping compressed inputs to teacher outputs)
+    small_tt_mc   + em.mean_correction (each layer's output mean moved back to the teacher's, meancorrect.py)
+    small_mc      small + em.mean_correction
     small_paper   the paper's EM
     allocR[_tt]   rate-distortion allocation at R x (allocate.py) [+ teacher_target]
 
@@ -37,6 +39,8 @@ from bitdown.zoo import build_model  # noqa: E402
 VARIANTS: dict[str, dict] = {
     "small": {"em": {"teacher_target": False}},
     "small_tt": {"em": {"teacher_target": True}},
+    "small_tt_mc": {"em": {"teacher_target": True, "mean_correction": True}},
+    "small_mc": {"em": {"teacher_target": False, "mean_correction": True}},
     "small_paper": {"em": "paper"},
     "alloc20": {"target_ratio": 20.0, "em": {"teacher_target": False}},
     "alloc20_tt": {"target_ratio": 20.0, "em": {"teacher_target": True}},

@@ -27,9 +27,11 @@ from tqdm.auto import tqdm
 from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from .config import LayerPlan, QuantConfig, quantizable_layers, resolve_plan, share_groups
 from .em import assign_codes, kmeans, kmeans_shared
+from .meancorrect import correct_mean, following_batchnorm, output_mean_shift
 from .modules import empty_pq_like, is_pq, module_device, quantize_module, round_codebook, round_codebooks_
 from .size import size_report
-from .stats import StatsCollector, capture_input, collect_stats, run_until, teacher_target_weight
+from .stats import StatsCollector, collect_stats, run_until, teacher_target_weight
+from .teacher_inputs import TeacherInputs
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +253,9 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     modules = dict(student.named_modules())
     teacher_modules = dict(teacher.named_modules())
     shared = _learn_shared(teacher, plans, done, calib, config)   # group -> initial codebook
+    bn_after = (following_batchnorm(student, calib[0][:2], [p.name for p in plans])
+                if config.em.mean_correction else {})
+    teacher_inputs = TeacherInputs(teacher, [teacher_modules[p.name] for p in plans], calib)
     bar = tqdm(plans, desc="quantize", unit="layer", disable=not progress, initial=done, total=len(plans))
     for i, plan in enumerate(plans[done:], start=done):
         t1 = time.perf_counter()
@@ -261,8 +266,8 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
                                    output_stats=weighted, cross_gram=cross)
         try:
             if cross:       # each batch: the teacher's input at this layer, then the student's
-                for x in calib:
-                    collector.reference = capture_input(teacher, teacher_modules[plan.name], x)
+                for b, x in enumerate(calib):
+                    collector.reference = teacher_inputs.get(i, b)
                     run_until(student, [x], module)
             else:
                 run_until(student, calib, module)
@@ -290,6 +295,13 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
             quantize_module(module, codebook, res.codes, plan.codebook_bits)
             if owner is not None:
                 module.codebook = owner                         # one Parameter for the whole group
+        if config.em.mean_correction:
+            w_ref = teacher_modules[plan.name].weight if cross else w0
+            delta = output_mean_shift(st, module.weight.detach().cpu(), w_ref.detach().cpu())   # (C_out,)
+            bn = modules[bn_after[plan.name]] if plan.name in bn_after else None
+            shift["mean_shift"] = float(delta.norm() / st.output_mean(w_ref.detach().cpu(), cross).norm()
+                                        .clamp_min(1e-12))
+            shift["mean_corrected_in"] = correct_mean(module, bn, delta)
         info.layers[plan.name] = {"rel_error": res.rel_error, "exact": res.exact, "n_iter": res.n_iter,
                                   "objective": res.objective, "stats_s": t_stats,
                                   **shift,
@@ -347,14 +359,19 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     return student.eval()
 
 
-# config keys added after checkpoints were first written (QuantConfig / FinetuneConfig) -> their defaults
+# config keys added after checkpoints were first written (QuantConfig / FinetuneConfig, and the "em" dict
+# inside QuantConfig) -> their defaults
 ADDED_KEYS = {"alloc_max_error": None, "mixup": 0.0}
+ADDED_EM_KEYS = {"mean_correction": False}
 
 
 def _fp_json(d: dict[str, Any]) -> dict[str, Any]:
     """`d` without the ADDED_KEYS that hold their defaults, so a checkpoint made before those keys
     existed still matches a run that does not use them."""
-    return {k: v for k, v in d.items() if not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
+    out = {k: v for k, v in d.items() if not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
+    if isinstance(out.get("em"), dict):
+        out["em"] = {k: v for k, v in out["em"].items() if not (k in ADDED_EM_KEYS and v == ADDED_EM_KEYS[k])}
+    return out
 
 
 def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:

@@ -12,6 +12,8 @@ a weight row, so X splits into nb = R / d column blocks X_b. We accumulate, in f
     cross_gram[g]     = X_g^T T_g                  (groups, R, R)       only with a reference input:
                                                    T are the same images' patches at the same layer
                                                    of the *uncompressed* model (teacher_target_weight)
+    in_sum[g], ref_sum[g] = column sums of X_g, T_g (groups, R)         with the full / cross Gram:
+                                                   the layer's mean output for any weight (output_mean)
 
 plus the number of rows. Sums accumulate on the device of the activations (the model's device);
 `LayerStats.to('cpu')` hands them to the EM, which always runs on the CPU in float64 (float64 is slow
@@ -48,6 +50,8 @@ class LayerStats:
     out_sum: torch.Tensor | None = None    # (C_out,) float64: sum of the layer's outputs (bias excluded)
     out_sqsum: torch.Tensor | None = None  # (C_out,) float64: sum of their squares
     cross_gram: torch.Tensor | None = None  # (groups, R, R) float64: X^T T (student x teacher patches)
+    in_sum: torch.Tensor | None = None      # (groups, R) float64: column sums of X (with the full Gram)
+    ref_sum: torch.Tensor | None = None     # (groups, R) float64: column sums of T (with the cross Gram)
 
     def output_variance(self) -> torch.Tensor:
         """Per-output-channel variance of the layer's outputs (bias excluded), (C_out,) float64."""
@@ -61,7 +65,19 @@ class LayerStats:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
         return LayerStats(self.block_size, mv(self.block_grams), mv(self.full_gram), self.n_rows, self.n_images,
-                          mv(self.out_sum), mv(self.out_sqsum), mv(self.cross_gram))
+                          mv(self.out_sum), mv(self.out_sqsum), mv(self.cross_gram), mv(self.in_sum),
+                          mv(self.ref_sum))
+
+    def output_mean(self, weight: torch.Tensor, reference: bool = False) -> torch.Tensor:
+        """Mean over the calibration rows of the layer's output (bias excluded) with `weight`:
+        mean(X) W^T per group, or mean(T) W^T with `reference` (the teacher's inputs). (C_out,) float64."""
+        s = self.ref_sum if reference else self.in_sum
+        if s is None or self.n_rows == 0:
+            raise ValueError("input means were not collected (StatsCollector(full_gram=True), and cross_gram=True "
+                             "for the reference)")
+        g, r = s.shape
+        w = weight.detach().to(s.device).reshape(g, -1, r).double()             # (g, C_out/g, R)
+        return torch.einsum("gor,gr->go", w, s / self.n_rows).reshape(-1)       # (C_out,)
 
     @property
     def gram(self) -> torch.Tensor:
@@ -78,8 +94,12 @@ class LayerStats:
         osum = osq = None
         if self.out_sum is not None and other.out_sum is not None:
             osum, osq = self.out_sum + other.out_sum, self.out_sqsum + other.out_sqsum
+        def add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+            return a + b if a is not None and b is not None else None
         return LayerStats(self.block_size, self.block_grams + other.block_grams, full,
-                          self.n_rows + other.n_rows, self.n_images + other.n_images, osum, osq)
+                          self.n_rows + other.n_rows, self.n_images + other.n_images, osum, osq,
+                          add(self.cross_gram, other.cross_gram), add(self.in_sum, other.in_sum),
+                          add(self.ref_sum, other.ref_sum))
 
 
 def layer_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -136,10 +156,13 @@ class StatsCollector:
         f64 = {"dtype": torch.float64, "device": weight.device}       # sums live where the activations are
         self.stats = LayerStats(block_size, torch.zeros(g, nb, block_size, block_size, **f64),
                                 torch.zeros(g, row, row, **f64) if full_gram else None)
+        if full_gram:
+            self.stats.in_sum = torch.zeros(g, row, **f64)
         if cross_gram:
             if not full_gram:
                 raise ValueError("cross_gram needs full_gram")
             self.stats.cross_gram = torch.zeros(g, row, row, **f64)
+            self.stats.ref_sum = torch.zeros(g, row, **f64)
         self.reference: torch.Tensor | None = None     # the teacher's input for the coming batch
         if output_stats:
             c_out = weight.shape[0]
@@ -167,10 +190,12 @@ class StatsCollector:
             if st.full_gram is not None:
                 rows = p.permute(1, 2, 0, 3).reshape(g, r, n * length)      # (g, R, N*L)
                 st.full_gram += torch.bmm(rows, rows.transpose(1, 2)).double()  # (g, R, R)
+                st.in_sum += rows.sum(2).double()                              # (g, R)
                 if st.cross_gram is not None:
                     pt = layer_patches(module, ref[i:i + step].float())      # (N, g, R, L)
                     rows_t = pt.permute(1, 2, 0, 3).reshape(g, r, n * length)  # (g, R, N*L)
                     st.cross_gram += torch.bmm(rows, rows_t.transpose(1, 2)).double()  # (g, R, R)
+                    st.ref_sum += rows_t.sum(2).double()                             # (g, R)
             st.n_rows += n * length
             if st.out_sum is not None:
                 y = _layer_output(module, x[i:i + step].float())             # (rows, C_out)

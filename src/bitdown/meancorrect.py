@@ -1,0 +1,81 @@
+"""Output-mean correction after a layer is quantized (EMConfig.mean_correction).
+
+The EM minimises ||X (W* - W_hat)^T||^2, which leaves a per-channel *mean* error in the layer's outputs:
+
+    delta = mean(X) W_hat^T - mean(T) W^T        (C_out,)
+
+(X: the layer's inputs in the compressed network, T: the same images' inputs in the uncompressed one
+when teacher targets are on, else T = X; the means are over all calibration rows, from the column sums
+StatsCollector keeps with the full Gram). A mean shift is free to undo: the running mean of a
+BatchNorm fed directly by the layer absorbs it (running_mean += delta), otherwise the layer's bias
+(bias -= delta). A layer with neither is left as it is. Nothing is added to the file: the corrected
+running mean / bias are tensors it stores anyway. Cf. "bias correction", Nagel et al. 2019 (DFQ).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from .stats import LayerStats
+
+log = logging.getLogger(__name__)
+
+
+def following_batchnorm(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, str]:
+    """{layer name: name of the BatchNorm whose input *is* that layer's output tensor}, found with one
+    forward of `x` (a small batch). A layer whose output feeds something else first is not listed."""
+    modules = dict(model.named_modules())
+    outputs: dict[int, tuple[str, torch.Tensor]] = {}         # id -> (layer, output kept alive)
+    found: dict[str, str] = {}
+    handles = []
+
+    def after_layer(name):
+        def hook(_m, _inp, out):
+            outputs[id(out)] = (name, out)
+        return hook
+
+    def before_bn(name):
+        def hook(_m, inputs):
+            hit = outputs.get(id(inputs[0]))
+            if hit is not None and hit[1] is inputs[0]:
+                found.setdefault(hit[0], name)
+        return hook
+
+    try:
+        for n in names:
+            handles.append(modules[n].register_forward_hook(after_layer(n)))
+        for n, m in modules.items():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                handles.append(m.register_forward_pre_hook(before_bn(n)))
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(x)
+        finally:
+            model.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def output_mean_shift(stats: LayerStats, weight_q: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """delta = mean(X) W_hat^T - mean(T) W^T, (C_out,) float64 (T = X without teacher statistics)."""
+    reference = stats.ref_sum is not None
+    return stats.output_mean(weight_q) - stats.output_mean(weight, reference=reference)
+
+
+@torch.no_grad()
+def correct_mean(module: nn.Module, bn: nn.Module | None, delta: torch.Tensor) -> str:
+    """Undo the output mean shift `delta` through `bn`'s running mean, else `module`'s bias.
+    Returns where it went: 'batchnorm', 'bias' or 'none'."""
+    if bn is not None and getattr(bn, "running_mean", None) is not None:
+        bn.running_mean += delta.to(bn.running_mean)
+        return "batchnorm"
+    if getattr(module, "bias", None) is not None:
+        module.bias -= delta.to(module.bias)
+        return "bias"
+    return "none"

@@ -1,0 +1,105 @@
+"""The uncompressed model's input at each layer, for teacher targets, computed a window of layers at a time.
+
+With teacher targets every layer needs, for every calibration batch, its input in the *uncompressed*
+network (stats.py cross Gram). Capturing it with one prefix forward per layer and batch
+(`stats.capture_input`) costs as much as the student's own prefix forward: on EfficientNet-Lite0 it was
+~45 % of the sequential statistics pass. The teacher never changes, so one forward can capture the inputs
+of many layers at once: `TeacherInputs` keeps those of a window of consecutive layers (in forward order)
+whose cached inputs fit in `budget_bytes` and recomputes the next window, with one forward per batch
+stopped right after its last layer, when the loop moves past it. The tensors are exactly those
+`capture_input` returns (same forward, same batch), so the statistics do not change.
+A layer called twice per forward keeps its first call's input, as `run_until` does.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from .stats import StopForward, capture_input
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUDGET = 2 << 30       # bytes of cached teacher inputs (2 GiB)
+
+
+class TeacherInputs:
+    """`get(i, b)`: the teacher's input of `layers[i]` on `batches[b]`."""
+
+    def __init__(self, teacher: nn.Module, layers: list[nn.Module], batches: list[torch.Tensor],
+                 budget_bytes: int | None = None) -> None:
+        self.teacher, self.layers, self.batches = teacher, layers, batches
+        self.budget = DEFAULT_BUDGET if budget_bytes is None else budget_bytes
+        self._window: dict[int, list[torch.Tensor]] = {}
+        self._bytes: list[int] | None = None      # per layer, its input on all the batches
+        self.forwards = 0                          # teacher forwards run (for tests and logs)
+
+    def get(self, i: int, b: int) -> torch.Tensor:
+        if i not in self._window:
+            self._fill(i)
+        return self._window[i][b]
+
+    def _sizes(self) -> list[int]:
+        """Bytes of each layer's input over all batches, from one probe forward on one image."""
+        if self._bytes is None:
+            per_image: dict[int, int] = {}
+            x = self.batches[0][:1]
+
+            def size(i):
+                def hook(_m, inputs) -> None:        # returns None: the input is left as it is
+                    per_image.setdefault(i, inputs[0].numel() * inputs[0].element_size())
+                return hook
+
+            handles = [m.register_forward_pre_hook(size(i)) for i, m in enumerate(self.layers)]
+            try:
+                with torch.no_grad():
+                    self.teacher(x)
+            finally:
+                for h in handles:
+                    h.remove()
+            self.forwards += 1
+            n = sum(x.shape[0] for x in self.batches)
+            self._bytes = [per_image.get(i, 0) * n for i in range(len(self.layers))]
+        return self._bytes
+
+    def _fill(self, start: int) -> None:
+        self._window = {}
+        sizes = self._sizes()
+        stop, total = start, 0
+        while stop < len(self.layers) and (stop == start or total + sizes[stop] <= self.budget):
+            total += sizes[stop]
+            stop += 1
+        window = list(range(start, stop))
+        if len(window) == 1:        # one layer: exactly capture_input
+            self._window[start] = [capture_input(self.teacher, self.layers[start], x) for x in self.batches]
+            self.forwards += len(self.batches)
+            return
+        for i in window:
+            self._window[i] = []
+        last = self.layers[window[-1]]
+
+        def grab(i):
+            def hook(module, inputs):
+                if len(self._window[i]) < self._batch + 1:       # first call of this forward only
+                    self._window[i].append(inputs[0].detach())
+                if module is last:
+                    raise StopForward
+            return hook
+
+        handles = [self.layers[i].register_forward_pre_hook(grab(i)) for i in window]
+        try:
+            with torch.no_grad():
+                for self._batch, x in enumerate(self.batches):
+                    try:
+                        self.teacher(x)
+                    except StopForward:
+                        pass
+                    self.forwards += 1
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [i for i in window if len(self._window[i]) != len(self.batches)]
+        if missing:
+            raise ValueError(f"layer {missing[0]} of the plan was not called by the model's forward()")
+        log.debug("teacher inputs of layers %d..%d cached (%.0f MB)", start, stop - 1, total / 2**20)

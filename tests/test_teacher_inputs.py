@@ -1,0 +1,50 @@
+"""TeacherInputs: the windowed cache of the uncompressed model's layer inputs gives exactly what one
+prefix forward per layer (stats.capture_input) gives, whatever the memory budget, with fewer forwards;
+and compress's result does not depend on the budget."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bitdown
+import bitdown.teacher_inputs as ti
+from bitdown import QuantConfig
+from bitdown.stats import capture_input
+from bitdown.teacher_inputs import TeacherInputs
+from test_compress import LAYERS, make_net
+
+
+@pytest.mark.parametrize("budget", [0, 60_000, 10**12])
+def test_same_tensors_as_capture_input(budget):
+    net = make_net()
+    batches = [torch.randn(4, 3, 16, 16), torch.randn(3, 3, 16, 16)]
+    layers = [net.get_submodule(n) for n in LAYERS]
+    cache = TeacherInputs(net, layers, batches, budget_bytes=budget)
+    for i in range(len(layers)):
+        for b, x in enumerate(batches):
+            assert torch.equal(cache.get(i, b), capture_input(net, layers[i], x))
+    if budget == 0:         # one layer per window: a forward per layer and batch (+ the size probe)
+        assert cache.forwards == 1 + len(layers) * len(batches)
+    if budget == 10**12:    # one window: one forward per batch
+        assert cache.forwards == 1 + len(batches)
+    if budget == 60_000:    # conv2's input (57 KB) alone, then conv3 + conv4 + fc (58 KB) in one window
+        assert cache.forwards == 1 + 2 * len(batches)
+
+
+def test_a_layer_the_forward_never_calls_is_named():
+    net = make_net()
+    orphan = torch.nn.Conv2d(3, 3, 1)
+    cache = TeacherInputs(net, [net.conv2, orphan, net.conv3], [torch.randn(2, 3, 16, 16)], budget_bytes=10**12)
+    with pytest.raises(ValueError, match="layer 1 of the plan was not called"):
+        cache.get(0, 0)
+
+
+def test_compress_does_not_depend_on_the_budget(monkeypatch):
+    net = make_net()
+    data = [torch.randn(16, 3, 16, 16) for _ in range(2)]
+    cfg = QuantConfig(n_centroids=8, calib_images=32, batch_size=16)
+    a = bitdown.compress(net, data, cfg, progress=False)
+    monkeypatch.setattr(ti, "DEFAULT_BUDGET", 0)
+    b = bitdown.compress(net, data, cfg, progress=False)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
