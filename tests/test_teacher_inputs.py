@@ -48,3 +48,12 @@ def test_compress_does_not_depend_on_the_budget(monkeypatch):
     b = bitdown.compress(net, data, cfg, progress=False)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka
+
+
+def test_budget_from_the_environment(monkeypatch):
+    monkeypatch.setenv("BITDOWN_TEACHER_CACHE_MB", "0.5")
+    assert ti._budget_from_env() == 2**19
+    for bad in ("lots", "-1", "nan"):
+        monkeypatch.setenv("BITDOWN_TEACHER_CACHE_MB", bad)
+        with pytest.raises(ValueError, match="BITDOWN_TEACHER_CACHE_MB must be a number"):
+            ti._budget_from_env()
