@@ -115,3 +115,18 @@ def test_compress_restores_the_teachers_means(teacher_target):
     assert gaps["on"]["bn1"] < 1e-4 < gaps["off"]["bn1"]
     if teacher_target:      # dw's inputs come from quantized layers: the means match the teacher's exactly
         assert gaps["on"]["bn3"] < 1e-4 < gaps["off"]["bn3"]
+
+
+def test_in_place_ops_between_layer_and_batchnorm_are_not_direct():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+            self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            x = self.bn(self.act(self.conv(x)))
+            return self.bn2(self.conv2(x).mul_(2))
+
+    assert following_batchnorm(M().eval(), torch.randn(2, 4, 4, 4), ["conv", "conv2"]) == {}

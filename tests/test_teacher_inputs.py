@@ -57,3 +57,36 @@ def test_budget_from_the_environment(monkeypatch):
         monkeypatch.setenv("BITDOWN_TEACHER_CACHE_MB", bad)
         with pytest.raises(ValueError, match="BITDOWN_TEACHER_CACHE_MB must be a number"):
             ti._budget_from_env()
+
+
+def test_copies_survive_later_in_place_ops_and_windows_are_released():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = (torch.nn.Linear(4, 4) for _ in range(3))
+
+        def forward(self, x):
+            x = x * 1.0
+            x += self.fc1(x)            # in place on fc1's input, after fc1 has run
+            x += self.fc2(x)
+            return self.fc3(x)
+
+    m = M().eval()
+    batches = [torch.randn(3, 4)]
+    layers = [m.fc1, m.fc2, m.fc3]
+    cache = TeacherInputs(m, layers, batches, budget_bytes=10**12)
+    for i, layer in enumerate(layers):
+        assert torch.equal(cache.get(i, 0), capture_input(m, layer, batches[0]))
+        cache.release(i)
+    assert cache._window == {}
+
+
+def test_a_layer_over_the_budget_is_captured_batch_by_batch():
+    net = make_net()
+    batches = [torch.randn(4, 3, 16, 16), torch.randn(3, 3, 16, 16)]
+    layers = [net.get_submodule(n) for n in LAYERS]
+    cache = TeacherInputs(net, layers, batches, budget_bytes=30_000)    # conv2's 57 KB do not fit
+    assert torch.equal(cache.get(0, 1), capture_input(net, layers[0], batches[1]))
+    assert cache._window == {}                                          # nothing kept for it
+    assert torch.equal(cache.get(1, 0), capture_input(net, layers[1], batches[0]))
+    assert 1 in cache._window

@@ -262,13 +262,15 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
         module = modules[plan.name]
         weighted = config.em.channel_weighting == "variance" and config.em.objective != "weights"
         cross = config.em.teacher_target
-        collector = StatsCollector(plan.name, module, plan.block_size, full_gram=config.em.needs_full_gram or cross,
+        collector = StatsCollector(plan.name, module, plan.block_size, full_gram=config.em.needs_full_gram or cross or config.em.mean_correction,
                                    output_stats=weighted, cross_gram=cross)
         try:
             if cross:       # each batch: the teacher's input at this layer, then the student's
                 for b, x in enumerate(calib):
                     collector.reference = teacher_inputs.get(i, b)
                     run_until(student, [x], module)
+                collector.reference = None
+                teacher_inputs.release(i)
             else:
                 run_until(student, calib, module)
         finally:
@@ -319,6 +321,7 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
         if checkpoint_dir is not None:
             _save(checkpoint_dir, student, plans[: i + 1], info, fp, stage="layers")
     bar.close()
+    del teacher_inputs                  # its last window: not kept through BN and fine-tuning
     info.timings["quantize_s"] = time.perf_counter() - t0
 
     if resume.get("stage") != "global":

@@ -62,7 +62,8 @@ class EMConfig:
     channel_weighting: str = "none"  # 'variance': weight each output channel's error by 1/Var(y_o), the
                                      # scale a following BatchNorm applies; 'none': the paper's plain sum
     mean_correction: bool = False   # after each layer, move its output mean back to the teacher's through the
-                                    # BatchNorm it feeds (running mean) or its bias (meancorrect.py)
+                                    # BatchNorm it feeds (running mean) or its bias (meancorrect.py); a later
+                                    # BN re-estimation (bn_recalibrate) replaces the running means again
 
     def __post_init__(self) -> None:
         if self.n_iter < 0:
@@ -86,7 +87,7 @@ class EMConfig:
 
     @property
     def needs_full_gram(self) -> bool:
-        return self.error_feedback or self.code_reopt > 0 or self.codebook_refit or self.mean_correction
+        return self.error_feedback or self.code_reopt > 0 or self.codebook_refit
 
     @classmethod
     def paper(cls, **kw: Any) -> "EMConfig":

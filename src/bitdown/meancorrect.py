@@ -8,7 +8,9 @@ The EM minimises ||X (W* - W_hat)^T||^2, which leaves a per-channel *mean* error
 when teacher targets are on, else T = X; the means are over all calibration rows, from the column sums
 StatsCollector keeps with the full Gram). A mean shift is free to undo: the running mean of a
 BatchNorm fed directly by the layer absorbs it (running_mean += delta), otherwise the layer's bias
-(bias -= delta). A layer with neither is left as it is. Nothing is added to the file: the corrected
+(bias -= delta). A layer with neither is left as it is. A BatchNorm re-estimation afterwards (QuantConfig
+.bn_recalibrate, on by default only without teacher targets) replaces the corrected running means; the
+correction then only shaped the statistics of the layers quantized after it. Nothing is added to the file: the corrected
 running mean / bias are tensors it stores anyway. Cf. "bias correction", Nagel et al. 2019 (DFQ).
 """
 from __future__ import annotations
@@ -24,22 +26,26 @@ log = logging.getLogger(__name__)
 
 
 def following_batchnorm(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, str]:
-    """{layer name: name of the BatchNorm whose input *is* that layer's output tensor}, found with one
-    forward of `x` (a small batch). A layer whose output feeds something else first is not listed."""
+    """{layer name: name of the BatchNorm whose input *is* that layer's output tensor, unchanged}, found
+    with one forward of `x` (a small batch). A layer whose output passes through anything first (a ReLU,
+    in place or not) is not listed. A layer whose output feeds the BatchNorm *and* another consumer (a
+    skip path) is listed: only the BatchNorm path is corrected."""
     modules = dict(model.named_modules())
-    outputs: dict[int, tuple[str, torch.Tensor]] = {}         # id -> (layer, output kept alive)
+    outputs: dict[int, tuple[str, torch.Tensor, int]] = {}    # id -> (layer, output kept alive, its version)
     found: dict[str, str] = {}
     handles = []
 
     def after_layer(name):
-        def hook(_m, _inp, out):
-            outputs[id(out)] = (name, out)
+        def hook(_m, _inp, out) -> None:
+            outputs[id(out)] = (name, out, out._version)
         return hook
 
     def before_bn(name):
-        def hook(_m, inputs):
-            hit = outputs.get(id(inputs[0]))
-            if hit is not None and hit[1] is inputs[0]:
+        def hook(_m, inputs) -> None:
+            x = inputs[0]
+            hit = outputs.get(id(x))
+            # the same tensor, not changed in place since (an in-place ReLU / scale keeps the object)
+            if hit is not None and hit[1] is x and x._version == hit[2]:
                 found.setdefault(hit[0], name)
         return hook
 

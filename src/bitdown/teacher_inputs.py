@@ -6,8 +6,10 @@ network (stats.py cross Gram). Capturing it with one prefix forward per layer an
 ~45 % of the sequential statistics pass. The teacher never changes, so one forward can capture the inputs
 of many layers at once: `TeacherInputs` keeps those of a window of consecutive layers (in forward order)
 whose cached inputs fit in `budget_bytes` and recomputes the next window, with one forward per batch
-stopped right after its last layer, when the loop moves past it. The cache lives where the activations
-are (the GPU with `device="cuda"`), so it adds up to the budget to the peak memory there. The tensors are exactly those
+stopped right before its last layer computes, when the loop moves past it (a layer is dropped once its
+statistics are done). A layer whose inputs alone exceed the budget is captured one batch at a time, as
+before. The cache lives where the activations are (the GPU with `device="cuda"`), so it adds up to the
+budget to the peak memory there during the layer loop, and nothing after it. The tensors are exactly those
 `capture_input` returns (same forward, same batch), so the statistics do not change.
 A layer called twice per forward keeps its first call's input, as `run_until` does.
 """
@@ -23,8 +25,8 @@ from .stats import StopForward, capture_input
 
 log = logging.getLogger(__name__)
 
-# bytes of cached teacher inputs: 1 GiB, or BITDOWN_TEACHER_CACHE_MB (0: one prefix forward per layer,
-# the smallest memory). On EfficientNet-Lite0 with 128 calibration images (3.7 GB of layer inputs in all)
+# bytes of cached teacher inputs: 1 GiB, or BITDOWN_TEACHER_CACHE_MB (0: one prefix forward per layer and
+# batch, the memory of session 6). On EfficientNet-Lite0 with 128 calibration images (3.7 GB of layer inputs in all)
 # that is ~5 windows instead of 49 forwards per batch.
 def _budget_from_env() -> int:
     text = os.environ.get("BITDOWN_TEACHER_CACHE_MB", "1024")
@@ -41,7 +43,7 @@ DEFAULT_BUDGET = _budget_from_env()
 
 
 class TeacherInputs:
-    """`get(i, b)`: the teacher's input of `layers[i]` on `batches[b]`."""
+    """`get(i, b)`: the teacher's input of `layers[i]` on `batches[b]`; `release(i)` once layer i is done."""
 
     def __init__(self, teacher: nn.Module, layers: list[nn.Module], batches: list[torch.Tensor],
                  budget_bytes: int | None = None) -> None:
@@ -52,9 +54,17 @@ class TeacherInputs:
         self.forwards = 0                          # teacher forwards run (for tests and logs)
 
     def get(self, i: int, b: int) -> torch.Tensor:
-        if i not in self._window:
-            self._fill(i)
+        if i in self._window:
+            return self._window[i][b]
+        if self._sizes()[i] > self.budget:         # too big to keep for all batches: one batch at a time
+            self.forwards += 1
+            return capture_input(self.teacher, self.layers[i], self.batches[b])
+        self._fill(i)
         return self._window[i][b]
+
+    def release(self, i: int) -> None:
+        """Free layer i's cached inputs (its statistics are done)."""
+        self._window.pop(i, None)
 
     def _sizes(self) -> list[int]:
         """Bytes of each layer's input over all batches, from one probe forward on one image."""
@@ -80,25 +90,24 @@ class TeacherInputs:
         return self._bytes
 
     def _fill(self, start: int) -> None:
+        """Cache the inputs of layers start.. (as many as fit the budget) with one forward per batch, stopped
+        right before the window's last layer computes. Copies, not views: a later in-place op of the
+        forward cannot change them, and they do not keep larger buffers alive."""
         self._window = {}
         sizes = self._sizes()
         stop, total = start, 0
-        while stop < len(self.layers) and (stop == start or total + sizes[stop] <= self.budget):
+        while stop < len(self.layers) and total + sizes[stop] <= self.budget:
             total += sizes[stop]
             stop += 1
         window = list(range(start, stop))
-        if len(window) == 1:        # one layer: exactly capture_input
-            self._window[start] = [capture_input(self.teacher, self.layers[start], x) for x in self.batches]
-            self.forwards += len(self.batches)
-            return
-        for i in window:
-            self._window[i] = []
+        got: dict[int, list[torch.Tensor]] = {i: [] for i in window}
         last = self.layers[window[-1]]
+        batch = 0
 
         def grab(i):
-            def hook(module, inputs):
-                if len(self._window[i]) < self._batch + 1:       # first call of this forward only
-                    self._window[i].append(inputs[0].detach())
+            def hook(module, inputs) -> None:
+                if len(got[i]) == batch:                  # first call of this forward only
+                    got[i].append(inputs[0].detach().clone())
                 if module is last:
                     raise StopForward
             return hook
@@ -106,16 +115,17 @@ class TeacherInputs:
         handles = [self.layers[i].register_forward_pre_hook(grab(i)) for i in window]
         try:
             with torch.no_grad():
-                for self._batch, x in enumerate(self.batches):
+                for batch, x in enumerate(self.batches):
                     try:
                         self.teacher(x)
                     except StopForward:
                         pass
                     self.forwards += 1
+                    missing = [i for i in window if len(got[i]) != batch + 1]
+                    if missing:
+                        raise ValueError(f"layer {missing[0]} of the plan was not called by the model's forward()")
         finally:
             for h in handles:
                 h.remove()
-        missing = [i for i in window if len(self._window[i]) != len(self.batches)]
-        if missing:
-            raise ValueError(f"layer {missing[0]} of the plan was not called by the model's forward()")
+        self._window = got
         log.debug("teacher inputs of layers %d..%d cached (%.0f MB)", start, stop - 1, total / 2**20)
