@@ -123,6 +123,7 @@ def main() -> None:
     doc = json.loads(path.read_text()) if path.exists() else {}
     rows, teachers = doc.get("rows", []), doc.get("teachers", {})
     em = json.loads(a.em)
+    em_key = {k: v for k, v in em.items() if dataclasses.asdict(EMConfig()).get(k, object()) != v}
     for r in rows:
         _row_defaults(r)
     for name in a.models.split(","):
@@ -140,7 +141,7 @@ def main() -> None:
                     weighting = a.alloc_weighting if method == "alloc" else "none"
                     if method == "alloc" and (ratio, bits) in done_alloc:
                         continue                # a tighter cap of the list already gave this row
-                    key = dict(model=name, method=method, codebook_bits=bits, target_ratio=ratio, em=em,
+                    key = dict(model=name, method=method, codebook_bits=bits, target_ratio=ratio, em=em_key,
                                alloc_weighting=weighting, alloc_max_error=cap, mixup=a.mixup,
                                layer_steps=a.layer_steps, global_steps=a.global_steps, calib_images=a.calib_images,
                                batch_size=a.batch_size, seed=a.seed, train_pool=a.train_pool)
@@ -221,10 +222,13 @@ def _method_caps(methods: str, caps: str | None) -> list[tuple[str, float | None
 
 
 def _row_defaults(row: dict) -> None:
-    """Fill the settings rows written before they existed, with the values those runs used."""
+    """Fill the settings rows written before they existed, with the values those runs used, and drop EM
+    options equal to EMConfig's defaults (a row asking teacher_target=True ran the default EM)."""
     for k, v in (("em", {}), ("alloc_weighting", "none"), ("mixup", 0.0), ("alloc_max_error", None),
                  ("train_pool", None)):
         row.setdefault(k, v)
+    default = dataclasses.asdict(EMConfig())
+    row["em"] = {k: v for k, v in row["em"].items() if default.get(k, object()) != v}
 
 
 def _given_allocation(path: Path, ratio: float, weighting: str, cap: float | None, model, cfg) -> dict:
@@ -289,6 +293,7 @@ def write_report(path: Path) -> None:
              "group of same-shape layers (share_same_shape). All then get the same fine-tuning "
              "(layer steps per layer + global steps, batch size as stated; labels never used). Top-1 on images "
              "never used for calibration (CIFAR-10 test set; EfficientNet-Lite0: the held-out 500). "
+             "EM options are listed where they differ from EMConfig's defaults (teacher targets on). "
              "'top-1 on seen images': top-1 on (at most 2,000 of) the unlabelled training images the "
              "compression calibrated and fine-tuned on, against their labels (over-fitting shows as a gap to the "
              "held-out top-1; '-': not measured then). "
@@ -319,7 +324,7 @@ def write_report(path: Path) -> None:
     except ImportError:
         return
     models = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 5.5), squeeze=False)
     for ax, model in zip(axes[0], models):
         mr = [r for r in rows if r["model"] == model]
         def group(r):
@@ -331,7 +336,7 @@ def write_report(path: Path) -> None:
             return meth, r["codebook_bits"], r["global_steps"], json.dumps(r.get("em", {}), sort_keys=True)
         for (meth, bits, steps, em) in sorted({group(r) for r in mr}):
             pts = sorted((r["size_mb"] * 1024, r["top1"]) for r in mr if group(r) == (meth, bits, steps, em))
-            em_label = "" if em == "{}" else " " + ",".join(f"{k}" for k in json.loads(em))
+            em_label = "" if em == "{}" else " " + ",".join(f"{k}={v}" for k, v in json.loads(em).items())
             ax.plot(*zip(*pts), marker="o",
                     label=f"{meth}{em_label} {'int8' if bits == 8 else 'fp16'} cb, {steps} global steps")
         ax.axhline(doc["teachers"][model], color="k", ls="--", lw=1, label="teacher")
@@ -339,7 +344,7 @@ def write_report(path: Path) -> None:
         ax.set_xlabel("paper-style size (KB)")
         ax.set_ylabel("top-1 %")
         ax.set_title(model)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     fig.tight_layout()
     fig.savefig(path.parent / (path.stem + ".png"), dpi=110)
 
