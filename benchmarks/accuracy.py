@@ -43,36 +43,43 @@ RESULTS = ROOT / "benchmarks" / "results"
 ASSETS = Path(os.environ.get("BITDOWN_ASSETS", ROOT.parent / "shared" / "assets"))
 
 
+CIFAR_TRAIN, CIFAR_TEST = ASSETS / "cifar10/cifar10-train-jpeg.zip", ASSETS / "cifar10/cifar10-test-jpeg.zip"
+IMAGENET = ASSETS / "imagenet/imagenet-sample-images-256.zip"
+
+
+def _pool_indices(name: str, pool: int | None) -> list[int]:
+    """The training images a run with `pool` calibrates and fine-tunes on, as indices of the source: CIFAR a
+    fixed seeded subset of the 50,000 (all of them, permuted, for None), EfficientNet the first `pool` of
+    its 500 calibration images (the seeded 500/500 split of the 1,000)."""
+    if get_entry(name).preprocess == "cifar10":
+        return split_indices(50000, [pool or 50000], seed=0)[0]
+    calib_idx = split_indices(1000, [500, 500], seed=0)[0]
+    if pool is not None and pool > len(calib_idx):
+        raise ValueError(f"{name} has {len(calib_idx)} calibration images, not {pool}")
+    return calib_idx[:pool or len(calib_idx)]
+
+
 def datasets(name: str, seed: int = 0, pool: int | None = None):
     """(calibration, augmented training stream, labelled evaluation) datasets for a zoo model.
-    pool: calibration and training use only this many training images (a fixed seeded subset; CIFAR:
-    of the 50,000, EfficientNet: the first of its 500 calibration images); None: all of them."""
+    pool: calibration and training use only this many training images (`_pool_indices`); None: all."""
     pre = get_entry(name).preprocess
     if pre == "cifar10":
-        zip_train, zip_test = ASSETS / "cifar10/cifar10-train-jpeg.zip", ASSETS / "cifar10/cifar10-test-jpeg.zip"
-        idx = None if pool is None else split_indices(50000, [pool], seed=0)[0]
-        return (ImageDataset(zip_train, pre, indices=idx), ImageDataset(zip_train, pre, indices=idx, train=True,
-                                                                        seed=seed),
-                ImageDataset(zip_test, pre, labels="parent"))
-    src = ASSETS / "imagenet/imagenet-sample-images-256.zip"
-    calib_idx, eval_idx = split_indices(1000, [500, 500], seed=0)
-    if pool is not None:
-        if pool > len(calib_idx):
-            raise ValueError(f"{name} has {len(calib_idx)} calibration images, not {pool}")
-        calib_idx = calib_idx[:pool]
-    return (ImageDataset(src, pre, indices=calib_idx), ImageDataset(src, pre, indices=calib_idx, train=True, seed=seed),
-            ImageDataset(src, pre, labels="wnid", indices=eval_idx))
+        idx = None if pool is None else _pool_indices(name, pool)        # None: the zip's own order
+        return (ImageDataset(CIFAR_TRAIN, pre, indices=idx),
+                ImageDataset(CIFAR_TRAIN, pre, indices=idx, train=True, seed=seed),
+                ImageDataset(CIFAR_TEST, pre, labels="parent"))
+    calib_idx, eval_idx = _pool_indices(name, pool), split_indices(1000, [500, 500], seed=0)[1]
+    return (ImageDataset(IMAGENET, pre, indices=calib_idx), ImageDataset(IMAGENET, pre, indices=calib_idx, train=True,
+                                                                         seed=seed),
+            ImageDataset(IMAGENET, pre, labels="wnid", indices=eval_idx))
 
 
 def train_eval_set(name: str, pool: int | None = None, n: int = 2000) -> ImageDataset:
     """Labelled (un-augmented) training images the compression saw: at most `n` of the pool `datasets`
     calibrates and fine-tunes on. Top-1 here against top-1 on the held-out images shows over-fitting."""
     pre = get_entry(name).preprocess
-    if pre == "cifar10":
-        idx = split_indices(50000, [pool or 50000], seed=0)[0][:n]
-        return ImageDataset(ASSETS / "cifar10/cifar10-train-jpeg.zip", pre, labels="parent", indices=idx)
-    calib_idx = split_indices(1000, [500, 500], seed=0)[0][:pool or 500][:n]
-    return ImageDataset(ASSETS / "imagenet/imagenet-sample-images-256.zip", pre, labels="wnid", indices=calib_idx)
+    src, labels = (CIFAR_TRAIN, "parent") if pre == "cifar10" else (IMAGENET, "wnid")
+    return ImageDataset(src, pre, labels=labels, indices=_pool_indices(name, pool)[:n])
 
 
 class Bench:

@@ -123,7 +123,7 @@ def main() -> None:
     doc = json.loads(path.read_text()) if path.exists() else {}
     rows, teachers = doc.get("rows", []), doc.get("teachers", {})
     em = json.loads(a.em)
-    em_key = {k: v for k, v in em.items() if dataclasses.asdict(EMConfig()).get(k, object()) != v}
+    em_key = _em_key(em)
     for r in rows:
         _row_defaults(r)
     for name in a.models.split(","):
@@ -146,7 +146,8 @@ def main() -> None:
                                layer_steps=a.layer_steps, global_steps=a.global_steps, calib_images=a.calib_images,
                                batch_size=a.batch_size, seed=a.seed, train_pool=a.train_pool)
                     if any(all(r.get(k) == v for k, v in key.items()) for r in rows):
-                        done_alloc.add((ratio, bits)) if method == "alloc" else None
+                        if method == "alloc":
+                            done_alloc.add((ratio, bits))
                         continue
                     cfg = zoo_config(name, "small", calib_images=a.calib_images, seed=a.seed, codebook_bits=bits,
                                      em=EMConfig(**em), alloc_weighting=weighting, alloc_max_error=cap)
@@ -227,8 +228,13 @@ def _row_defaults(row: dict) -> None:
     for k, v in (("em", {}), ("alloc_weighting", "none"), ("mixup", 0.0), ("alloc_max_error", None),
                  ("train_pool", None)):
         row.setdefault(k, v)
+    row["em"] = _em_key(row["em"])
+
+
+def _em_key(em: dict) -> dict:
+    """The EM options of `em` that differ from EMConfig's defaults (what a row's settings record)."""
     default = dataclasses.asdict(EMConfig())
-    row["em"] = {k: v for k, v in row["em"].items() if default.get(k, object()) != v}
+    return {k: v for k, v in em.items() if default.get(k, object()) != v}
 
 
 def _given_allocation(path: Path, ratio: float, weighting: str, cap: float | None, model, cfg) -> dict:

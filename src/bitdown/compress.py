@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from .config import LayerPlan, QuantConfig, quantizable_layers, resolve_plan, share_groups
 from .em import assign_codes, kmeans, kmeans_shared
-from .meancorrect import correct_mean, following_batchnorm, output_mean_shift
+from .meancorrect import correct_layer_mean, following_batchnorm
 from .modules import empty_pq_like, is_pq, module_device, quantize_module, round_codebook, round_codebooks_
 from .size import size_report
 from .stats import StatsCollector, collect_stats, run_until, teacher_target_weight
@@ -255,14 +255,16 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     shared = _learn_shared(teacher, plans, done, calib, config)   # group -> initial codebook
     bn_after = (following_batchnorm(student, calib[0][:2], [p.name for p in plans])
                 if config.em.mean_correction else {})
-    teacher_inputs = TeacherInputs(teacher, [teacher_modules[p.name] for p in plans], calib)
+    teacher_inputs = (TeacherInputs(teacher, [teacher_modules[p.name] for p in plans], calib)
+                      if config.em.teacher_target else None)
     bar = tqdm(plans, desc="quantize", unit="layer", disable=not progress, initial=done, total=len(plans))
     for i, plan in enumerate(plans[done:], start=done):
         t1 = time.perf_counter()
         module = modules[plan.name]
         weighted = config.em.channel_weighting == "variance" and config.em.objective != "weights"
         cross = config.em.teacher_target
-        collector = StatsCollector(plan.name, module, plan.block_size, full_gram=config.em.needs_full_gram or cross or config.em.mean_correction,
+        collector = StatsCollector(plan.name, module, plan.block_size,
+                                   full_gram=config.em.needs_full_gram or cross or config.em.mean_correction,
                                    output_stats=weighted, cross_gram=cross)
         try:
             if cross:       # each batch: the teacher's input at this layer, then the student's
@@ -298,12 +300,8 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
             if owner is not None:
                 module.codebook = owner                         # one Parameter for the whole group
         if config.em.mean_correction:
-            w_ref = teacher_modules[plan.name].weight if cross else w0
-            delta = output_mean_shift(st, module.weight.detach().cpu(), w_ref.detach().cpu())   # (C_out,)
             bn = modules[bn_after[plan.name]] if plan.name in bn_after else None
-            shift["mean_shift"] = float(delta.norm() / st.output_mean(w_ref.detach().cpu(), cross).norm()
-                                        .clamp_min(1e-12))
-            shift["mean_corrected_in"] = correct_mean(module, bn, delta)
+            shift.update(correct_layer_mean(st, module, bn, teacher_modules[plan.name].weight if cross else w0))
         info.layers[plan.name] = {"rel_error": res.rel_error, "exact": res.exact, "n_iter": res.n_iter,
                                   "objective": res.objective, "stats_s": t_stats,
                                   **shift,

@@ -70,8 +70,23 @@ def following_batchnorm(model: nn.Module, x: torch.Tensor, names: list[str]) -> 
 
 def output_mean_shift(stats: LayerStats, weight_q: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """delta = mean(X) W_hat^T - mean(T) W^T, (C_out,) float64 (T = X without teacher statistics)."""
-    reference = stats.ref_sum is not None
-    return stats.output_mean(weight_q) - stats.output_mean(weight, reference=reference)
+    return _shift_and_reference(stats, weight_q, weight)[0]
+
+
+def _shift_and_reference(stats: LayerStats, weight_q: torch.Tensor, weight: torch.Tensor,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(delta, mean(T) W^T), both (C_out,) float64."""
+    ref = stats.output_mean(weight, reference=stats.ref_sum is not None)
+    return stats.output_mean(weight_q) - ref, ref
+
+
+def correct_layer_mean(stats: LayerStats, module: nn.Module, bn: nn.Module | None, weight: torch.Tensor,
+                       ) -> dict[str, float | str]:
+    """Measure the shift of the quantized `module`'s output mean against `weight`'s (the teacher's) and
+    undo it (correct_mean). Returns {'mean_shift': |delta| / |reference mean|, 'mean_corrected_in': where}."""
+    delta, ref = _shift_and_reference(stats, module.weight.detach().cpu(), weight.detach().cpu())  # (C_out,)
+    return {"mean_shift": float(delta.norm() / ref.norm().clamp_min(1e-12)),
+            "mean_corrected_in": correct_mean(module, bn, delta)}
 
 
 @torch.no_grad()

@@ -88,16 +88,11 @@ class LayerStats:
         if self.block_grams.shape != other.block_grams.shape:
             raise ValueError(f"cannot merge statistics of shapes {tuple(self.block_grams.shape)} "
                              f"and {tuple(other.block_grams.shape)}")
-        full = None
-        if self.full_gram is not None and other.full_gram is not None:
-            full = self.full_gram + other.full_gram
-        osum = osq = None
-        if self.out_sum is not None and other.out_sum is not None:
-            osum, osq = self.out_sum + other.out_sum, self.out_sqsum + other.out_sqsum
         def add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
             return a + b if a is not None and b is not None else None
-        return LayerStats(self.block_size, self.block_grams + other.block_grams, full,
-                          self.n_rows + other.n_rows, self.n_images + other.n_images, osum, osq,
+        return LayerStats(self.block_size, self.block_grams + other.block_grams, add(self.full_gram, other.full_gram),
+                          self.n_rows + other.n_rows, self.n_images + other.n_images,
+                          add(self.out_sum, other.out_sum), add(self.out_sqsum, other.out_sqsum),
                           add(self.cross_gram, other.cross_gram), add(self.in_sum, other.in_sum),
                           add(self.ref_sum, other.ref_sum))
 
