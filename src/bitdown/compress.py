@@ -30,8 +30,10 @@ from .em import assign_codes, kmeans, kmeans_shared
 from .meancorrect import correct_layer_mean, following_batchnorm
 from .modules import empty_pq_like, is_pq, module_device, quantize_module, round_codebook, round_codebooks_
 from .size import size_report
-from .stats import StatsCollector, collect_stats, run_until, teacher_target_weight
-from .teacher_inputs import TeacherInputs
+from .blockio import BlockIO, Cached, TensorStore, dependencies, run_block
+from .blocks import Block, call_order, find_blocks
+from .reconstruct import reconstruct_block
+from .stats import LayerStats, StatsCollector, StopForward, capture_input, collect_stats, teacher_target_weight
 
 log = logging.getLogger(__name__)
 
@@ -99,16 +101,7 @@ def take_images(data: Iterable, n: int, batch_size: int) -> list[torch.Tensor]:
 
 def forward_order(model: nn.Module, x: torch.Tensor) -> list[str]:
     """Names of the Conv2d/Linear layers in the order forward() first calls them."""
-    order: list[str] = []
-    handles = [m.register_forward_pre_hook(lambda _m, _i, n=n: order.append(n) if n not in order else None)
-               for n, m in quantizable_layers(model)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return order
+    return call_order(model, [n for n, _ in quantizable_layers(model)], x)[1]
 
 
 # ----------------------------------------------------------------------------- BatchNorm
@@ -210,7 +203,7 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     t0 = time.perf_counter()
     model.eval()
     # the uncompressed model is needed next to the student for teacher targets and distillation
-    needs_teacher = config.em.teacher_target or finetune is not None
+    needs_teacher = config.em.teacher_target or finetune is not None or config.reconstruct.steps > 0
     dev = resolve_device(model, device)
     teacher = copy.deepcopy(model) if inplace and needs_teacher else model
     student = model if inplace else copy.deepcopy(model)
@@ -222,6 +215,9 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
         check_budget(student, config, target_ratio, target_size)
     calib = [x.to(dev) for x in take_images(data, config.calib_images, config.batch_size)]
     n_calib = sum(x.shape[0] for x in calib)
+    if finetune is not None:       # an output distillation cannot use is refused before any work
+        from .finetune import check_outputs
+        log.info("distillation on the model output: %s", check_outputs(student, calib[0], finetune.loss))
     log.info("calibration: %d images in %d batches", n_calib, len(calib))
     order = forward_order(student, calib[0][:2])
     allocation = None
@@ -232,8 +228,11 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     for name, _ in quantizable_layers(student):
         if name not in order:
             skipped.setdefault(name, "not called by forward() on the calibration images")
+    blocks = find_blocks(student, calib[0][:2], order, config.blocks)
+    plans = _block_order(plans, blocks)
     info = CompressionInfo(arch or {"name": type(model).__name__, "source": "user"}, config.to_json(), plans, skipped)
     info.extra["calib_images"] = n_calib
+    info.extra["blocks"] = [b.name for b in blocks]
     if allocation is not None:
         info.extra["allocation"] = allocation
 
@@ -250,76 +249,12 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
             log.info("resuming from %s: %d/%d layers done, stage %s", checkpoint_dir, done, len(plans),
                      resume["stage"])
 
-    modules = dict(student.named_modules())
-    teacher_modules = dict(teacher.named_modules())
     shared = _learn_shared(teacher, plans, done, calib, config)   # group -> initial codebook
-    bn_after = (following_batchnorm(student, calib[0][:2], [p.name for p in plans])
-                if config.em.mean_correction else {})
-    teacher_inputs = (TeacherInputs(teacher, [teacher_modules[p.name] for p in plans], calib)
-                      if config.em.teacher_target else None)
-    bar = tqdm(plans, desc="quantize", unit="layer", disable=not progress, initial=done, total=len(plans))
-    for i, plan in enumerate(plans[done:], start=done):
-        t1 = time.perf_counter()
-        module = modules[plan.name]
-        weighted = config.em.channel_weighting == "variance" and config.em.objective != "weights"
-        cross = config.em.teacher_target
-        collector = StatsCollector(plan.name, module, plan.block_size,
-                                   full_gram=config.em.needs_full_gram or cross or config.em.mean_correction,
-                                   output_stats=weighted, cross_gram=cross)
-        try:
-            if cross:       # each batch: the teacher's input at this layer, then the student's
-                for b, x in enumerate(calib):
-                    collector.reference = teacher_inputs.get(i, b)
-                    run_until(student, [x], module)
-                collector.reference = None
-                teacher_inputs.release(i)
-            else:
-                run_until(student, calib, module)
-        finally:
-            collector.remove()
-        st = collector.stats.to("cpu")                     # the EM runs on the CPU, in float64
-        _min_rows_check(plan, st.n_rows, n_calib)
-        w0 = module.weight.detach().cpu()
-        target, shift = w0, {}
-        if cross:
-            target = teacher_target_weight(w0, st, config.em.target_damp)
-            shift = {"target_shift": float((target - w0).norm() / w0.norm())}
-        t_stats = time.perf_counter() - t1
-        row_weights = channel_weights(st) if weighted else None
-        if plan.share is None:
-            res = kmeans(target, st.block_grams, plan.n_centroids, config.em, seed=config.seed + i,
-                         full_gram=st.full_gram, row_weights=row_weights)
-            quantize_module(module, round_codebook(res.codebook, plan.codebook_bits), res.codes,  # file == memory
-                            plan.codebook_bits)
-        else:           # the group's codebook is fixed: only this layer's codes, on its own statistics
-            owner = _shared_param(modules, plans, plan.share)
-            codebook = owner.detach().cpu() if owner is not None else shared[plan.share]
-            res = assign_codes(target, codebook, st.block_grams, config.em, full_gram=st.full_gram,
-                               row_weights=row_weights)
-            quantize_module(module, codebook, res.codes, plan.codebook_bits)
-            if owner is not None:
-                module.codebook = owner                         # one Parameter for the whole group
-        if config.em.mean_correction:
-            bn = modules[bn_after[plan.name]] if plan.name in bn_after else None
-            shift.update(correct_layer_mean(st, module, bn, teacher_modules[plan.name].weight if cross else w0))
-        info.layers[plan.name] = {"rel_error": res.rel_error, "exact": res.exact, "n_iter": res.n_iter,
-                                  "objective": res.objective, "stats_s": t_stats,
-                                  **shift,
-                                  "em_s": time.perf_counter() - t1 - t_stats}
-        if ft is not None and ft.layer_steps > 0:
-            from .finetune import finetune_layer
-            try:
-                info.layers[plan.name]["finetune"] = finetune_layer(student, teacher, module, ft_data, ft,
-                                                                    seed=config.seed + i)
-            except FloatingPointError as e:
-                raise FloatingPointError(_kept(e, checkpoint_dir if i else None,
-                                               f"{i} of {len(plans)} layers done")) from e
-        bar.set_postfix(layer=plan.name, err=f"{res.rel_error:.3f}")
-        bar.update(1)
-        if checkpoint_dir is not None:
-            _save(checkpoint_dir, student, plans[: i + 1], info, fp, stage="layers")
-    bar.close()
-    del teacher_inputs                  # its last window: not kept through BN and fine-tuning
+    run = _BlockRun(student, teacher if needs_teacher else None, blocks, plans, calib, config, ft, ft_data, info,
+                    shared, checkpoint_dir, fp, progress)
+    blocks_done = len(blocks) if resume.get("stage") == "global" else resume.get("blocks_done", 0)
+    if blocks_done < len(blocks):
+        run.run(blocks_done)
     info.timings["quantize_s"] = time.perf_counter() - t0
 
     if resume.get("stage") != "global":
@@ -346,13 +281,19 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
                       extra_tensors=tensors, extra={"optimizer": opt_meta})
 
         t1 = time.perf_counter()
-        try:
-            info.extra["global_finetune"] = finetune_global(
-                student, teacher, ft_data, ft, seed=config.seed, start=resume.get("step", 0),
-                opt_state=resume.get("optimizer"), on_checkpoint=on_checkpoint, progress=progress)
-        except FloatingPointError as e:
-            raise FloatingPointError(_kept(e, checkpoint_dir, "at the last global step that is a multiple of "
-                                                              f"{ft.checkpoint_every} (or its start)")) from e
+        if resume.get("global_finetune") is not None:          # a finished run, rerun: nothing left to train
+            info.extra["global_finetune"] = resume["global_finetune"]
+        else:
+            try:
+                info.extra["global_finetune"] = finetune_global(
+                    student, teacher, ft_data, ft, seed=config.seed, start=resume.get("step", 0),
+                    opt_state=resume.get("optimizer"), on_checkpoint=on_checkpoint, progress=progress)
+            except FloatingPointError as e:
+                raise FloatingPointError(_kept(e, checkpoint_dir, "at the last global step that is a multiple of "
+                                                                  f"{ft.checkpoint_every} (or its start)")) from e
+            if checkpoint_dir is not None:       # the finished state, with what the stage reported
+                _save(checkpoint_dir, student, plans, info, fp, stage="global", step=ft.global_steps,
+                      extra={"global_finetune": info.extra["global_finetune"]})
         info.timings["global_finetune_s"] = time.perf_counter() - t1
     round_codebooks_(student)     # the file stores fp16 codebooks: make memory identical to the file
     info.timings["total_s"] = time.perf_counter() - t0
@@ -360,9 +301,185 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     return student.eval()
 
 
+def _block_order(plans: list[LayerPlan], blocks: list[Block]) -> list[LayerPlan]:
+    """The plans in the order the block loop quantizes them (block by block, forward order inside)."""
+    by_name = {p.name: p for p in plans}
+    ordered = [by_name[n] for b in blocks for n in b.layers if n in by_name]
+    missing = [p.name for p in plans if p not in ordered]
+    if missing:
+        raise ValueError(f"layers {missing} of the plan are in no block")
+    return ordered
+
+
+def _raise_stop(*_) -> None:
+    raise StopForward
+
+
+class _BlockRun:
+    """The block loop of `compress`: for each block (blocks.py) in forward order, its inputs in the student
+    and the teacher (blockio.py), then each of its layers: statistics -> EM -> PQ layer, then block
+    reconstruction (reconstruct.py), then its outputs for the next blocks, then a checkpoint."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, blocks: list[Block], plans: list[LayerPlan],
+                 calib: list[torch.Tensor], config: QuantConfig, ft, ft_data, info: CompressionInfo,
+                 shared: dict[str, torch.Tensor], checkpoint_dir, fp: str, progress: bool) -> None:
+        self.student, self.teacher, self.blocks, self.plans = student, teacher, blocks, plans
+        self.calib, self.config, self.ft, self.ft_data, self.info = calib, config, ft, ft_data, info
+        self.shared, self.checkpoint_dir, self.fp, self.progress = shared, checkpoint_dir, fp, progress
+        self.modules = dict(student.named_modules())
+        self.t_modules = dict(teacher.named_modules()) if teacher is not None else {}
+        self.index = {p.name: i for i, p in enumerate(plans)}
+        self.n_calib = sum(x.shape[0] for x in calib)
+
+    def run(self, blocks_done: int) -> None:
+        cfg = self.config
+        store = TensorStore(cfg.cache_mb * 2**20, torch.float16 if cfg.cache_dtype == "float16" else None,
+                            spill_dir=None)
+        last = dependencies(self.student, self.blocks, self.calib[0][:1], seed=cfg.seed)
+        s_io = BlockIO(self.student, self.blocks, self.calib, store, last)
+        t_io = BlockIO(self.teacher, self.blocks, self.calib, store, last) if self.teacher is not None else None
+        self.bn_after = (following_batchnorm(self.student, self.calib[0][:2], [p.name for p in self.plans])
+                         if cfg.em.mean_correction else {})
+        done_layers = sum(1 for b in self.blocks[:blocks_done] for n in b.layers if n in self.index)
+        bar = tqdm(total=len(self.plans), desc="quantize", unit="layer", disable=not self.progress,
+                   initial=done_layers)
+        try:
+            for bi, block in enumerate(self.blocks):
+                s_in = s_io.inputs(bi)
+                t_in = t_io.inputs(bi) if t_io is not None else None
+                s_block = self.modules[block.name]
+                t_block = self.t_modules.get(block.name)
+                targets = None
+                if t_in is not None:
+                    with torch.no_grad():
+                        targets = Cached(store, [run_block(t_block, t_in[b]) for b in range(len(t_in))],
+                                         s_in.device, s_in.dtype)
+                if bi >= blocks_done:
+                    self._quantize_block(bi, block, s_block, s_in, t_block, t_in, targets, bar)
+                with torch.no_grad():
+                    outs = Cached(store, [run_block(s_block, s_in[b]) for b in range(len(s_in))], s_in.device,
+                                  s_in.dtype)
+                s_io.set_outputs(bi, outs)
+                if t_io is not None:
+                    t_io.set_outputs(bi, targets)
+                    t_in.free()
+                s_in.free()
+                if bi >= blocks_done and self.checkpoint_dir is not None:
+                    done = [p for p in self.plans if self.index[p.name] < self._layers_through(bi)]
+                    _save(self.checkpoint_dir, self.student, done, self.info, self.fp, stage="layers",
+                          extra={"blocks_done": bi + 1})
+        finally:
+            bar.close()
+            s_io.close()
+            if t_io is not None:
+                t_io.close()
+            store.close()
+        self.info.timings["block_cache_peak_mb"] = store.peak_ram / 2**20      # timings: not in the file
+        self.info.timings["block_cache_spilled_mb"] = store.spilled / 2**20
+
+    def _layers_through(self, bi: int) -> int:
+        return sum(1 for b in self.blocks[: bi + 1] for n in b.layers if n in self.index)
+
+    def _quantize_block(self, bi: int, block: Block, s_block: nn.Module, s_in: Cached, t_block: nn.Module | None,
+                        t_in: Cached | None, targets: Cached | None, bar) -> None:
+        for name in block.layers:
+            if name not in self.index:
+                continue
+            i = self.index[name]
+            plan = self.plans[i]
+            self._quantize_layer(i, plan, s_block, s_in, t_block, t_in)
+            bar.set_postfix(layer=plan.name, err=f"{self.info.layers[plan.name]['rel_error']:.3f}")
+            bar.update(1)
+        rc = self.config.reconstruct
+        if rc.steps > 0 and targets is not None and any(n in self.index for n in block.layers):
+            shared_ids = {id(self.modules[p.name].codebook) for p in self.plans if p.share is not None
+                          and is_pq(self.modules[p.name])}
+            try:
+                res = reconstruct_block(block.name, s_block, s_in, targets, rc, seed=self.config.seed + 104729 * (bi + 1),
+                                        teacher_inputs=t_in, shared=shared_ids, progress=self.progress)
+            except FloatingPointError as e:
+                raise FloatingPointError(_kept(e, self.checkpoint_dir if bi else None,
+                                               f"{bi} of {len(self.blocks)} blocks done")) from e
+            if res:
+                self.info.extra.setdefault("reconstruct", {})[block.name] = {
+                    k: v for k, v in res.items() if k in ("error_before", "error_after", "kept")}
+                bar.set_postfix(block=block.name, err=f"{res['error_before']:.3f}->{res['error_after']:.3f}")
+
+    def _layer_stats(self, plan: LayerPlan, s_block: nn.Module, s_in: Cached, t_block: nn.Module | None,
+                     t_in: Cached | None) -> LayerStats:
+        em = self.config.em
+        module = self.modules[plan.name]
+        weighted = em.channel_weighting == "variance" and em.objective != "weights"
+        cross = em.teacher_target
+        collector = StatsCollector(plan.name, module, plan.block_size,
+                                   full_gram=em.needs_full_gram or cross or em.mean_correction,
+                                   output_stats=weighted, cross_gram=cross)
+        stop = module.register_forward_pre_hook(_raise_stop)   # after the collector's hook: that one runs first
+        try:
+            for b in range(len(s_in)):
+                if cross:
+                    collector.reference = capture_input(lambda a: run_block(t_block, a), self.t_modules[plan.name],
+                                                       t_in[b])
+                try:
+                    with torch.no_grad():
+                        run_block(s_block, s_in[b])
+                except StopForward:
+                    pass
+            collector.reference = None
+        finally:
+            stop.remove()
+            collector.remove()
+        if collector.stats.n_rows == 0:
+            raise ValueError(f"layer {plan.name!r} received no input when its block ran")
+        return collector.stats.to("cpu")                 # the EM runs on the CPU, in float64
+
+    def _quantize_layer(self, i: int, plan: LayerPlan, s_block: nn.Module, s_in: Cached, t_block, t_in) -> None:
+        t1 = time.perf_counter()
+        cfg, em = self.config, self.config.em
+        module = self.modules[plan.name]
+        st = self._layer_stats(plan, s_block, s_in, t_block, t_in)
+        _min_rows_check(plan, st.n_rows, self.n_calib)
+        w0 = module.weight.detach().cpu()
+        target, shift = w0, {}
+        if em.teacher_target:
+            target = teacher_target_weight(w0, st, em.target_damp)
+            shift = {"target_shift": float((target - w0).norm() / w0.norm())}
+        t_stats = time.perf_counter() - t1
+        row_weights = channel_weights(st) if em.channel_weighting == "variance" and em.objective != "weights" else None
+        if plan.share is None:
+            res = kmeans(target, st.block_grams, plan.n_centroids, em, seed=cfg.seed + i,
+                         full_gram=st.full_gram, row_weights=row_weights)
+            quantize_module(module, round_codebook(res.codebook, plan.codebook_bits), res.codes,  # file == memory
+                            plan.codebook_bits)
+        else:           # the group's codebook is fixed: only this layer's codes, on its own statistics
+            owner = _shared_param(self.modules, self.plans, plan.share)
+            codebook = owner.detach().cpu() if owner is not None else self.shared[plan.share]
+            res = assign_codes(target, codebook, st.block_grams, em, full_gram=st.full_gram,
+                               row_weights=row_weights)
+            quantize_module(module, codebook, res.codes, plan.codebook_bits)
+            if owner is not None:
+                module.codebook = owner                         # one Parameter for the whole group
+        if em.mean_correction:
+            bn = self.modules[self.bn_after[plan.name]] if plan.name in self.bn_after else None
+            ref_w = self.t_modules[plan.name].weight if em.teacher_target else w0
+            shift.update(correct_layer_mean(st, module, bn, ref_w))
+        self.info.layers[plan.name] = {"rel_error": res.rel_error, "exact": res.exact, "n_iter": res.n_iter,
+                                       "objective": res.objective, "stats_s": t_stats, **shift,
+                                       "em_s": time.perf_counter() - t1 - t_stats}
+        ft = self.ft
+        if ft is not None and ft.layer_steps > 0:
+            from .finetune import finetune_layer
+            try:
+                self.info.layers[plan.name]["finetune"] = finetune_layer(self.student, self.teacher, module,
+                                                                         self.ft_data, ft, seed=cfg.seed + i)
+            except FloatingPointError as e:
+                raise FloatingPointError(_kept(e, self.checkpoint_dir if i else None,
+                                               f"{i} of {len(self.plans)} layers done")) from e
+
+
 # config keys added after checkpoints were first written (QuantConfig / FinetuneConfig, and the "em" dict
 # inside QuantConfig) -> their defaults
-ADDED_KEYS = {"alloc_max_error": None, "mixup": 0.0}
+ADDED_KEYS = {"alloc_max_error": None, "mixup": 0.0, "loss": "auto"}
 ADDED_EM_KEYS = {"mean_correction": False}
 
 
@@ -466,7 +583,8 @@ def _save(folder, student: nn.Module, plans_done: list[LayerPlan], info: Compres
     tensors = dict(student.state_dict())
     tensors.update(extra_tensors or {})
     save_checkpoint(folder, tensors, {"fingerprint": fp, "stage": stage, "step": step,
-                                       "done": [p.name for p in plans_done], "layers": info.layers, **(extra or {})})
+                                       "done": [p.name for p in plans_done], "layers": info.layers,
+                                       "reconstruct": info.extra.get("reconstruct", {}), **(extra or {})})
 
 
 def _restore(student: nn.Module, plans: list[LayerPlan], ck, info: CompressionInfo) -> tuple[int, dict]:
@@ -488,8 +606,11 @@ def _restore(student: nn.Module, plans: list[LayerPlan], ck, info: CompressionIn
         raise ValueError(f"checkpoint lacks tensors {missing[:5]}; delete it to start over")
     student.load_state_dict({k: tensors[k] for k in own}, strict=True)
     info.layers.update(progress.get("layers", {}))
+    if progress.get("reconstruct"):
+        info.extra["reconstruct"] = dict(progress["reconstruct"])
     info.extra["resumed"] = {"stage": progress["stage"], "step": progress.get("step", 0), "layers": len(done)}
-    resume = {"stage": progress["stage"], "step": progress.get("step", 0)}
+    resume = {"stage": progress["stage"], "step": progress.get("step", 0),
+              "blocks_done": progress.get("blocks_done", 0), "global_finetune": progress.get("global_finetune")}
     if "optimizer" in progress:
         from .finetune import optimizer_state
         resume["optimizer"] = optimizer_state(tensors, progress["optimizer"])

@@ -101,6 +101,35 @@ class EMConfig:
 
 
 @dataclass
+class ReconstructConfig:
+    """Block output reconstruction (reconstruct.py), run after each block's layers are quantized."""
+
+    steps: int = 0              # Adam steps per block (0: off)
+    lr: float = 1e-4            # codebooks and biases; BatchNorm affine too
+    batch_size: int = 32        # images per step, drawn from the cached calibration batches
+    drop_prob: float = 0.0      # QDrop: probability that an input value is the teacher's (0: off)
+    train_bn: bool = True       # BatchNorm affine parameters inside the block
+    train_bias: bool = True     # conv / linear biases inside the block
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"reconstruct steps must be >= 0, got {self.steps}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"reconstruct lr must be a finite number > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise ValueError(f"reconstruct batch_size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.drop_prob <= 1:
+            raise ValueError(f"reconstruct drop_prob must be in [0, 1], got {self.drop_prob}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ReconstructConfig":
+        return cls(**_checked(d, {f.name for f in fields(cls)}, "reconstruct option"))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
 class LayerPlan:
     """The resolved quantization of one layer (what the quantizer does and what the file stores)."""
 
@@ -166,6 +195,10 @@ class QuantConfig:
                                     # 'sensitivity' weights each D_l by how much it reaches the network output
     alloc_max_error: float | None = None  # with a target size: no layer gets an option whose relative output
                                           # error D_l exceeds this (e.g. 0.3), whatever the weighting says
+    blocks: list[str] | None = None  # regexes naming the blocks (blocks.py); None: found by the default rules
+    reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
+    cache_dtype: str = "float32"    # block inputs/outputs kept as 'float32' (exact) or 'float16' (half the memory)
+    cache_mb: int = 4096            # RAM for cached block activations; beyond it they spill to temporary files
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -174,6 +207,21 @@ class QuantConfig:
         _check_bits(self.codebook_bits, "codebook_bits")
         if isinstance(self.em, dict):
             self.em = EMConfig.from_dict(self.em)
+        if isinstance(self.reconstruct, dict):
+            self.reconstruct = ReconstructConfig.from_dict(self.reconstruct)
+        if self.blocks is not None:
+            if isinstance(self.blocks, str) or not all(isinstance(b, str) for b in self.blocks) or not self.blocks:
+                raise ValueError(f"blocks must be a non-empty list of regexes (or None), got {self.blocks!r}")
+            for pattern in self.blocks:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ValueError(f"blocks pattern {pattern!r} is not a valid regex: {e}") from None
+            self.blocks = list(self.blocks)
+        if self.cache_dtype not in ("float32", "float16"):
+            raise ValueError(f"cache_dtype must be 'float32' or 'float16', got {self.cache_dtype!r}")
+        if self.cache_mb < 0:
+            raise ValueError(f"cache_mb must be >= 0, got {self.cache_mb}")
         for pattern, ov in self.name_overrides.items():
             try:
                 re.compile(pattern)

@@ -1,15 +1,32 @@
 """Distillation fine-tuning of the codebooks (labels never used).
 
-Loss: KL(teacher || student) of the network outputs at temperature T (times T^2):
+Loss (`FinetuneConfig.loss`), between the student's and the teacher's outputs on the same images:
 
-    L = T^2 * sum_classes softmax(z_t / T) * (log softmax(z_t / T) - log softmax(z_s / T))
+- "kl": KL(teacher || student) over the class axis at temperature T (times T^2), for (N, C) logits:
+
+      L = T^2 * mean_n sum_c softmax(z_t / T) * (log softmax(z_t / T) - log softmax(z_s / T))
+
+  Any other shape is a ValueError (a softmax over dim 1 of a feature map or a detector head would
+  silently train on nonsense).
+- "mse": normalised MSE, per tensor  L = sum((s - t)^2) / (sum(t^2) + eps)  (scale-free: 1 means
+  "as far as predicting zero"), for any shape.
+- "auto" (default): "kl" for a 2-D (N, C >= 2) tensor, "mse" for any other tensor.
+
+A tuple / list / dict output (nested allowed: a detector's feature pyramid, a HuggingFace ModelOutput)
+gives the sum of the losses of the floating-point tensors it contains, paired by position (dict: by
+key). Integer / bool tensors carry no gradient and are skipped; other non-tensor leaves (None, numbers)
+must be equal in both outputs. Any other output (a string, a custom object, no floating tensor at all)
+is a TypeError; `check_outputs` runs the model once so that this is known before any work.
 
 - per layer (`finetune_layer`): right after a layer's EM, only its codebook trains; the model is in
   eval mode, so BatchNorm is frozen (running statistics and affine);
 - global (`finetune_global`): every codebook together, optionally the BatchNorm affine parameters,
   still in eval mode (running statistics fixed; compress() re-estimates them first when
   QuantConfig.recalibrates_bn, by default only without teacher targets: docs/DESIGN.md), with a step
-  learning-rate schedule, checkpointed every `checkpoint_every` steps.
+  learning-rate schedule, checkpointed every `checkpoint_every` steps. With a `holdout` tensor of
+  images (never trained on) the stage never returns a student worse than before it: the distillation
+  loss on the holdout is measured before and after, and when it got worse the parameters this stage
+  trains are put back as they were (only possible when the run started at step 0 in this process).
 
 Gradients reach a codeword through the decode W = codebook[codes]: its gradient is the *sum* of the
 gradients of the subvectors assigned to it. The original CentroidSGD used the *mean*, so a plain-SGD
@@ -24,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -38,6 +56,9 @@ from tqdm.auto import tqdm
 from .modules import is_pq, round_codebook
 
 log = logging.getLogger(__name__)
+
+LOSSES = ("auto", "kl", "mse")
+MSE_EPS = 1e-12          # normalised MSE: sum((s - t)^2) / (sum(t^2) + MSE_EPS)
 
 
 @dataclass
@@ -56,6 +77,7 @@ class FinetuneConfig:
     checkpoint_every: int = 100
     seed: int = 0
     mixup: float = 0.0                # > 0: each image mixed with another of the batch, weight ~ Beta(a, a)
+    loss: str = "auto"                # 'auto' | 'kl' | 'mse': see the module docstring
 
     def __post_init__(self) -> None:
         for k in ("layer_steps", "global_steps"):
@@ -69,6 +91,8 @@ class FinetuneConfig:
         for k in ("layer_lr", "global_lr", "temperature"):
             if not getattr(self, k) > 0:
                 raise ValueError(f"{k} must be > 0, got {getattr(self, k)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(repr(k) for k in LOSSES)}, got {self.loss!r}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         self.milestones = tuple(float(m) for m in self.milestones)
@@ -92,10 +116,107 @@ class FinetuneConfig:
         return asdict(self)
 
 
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    t = temperature
-    return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
-                    reduction="batchmean", log_target=True) * t * t
+_LEAVES = (type(None), bool, int, float)
+
+
+def _pairs(s: Any, t: Any, path: str = "output") -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(path, student tensor, teacher tensor) for every floating-point tensor of two outputs, paired by
+    structure. Raises TypeError for an unsupported type, ValueError for outputs that do not pair."""
+    if isinstance(t, torch.Tensor):
+        if not isinstance(s, torch.Tensor):
+            raise ValueError(f"{path}: the teacher gives a tensor, the student a {type(s).__name__}")
+        if s.shape != t.shape:
+            raise ValueError(f"{path}: student shape {tuple(s.shape)} != teacher shape {tuple(t.shape)}")
+        if t.is_floating_point():       # integer / bool tensors (indices, masks) have no gradient: skipped
+            yield path, s, t
+    elif isinstance(t, Mapping):
+        if not isinstance(s, Mapping) or set(s) != set(t):
+            raise ValueError(f"{path}: the outputs do not have the same keys "
+                             f"(student {sorted(map(str, s)) if isinstance(s, Mapping) else type(s).__name__}, "
+                             f"teacher {sorted(map(str, t))})")
+        for k in t:
+            yield from _pairs(s[k], t[k], f"{path}[{k!r}]")
+    elif isinstance(t, (tuple, list)):
+        if not isinstance(s, (tuple, list)) or len(s) != len(t):
+            raise ValueError(f"{path}: the teacher gives a {type(t).__name__} of {len(t)}, the student "
+                             + (f"a {type(s).__name__} of {len(s)}" if isinstance(s, (tuple, list))
+                                else f"a {type(s).__name__}"))
+        for i, (a, b) in enumerate(zip(s, t)):
+            yield from _pairs(a, b, f"{path}[{i}]")
+    elif isinstance(t, _LEAVES):
+        if type(s) is not type(t) or s != t:
+            raise ValueError(f"{path}: non-tensor values differ (student {s!r}, teacher {t!r})")
+    else:
+        raise TypeError(f"{path}: cannot distil a model output of type {type(t).__qualname__}; supported: a "
+                        "tensor, or a tuple / list / dict of tensors (nested)")
+
+
+def _kind(t: torch.Tensor, loss: str, path: str = "output") -> str:
+    """The loss ('kl' or 'mse') used for tensor `t` under the `loss` setting."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(repr(k) for k in LOSSES)}, got {loss!r}")
+    is_logits = t.dim() == 2 and t.shape[1] >= 2
+    if loss == "kl" and not is_logits:
+        raise ValueError(f"loss 'kl' needs (N, C >= 2) class logits, but {path} has shape {tuple(t.shape)}; "
+                         "use loss 'mse' (or 'auto') for feature maps and other outputs")
+    if loss == "auto":
+        return "kl" if is_logits else "mse"
+    return loss
+
+
+def _tensor_loss(s: torch.Tensor, t: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
+    if kind == "kl":
+        T = temperature
+        return F.kl_div(F.log_softmax(s / T, dim=1), F.log_softmax(t / T, dim=1),
+                        reduction="batchmean", log_target=True) * T * T
+    s, t = s.float(), t.float()        # sums of squares of a large map: fp32 at least
+    return (s - t).pow(2).sum() / (t.pow(2).sum() + MSE_EPS)
+
+
+def distill_loss(student_out: Any, teacher_out: Any, temperature: float = 1.0, loss: str = "auto") -> torch.Tensor:
+    """Distillation loss between two model outputs (the module docstring): a scalar tensor, the sum
+    over the paired floating-point tensors of KL (class logits) or normalised MSE (anything else)."""
+    pairs = list(_pairs(student_out, teacher_out))
+    if not pairs:
+        raise TypeError(f"the model output ({type(teacher_out).__qualname__}) holds no floating-point tensor "
+                        "to distil")
+    total = None
+    for path, s, t in pairs:
+        term = _tensor_loss(s, t, _kind(t, loss, path), temperature)
+        total = term if total is None else total + term
+    return total
+
+
+def describe_output(out: Any, loss: str = "auto") -> str:
+    """'tensor (N, 10): kl', 'tuple of 3 tensors: mse', 'dict of 2 tensors: kl + mse' (validates `out`)."""
+    pairs = list(_pairs(out, out))
+    if not pairs:
+        raise TypeError(f"the model output ({type(out).__qualname__}) holds no floating-point tensor to distil")
+    kinds = [_kind(t, loss, path) for path, _, t in pairs]
+    kind = " + ".join(k for k in LOSSES if k in kinds)
+    if isinstance(out, torch.Tensor):
+        return f"tensor {'(N, ' + ', '.join(map(str, out.shape[1:])) + ')' if out.dim() else '()'}: {kind}"
+    n = len(pairs)
+    return f"{type(out).__name__} of {n} tensor{'s' if n > 1 else ''}: {kind}"
+
+
+def check_outputs(model: nn.Module, x: torch.Tensor, loss: str = "auto") -> str:
+    """Run `model` once (eval mode, no grad, on the first 2 images of `x`, moved to the model's device) and
+    check that its output can be distilled with `loss`: TypeError / ValueError with a clear message otherwise.
+    Meant to be called before any compression work. Returns a short description of the output and the loss
+    used (`describe_output`)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"check_outputs needs a tensor of images, got {type(x).__qualname__}")
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x[:2].to(next(iter(model.parameters()), x).device))
+    finally:
+        model.train(training)
+    desc = describe_output(out, loss)
+    log.debug("distillation on the model output: %s", desc)
+    return desc
 
 
 # ----------------------------------------------------------------------------- data stream
@@ -184,12 +305,11 @@ def _step(student: nn.Module, teacher: nn.Module, x: torch.Tensor, opt: torch.op
           step: int, seed: int) -> float:
     x = x.to(next(iter(opt.param_groups[0]["params"])).device, non_blocking=True)
     x = mix_batch(x, cfg.mixup, seed, step)                 # on the device: mixing is a whole-batch op
-    t = cfg.temperature
     if x.dim() == 4:      # NHWC: conv forward+backward ~1.3-2x faster on CPU (ResNet-20/56, EfficientNet-Lite0)
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         zt = teacher(x)
-    loss = distill_loss(student(x), zt, t)
+    loss = distill_loss(student(x), zt, cfg.temperature, cfg.loss)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite distillation loss at step {step}; lower the learning rate")
     opt.zero_grad(set_to_none=True)
@@ -231,19 +351,78 @@ def global_params(student: nn.Module, cfg: FinetuneConfig) -> list[nn.Parameter]
     return params
 
 
+def evaluate_holdout(student: nn.Module, teacher: nn.Module, holdout: torch.Tensor,
+                     cfg: FinetuneConfig) -> dict[str, Any]:
+    """Distillation loss (cfg.loss, cfg.temperature) of `student` against `teacher` on the `holdout` images,
+    in batches of cfg.batch_size, eval mode, no grad; the mean over images (each batch's loss weighted by its
+    size). "agreement": the fraction of images whose top-1 class is the teacher's, when the output is one
+    (N, C >= 2) tensor, else None. Returns {"n", "loss", "agreement"}."""
+    if not isinstance(holdout, torch.Tensor):
+        raise TypeError(f"the holdout must be a tensor of images, got {type(holdout).__qualname__}")
+    n = holdout.shape[0] if holdout.dim() else 0
+    if n == 0:
+        raise ValueError("the holdout is empty")
+    dev = next(iter(student.parameters()), torch.empty(0)).device
+    modes = (student.training, teacher.training)
+    student.eval()
+    teacher.eval()
+    total, agree, classes = 0.0, 0, True
+    try:
+        with torch.no_grad():
+            for xb in holdout.split(cfg.batch_size):
+                xb = xb.to(dev, non_blocking=True)
+                zs, zt = student(xb), teacher(xb)
+                total += float(distill_loss(zs, zt, cfg.temperature, cfg.loss)) * xb.shape[0]
+                classes = classes and isinstance(zt, torch.Tensor) and zt.dim() == 2 and zt.shape[1] >= 2
+                if classes:
+                    agree += int((zs.argmax(1) == zt.argmax(1)).sum())
+    finally:
+        student.train(modes[0])
+        teacher.train(modes[1])
+    return {"n": n, "loss": total / n, "agreement": agree / n if classes else None}
+
+
 def finetune_global(student: nn.Module, teacher: nn.Module, data: Any, cfg: FinetuneConfig, seed: int = 0,
                     start: int = 0, opt_state: dict | None = None, on_checkpoint=None,
-                    progress: bool = True) -> dict[str, Any]:
+                    progress: bool = True, holdout: torch.Tensor | None = None,
+                    holdout_before: dict[str, Any] | None = None,
+                    last_loss: float | None = None) -> dict[str, Any]:
     """All codebooks (and BatchNorm affine) by distillation, eval mode, step lr schedule.
 
-    `on_checkpoint(step, optimizer)` is called every `cfg.checkpoint_every` steps and at the end;
-    (`start`, `opt_state`) resume a run."""
+    `on_checkpoint(step, optimizer)` is called every `cfg.checkpoint_every` steps and at the end (the end
+    one after the holdout guard, so that it holds what is returned); (`start`, `opt_state`) resume a run.
+    `last_loss`: the figure of an earlier run, returned unchanged when no step runs here (a finished run
+    resumed at start == cfg.global_steps), else the mean loss of the last 10 steps.
+
+    Holdout guard: `holdout` is a tensor of images never trained on. The distillation loss (and, for class
+    logits, the top-1 agreement with the teacher) is measured on it before and after training
+    (`evaluate_holdout`). When the loss got worse, the trained parameters are restored to their state
+    before this stage (a CPU copy of just those is kept) and a WARNING is logged; result["holdout"]["kept"]
+    is then "before", else "finetuned". The "before" figures are `holdout_before` when given (the
+    `evaluate_holdout` dict of the first run: a resumed run should pass it), else measured here when
+    start == 0. A run resumed at start > 0 has no before-state in memory: the guard compares with
+    `holdout_before` but cannot restore (logged); without `holdout_before` it only reports the figures after.
+    """
     if teacher is None:
         raise ValueError("fine-tuning needs the uncompressed teacher model")
     ds = _as_dataset(data)
     params = global_params(student, cfg)
     student.eval()
     teacher.eval()
+    before, saved = None, None
+    if holdout is not None:
+        if holdout_before is not None:
+            if not (isinstance(holdout_before, Mapping) and isinstance(holdout_before.get("loss"), (int, float))):
+                raise ValueError("holdout_before must be the dict evaluate_holdout() returned (with a numeric "
+                                 f"'loss'), got {holdout_before!r}")
+            before = dict(holdout_before)
+        if before is None and start == 0:
+            before = evaluate_holdout(student, teacher, holdout, cfg)
+        if start == 0:
+            saved = [p.detach().to("cpu", copy=True) for p in params]
+        if before is not None:
+            log.info("holdout before global fine-tuning (%d images): loss %s, agreement %s", holdout.shape[0],
+                     _fmt(before["loss"]), _fmt(before.get("agreement"), pct=True))
     opt = _optimizer(params, cfg.global_lr, cfg)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
@@ -258,11 +437,57 @@ def finetune_global(student: nn.Module, teacher: nn.Module, data: Any, cfg: Fine
             bar.update(1)
             if len(losses) % 10 == 0:
                 bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.4f}")
-            if on_checkpoint is not None and ((s + 1) % cfg.checkpoint_every == 0 or s + 1 == cfg.global_steps):
+            if on_checkpoint is not None and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < cfg.global_steps:
                 on_checkpoint(s + 1, opt)
     n_images = cfg.global_steps * min(cfg.batch_size, len(ds))
-    return {"steps": cfg.global_steps, "images_seen": n_images,
-            "last_loss": sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else math.nan}
+    out: dict[str, Any] = {"steps": cfg.global_steps, "images_seen": n_images,
+                           "last_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else last_loss}
+    if holdout is not None:
+        out["holdout"] = _guard(student, teacher, holdout, cfg, params, before, saved)
+    if on_checkpoint is not None and losses:       # the run ends here: the checkpoint holds what is returned
+        on_checkpoint(cfg.global_steps, opt)
+    return out
+
+
+def _fmt(v: float | None, pct: bool = False) -> str:
+    if v is None:
+        return "n/a"
+    return f"{100 * v:.1f} %" if pct else f"{v:.4g}"
+
+
+def _guard(student: nn.Module, teacher: nn.Module, holdout: torch.Tensor, cfg: FinetuneConfig,
+           params: list[nn.Parameter], before: dict[str, Any] | None,
+           saved: list[torch.Tensor] | None) -> dict[str, Any]:
+    """The holdout figures after training; restores `saved` into `params` when the loss got worse."""
+    after = evaluate_holdout(student, teacher, holdout, cfg)
+    rec = {"n": after["n"], "loss_before": (before or {}).get("loss"), "loss_after": after["loss"],
+           "agreement_before": (before or {}).get("agreement"), "agreement_after": after["agreement"],
+           "kept": "finetuned"}
+    if before is None:
+        log.warning("holdout after global fine-tuning: loss %s, agreement %s; no figures from before it (a "
+                    "resumed run without holdout_before): not compared", _fmt(after["loss"]),
+                    _fmt(after["agreement"], pct=True))
+        return rec
+    worse = not after["loss"] <= before["loss"]          # a NaN after counts as worse
+    if not worse:
+        log.info("holdout: global fine-tuning lowered the distillation loss %s -> %s (agreement %s -> %s)",
+                 _fmt(before["loss"]), _fmt(after["loss"]), _fmt(before.get("agreement"), pct=True),
+                 _fmt(after["agreement"], pct=True))
+        return rec
+    if saved is None:
+        log.warning("holdout: global fine-tuning made the distillation loss worse (%s -> %s, agreement %s -> %s), "
+                    "but this run was resumed mid-way: the state before it is not available, the fine-tuned "
+                    "parameters are kept", _fmt(before["loss"]), _fmt(after["loss"]),
+                    _fmt(before.get("agreement"), pct=True), _fmt(after["agreement"], pct=True))
+        return rec
+    with torch.no_grad():
+        for p, v in zip(params, saved):
+            p.copy_(v.to(p.device))
+    rec["kept"] = "before"
+    log.warning("holdout: global fine-tuning made the distillation loss worse (%s -> %s, agreement %s -> %s): "
+                "the parameters from before it are restored; try a lower global_lr", _fmt(before["loss"]),
+                _fmt(after["loss"]), _fmt(before.get("agreement"), pct=True), _fmt(after["agreement"], pct=True))
+    return rec
 
 
 # ----------------------------------------------------------------------------- optimizer state <-> tensors

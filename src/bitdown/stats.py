@@ -230,15 +230,16 @@ def teacher_target_weight(weight: torch.Tensor, stats: LayerStats, damp: float =
     return (w + delta).reshape(weight.shape).to(torch.float32)
 
 
-def capture_input(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`module`'s input when `model` runs on `x` (the forward stops right there)."""
-    box: list[torch.Tensor] = []
+def capture_call(model, module: nn.Module, x) -> tuple[tuple, dict]:
+    """`module`'s (args, kwargs) when `model(x)` runs (the forward stops right there); `model` may be any
+    callable, e.g. a block run on its cached arguments."""
+    box: list[tuple[tuple, dict]] = []
 
-    def grab(_m, inputs):
-        box.append(inputs[0].detach())
+    def grab(_m, args, kwargs):
+        box.append((args, kwargs))
         raise StopForward
 
-    handle = module.register_forward_pre_hook(grab)
+    handle = module.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
             model(x)
@@ -249,6 +250,11 @@ def capture_input(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch
     if not box:
         raise ValueError("the module was not called by the model's forward()")
     return box[0]
+
+
+def capture_input(model, module: nn.Module, x) -> torch.Tensor:
+    """`module`'s input when `model` runs on `x` (the forward stops right there)."""
+    return capture_call(model, module, x)[0][0].detach()
 
 
 class StopForward(Exception):

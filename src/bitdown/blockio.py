@@ -1,0 +1,327 @@
+"""Block inputs and outputs over the calibration set: O(L) forwards instead of one prefix forward per layer.
+
+`BlockIO` walks a model's blocks (blocks.py) in forward order and keeps, for every calibration batch,
+the *outputs* of the blocks already done. The inputs of block i are obtained by running the model on
+the batch with every earlier block replaced by its cached output (its `forward` patched to a lookup),
+stopping right before block i: only the glue between blocks (pooling, activations, a stem's BatchNorm,
+concatenations) is computed again, so a whole pass over the blocks costs about one forward of the
+network whatever its depth (GPTQ's `opt_sequential` feeds each block the previous one's outputs; this
+does the same for any data flow, skip connections across blocks and concatenations included).
+
+Which cached outputs are still needed is found once by a probe on one image (`dependencies`): with all
+blocks replaced by their outputs, perturbing block j's output changes the input of exactly the blocks
+that read it. Block j's outputs are dropped once the last of those has its inputs; a block whose output
+is no longer needed returns zeros of the right shape (an expanded scalar, no memory) if called again.
+
+Tensors live in a `TensorStore`: in memory up to `budget_bytes`, then spilled to memory-mapped files in
+a temporary folder (a log line says so), never more than the budget in RAM. Inputs and outputs may be
+stored as float16 (`dtype`) to halve the memory; float32 keeps the statistics exact.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .blocks import Block
+from .stats import capture_call
+
+log = logging.getLogger(__name__)
+
+Args = tuple[tuple, dict]          # a module call's (args, kwargs)
+
+
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """`obj` with every tensor t inside (tuples, lists, dicts, nested) replaced by fn(t)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return type(obj)(*(map_tensors(o, fn) for o in obj)) if hasattr(obj, "_fields") else tuple(
+            map_tensors(o, fn) for o in obj)
+    if isinstance(obj, list):
+        return [map_tensors(o, fn) for o in obj]
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def tensors_of(obj: Any) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    map_tensors(obj, lambda t: out.append(t))
+    return out
+
+
+class TensorStore:
+    """Tensors kept in RAM up to `budget_bytes`, the rest in memory-mapped files (read back lazily)."""
+
+    def __init__(self, budget_bytes: int, dtype: torch.dtype | None = None, spill_dir: str | None = None) -> None:
+        self.budget, self.dtype, self._spill_root = budget_bytes, dtype, spill_dir
+        self.in_ram = 0
+        self.peak_ram = 0
+        self.spilled = 0
+        self._dir: str | None = None
+        self._n = 0
+
+    def put(self, t: torch.Tensor) -> Any:
+        """A handle to a copy of `t` (detached; float tensors in `dtype` where given and finite)."""
+        t = t.detach()
+        if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
+            low = t.to(self.dtype)
+            if bool(torch.isfinite(low).all()) or not bool(torch.isfinite(t).all()):
+                t = low
+        size = t.numel() * t.element_size()
+        if self.in_ram + size <= self.budget or t.device.type != "cpu":
+            self.in_ram += size
+            self.peak_ram = max(self.peak_ram, self.in_ram)
+            return ("ram", t.clone(memory_format=torch.contiguous_format), size)
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="bitdown-blocks-", dir=self._spill_root)
+            log.info("block activations exceed the %.0f MB memory budget: spilling to %s", self.budget / 2**20,
+                     self._dir)
+        path = os.path.join(self._dir, f"{self._n}.npy")
+        self._n += 1
+        arr = t.contiguous().numpy()
+        mm = np.lib.format.open_memmap(path, mode="w+", dtype=arr.dtype, shape=arr.shape)
+        mm[...] = arr
+        mm.flush()
+        self.spilled += size
+        return ("disk", path, size)
+
+    def get(self, h: Any) -> torch.Tensor:
+        if h[0] == "ram":
+            return h[1]
+        return torch.from_numpy(np.load(h[1], mmap_mode="r").copy())
+
+    def free(self, h: Any) -> None:
+        if h[0] == "ram":
+            self.in_ram -= h[2]
+        else:
+            try:
+                os.remove(h[1])
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _is_handle(o: Any) -> bool:
+    return isinstance(o, tuple) and len(o) == 3 and o[0] in ("ram", "disk")
+
+
+def _store_obj(store: TensorStore, obj: Any) -> Any:
+    return map_tensors(obj, store.put)
+
+
+def _load_obj(store: TensorStore, obj: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    if _is_handle(obj):
+        t = store.get(obj)
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    if isinstance(obj, tuple):
+        return tuple(_load_obj(store, o, device, dtype) for o in obj)
+    if isinstance(obj, list):
+        return [_load_obj(store, o, device, dtype) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _load_obj(store, v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+def _free_obj(store: TensorStore, obj: Any) -> None:
+    if _is_handle(obj):
+        store.free(obj)
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            _free_obj(store, o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            _free_obj(store, o)
+
+
+class _Patched:
+    """Context: the given modules' forward replaced by fn(j) for module j."""
+
+    def __init__(self, modules: dict[int, nn.Module], fn: Callable[[int], Callable]) -> None:
+        self.modules, self.fn = modules, fn
+
+    def __enter__(self) -> None:
+        for j, m in self.modules.items():
+            m.forward = self.fn(j)
+
+    def __exit__(self, *exc) -> None:
+        for m in self.modules.values():
+            m.__dict__.pop("forward", None)
+
+
+def dependencies(model: nn.Module, blocks: list[Block], x: torch.Tensor, seed: int = 0) -> list[int]:
+    """For each block j, the index of the last block whose input reads j's output (j itself when none does),
+    found by perturbing j's output on the probe batch `x` with all blocks replaced by their outputs."""
+    modules = dict(model.named_modules())
+    mods = {i: modules[b.name] for i, b in enumerate(blocks)}
+    ins: dict[int, Any] = {}
+    outs: dict[int, Any] = {}
+
+    def rec_in(i):
+        def fn(_m, args, kwargs):
+            ins.setdefault(i, map_tensors((args, kwargs), lambda t: t.detach().clone()))
+        return fn
+
+    def rec_out(i):
+        def fn(_m, _a, out):
+            outs.setdefault(i, map_tensors(out, lambda t: t.detach().clone()))
+        return fn
+
+    hs = [m.register_forward_pre_hook(rec_in(i), with_kwargs=True) for i, m in mods.items()]
+    hs += [m.register_forward_hook(rec_out(i)) for i, m in mods.items()]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hs:
+            h.remove()
+    gen = torch.Generator().manual_seed(seed)
+    last = list(range(len(blocks)))
+    for j in range(len(blocks)):
+        def noisy(t: torch.Tensor) -> torch.Tensor:
+            if not t.is_floating_point():
+                return t
+            return t + (t.float().std().nan_to_num(1.0) + 1.0) * torch.randn(t.shape, generator=gen).to(t)
+        bumped = map_tensors(outs[j], noisy)
+        seen: dict[int, Any] = {}
+
+        def lookup(i):
+            return lambda *a, **k: bumped if i == j else outs[i]
+
+        def rec(i):
+            def fn(_m, args, kwargs):
+                seen.setdefault(i, (args, kwargs))
+            return fn
+
+        hs = [mods[i].register_forward_pre_hook(rec(i), with_kwargs=True) for i in range(j + 1, len(blocks))]
+        try:
+            with _Patched(mods, lookup), torch.no_grad():
+                model(x)
+        finally:
+            for h in hs:
+                h.remove()
+        for i in range(j + 1, len(blocks)):
+            a, b = tensors_of(seen.get(i)), tensors_of(ins[i])
+            if len(a) != len(b) or any(p.shape != q.shape or not torch.equal(p, q) for p, q in zip(a, b)):
+                last[j] = i
+    return last
+
+
+class Cached:
+    """Per-batch objects (tensors inside kept in a TensorStore), read back on `device` in `dtype`."""
+
+    def __init__(self, store: TensorStore, objs: list[Any], device: torch.device, dtype: torch.dtype) -> None:
+        self.store, self.device, self.dtype = store, device, dtype
+        self._objs = [_store_obj(store, o) for o in objs]
+
+    def __len__(self) -> int:
+        return len(self._objs)
+
+    def __getitem__(self, b: int) -> Any:
+        return _load_obj(self.store, self._objs[b], self.device, self.dtype)
+
+    def __iter__(self):
+        return (self[b] for b in range(len(self)))
+
+    def free(self) -> None:
+        for o in self._objs:
+            _free_obj(self.store, o)
+        self._objs = []
+
+
+class BlockIO:
+    """Inputs and outputs of the blocks of one model (student or teacher) over the calibration batches.
+
+    inputs(i): block i's (args, kwargs) per batch (needs the outputs of the blocks before i);
+    set_outputs(i, outs): the outputs of block i per batch, kept until the last block reading them has
+    its inputs. Values are returned on `device` in float32."""
+
+    def __init__(self, model: nn.Module, blocks: list[Block], batches: list[torch.Tensor], store: TensorStore,
+                 last_reader: list[int]) -> None:
+        modules = dict(model.named_modules())
+        self.model, self.blocks, self.batches, self.store = model, blocks, batches, store
+        self.mods = {i: modules[b.name] for i, b in enumerate(blocks)}
+        self.last_reader = last_reader
+        self._outputs: dict[int, Cached] = {}         # block -> its outputs per batch
+        self._dead: dict[int, list[Any]] = {}
+        self.device = batches[0].device
+        self.dtype = batches[0].dtype
+
+    def _lookup(self, b: int) -> Callable[[int], Callable]:
+        def make(j: int) -> Callable:
+            def fwd(*_a, **_k):
+                if j in self._outputs:
+                    return self._outputs[j][b]
+                if j in self._dead:
+                    return self._dead[j][b]
+                raise RuntimeError(f"block {self.blocks[j].name!r} has no output yet (blocks must go in order)")
+            return fwd
+        return make
+
+    def inputs(self, i: int) -> Cached:
+        """Block i's inputs on every batch (the earlier blocks replaced by their cached outputs)."""
+        earlier = {j: m for j, m in self.mods.items() if j < i}
+        out = []
+        for b, x in enumerate(self.batches):
+            with _Patched(earlier, self._lookup(b)):
+                out.append(capture_call(self.model, self.mods[i], x))
+        cached = Cached(self.store, out, self.device, self.dtype)
+        for j in list(self._outputs):                # no later block reads these any more
+            if self.last_reader[j] <= i:
+                self.drop(j)
+        return cached
+
+    def set_outputs(self, i: int, outputs: Cached) -> None:
+        """Block i's outputs per batch (the BlockIO owns `outputs` from now on)."""
+        self._outputs[i] = outputs
+        if self.last_reader[i] <= i:
+            self.drop(i)
+
+    def drop(self, j: int) -> None:
+        if j in self._outputs:
+            outs = self._outputs.pop(j)
+            self._dead[j] = [_skeleton(o, self.device, self.dtype) for o in outs._objs]
+            outs.free()
+
+    def close(self) -> None:
+        for j in list(self._outputs):
+            self.drop(j)
+
+
+def _skeleton(obj: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Zeros shaped like the stored object (expanded scalars: no memory)."""
+    if _is_handle(obj):
+        if obj[0] == "ram":
+            t = obj[1]
+            shape, dt = t.shape, t.dtype
+        else:
+            arr = np.load(obj[1], mmap_mode="r")
+            shape, dt = arr.shape, torch.from_numpy(np.zeros(0, dtype=arr.dtype)).dtype
+        dt = dtype if dt.is_floating_point else dt
+        return torch.zeros((), dtype=dt, device=device).expand(shape)
+    if isinstance(obj, tuple):
+        return tuple(_skeleton(o, device, dtype) for o in obj)
+    if isinstance(obj, list):
+        return [_skeleton(o, device, dtype) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _skeleton(v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+def run_block(block: nn.Module, args: Args) -> Any:
+    a, k = args
+    return block(*a, **k)

@@ -1,0 +1,147 @@
+"""Block output reconstruction: fit a quantized block's output to the uncompressed block's output.
+
+After every layer of a block is quantized (EM, teacher targets, GPTQ feedback), the block's trainable
+parameters theta (the codebooks of its own PQ layers, the affine parameters of its BatchNorms and the
+biases of its convs / linears) are trained with Adam to minimise the normalised output error
+
+    L(theta) = sum_tensors ||f_student(X_s; theta) - f_teacher(X_t)||^2 / ||f_teacher(X_t)||^2
+
+over the calibration batches, where X_s are the block's inputs in the compressed network (earlier blocks
+already quantized) and f_teacher(X_t) the uncompressed block's outputs on the uncompressed network's
+inputs (BRECQ, Li et al. 2021: the block output carries far more values per image than the logits, so
+few images do not over-fit it). With `drop_prob` p > 0 each input value is, at each step, the teacher's
+with probability p instead of the student's (QDrop, Wei et al. 2022).
+
+The model stays in eval mode (BatchNorm statistics frozen). The learning rate follows a cosine decay.
+Codebooks shared with other blocks are not trained here (the global stage trains them).
+Deterministic for a seed (the batch order and the QDrop masks come from a seeded generator).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .blockio import Cached, map_tensors, run_block, tensors_of
+from .config import ReconstructConfig
+from .modules import is_pq, round_codebook
+
+log = logging.getLogger(__name__)
+
+
+def block_params(block: nn.Module, cfg: ReconstructConfig, shared: set[int] = frozenset()) -> list[nn.Parameter]:
+    """The parameters reconstruction trains: own codebooks, BatchNorm affine, biases (each once)."""
+    params: dict[int, nn.Parameter] = {}
+    for m in block.modules():
+        if is_pq(m) and id(m.codebook) not in shared:
+            params[id(m.codebook)] = m.codebook
+        if cfg.train_bn and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+            params[id(m.weight)], params[id(m.bias)] = m.weight, m.bias
+        if cfg.train_bias and isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
+            params[id(m.bias)] = m.bias
+    return list(params.values())
+
+
+def output_error(out: Any, target: Any) -> torch.Tensor:
+    """sum over the tensors of the output of ||out - target||^2 / ||target||^2 (a scalar tensor)."""
+    a, b = tensors_of(out), tensors_of(target)
+    if len(a) != len(b) or not a:
+        raise ValueError(f"block output holds {len(a)} tensors, its target {len(b)}")
+    total = a[0].new_zeros(())
+    for s, t in zip(a, b):
+        if s.shape != t.shape:
+            raise ValueError(f"block output of shape {list(s.shape)} vs target {list(t.shape)}")
+        total = total + (s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-12)
+    return total
+
+
+def _rows(obj: Any, idx: torch.Tensor) -> Any:
+    """The rows `idx` of every batched tensor in obj (tensors without a batch dim are kept)."""
+    return map_tensors(obj, lambda t: t[idx] if t.dim() > 0 else t)
+
+
+def block_error(block: nn.Module, inputs: Cached, targets: Cached) -> float:
+    """The normalised output error of `block` summed over the batches' images, divided by the image count
+    (each batch's error is weighted by its size)."""
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for b in range(len(inputs)):
+            args = inputs[b]
+            size = tensors_of(args)[0].shape[0]
+            total += float(output_error(run_block(block, args), targets[b])) * size
+            n += size
+    return total / max(1, n)
+
+
+def reconstruct_block(name: str, block: nn.Module, inputs: Cached, targets: Cached, cfg: ReconstructConfig,
+                      seed: int = 0, teacher_inputs: Cached | None = None, shared: set[int] = frozenset(),
+                      progress: bool = False) -> dict[str, Any]:
+    """Train `block`'s parameters (block_params) so that its outputs on `inputs` match `targets` (see the
+    module docstring). Codebooks end rounded to their stored precision. Returns loss figures."""
+    params = block_params(block, cfg, shared)
+    if cfg.steps == 0 or not params:
+        return {}
+    before = block_error(block, inputs, targets)
+    saved = [p.detach().clone() for p in params]
+    sizes = [tensors_of(inputs[b])[0].shape[0] for b in range(len(inputs))]
+    gen = torch.Generator().manual_seed(seed)
+    flags = [(p, p.requires_grad) for p in block.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    losses: list[float] = []
+    bar = tqdm(range(cfg.steps), desc=f"reconstruct {name}", unit="step", leave=False, disable=not progress)
+    try:
+        for s in bar:
+            b = int(torch.randint(len(sizes), (1,), generator=gen))          # a cached batch, then rows of it
+            idx = torch.randperm(sizes[b], generator=gen)[: cfg.batch_size]
+            args = _rows(inputs[b], idx)
+            if cfg.drop_prob > 0 and teacher_inputs is not None:             # QDrop: some values the teacher's
+                ref = iter(tensors_of(_rows(teacher_inputs[b], idx)))
+
+                def drop(t: torch.Tensor) -> torch.Tensor:
+                    tt = next(ref)
+                    if not t.is_floating_point():
+                        return t
+                    keep = torch.rand(t.shape, generator=gen).to(t.device) >= cfg.drop_prob
+                    return torch.where(keep, t, tt)
+                args = map_tensors(args, drop)
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))
+            loss = output_error(run_block(block, args), _rows(targets[b], idx))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"block {name!r}: non-finite reconstruction loss at step {s}; lower the "
+                                         "reconstruct lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            if s % 10 == 0:
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+        bar.close()
+    with torch.no_grad():
+        for m in block.modules():
+            if is_pq(m) and id(m.codebook) not in shared:
+                m.codebook.data = round_codebook(m.codebook.data, m.codebook_bits)
+    after = block_error(block, inputs, targets)
+    kept = "reconstructed"
+    if not after <= before:                  # never leave a block worse than its EM result
+        with torch.no_grad():
+            for p, v in zip(params, saved):
+                p.copy_(v)
+        kept = "em"
+        log.info("block %s: reconstruction raised its output error %.4f -> %.4f; the EM result is kept",
+                 name, before, after)
+        after = before
+    log.debug("block %s reconstructed: error %.4f -> %.4f", name, before, after)
+    return {"error_before": before, "error_after": after, "steps": cfg.steps, "kept": kept,
+            "first_loss": losses[0], "last_loss": sum(losses[-10:]) / len(losses[-10:])}
