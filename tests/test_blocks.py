@@ -1,0 +1,254 @@
+"""The block pipeline: block discovery (blocks.py), replayed block inputs (blockio.py), block reconstruction
+(reconstruct.py) and the block loop of compress (resume per block, errors)."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn as nn
+
+import bitdown
+from bitdown import QuantConfig
+from bitdown.blockio import BlockIO, Cached, TensorStore, dependencies, run_block
+from bitdown.blocks import find_blocks
+from bitdown.compress import forward_order
+from bitdown.config import ReconstructConfig
+from bitdown.reconstruct import block_error, reconstruct_block
+from bitdown.zoo import build_model
+
+bc = importlib.import_module("bitdown.compress")
+
+
+def _blocks(model, x):
+    order = forward_order(model, x)
+    return find_blocks(model.eval(), x, order)
+
+
+# ----------------------------------------------------------------------------- discovery
+
+def test_zoo_cifar_resnet_blocks():
+    m = build_model("resnet20_cifar10", None)
+    names = [b.name for b in _blocks(m, torch.randn(2, 3, 32, 32))]
+    assert names == ["conv1"] + [f"layer{s}.{i}" for s in (1, 2, 3) for i in range(3)] + ["linear"]
+
+
+def test_zoo_efficientnet_blocks():
+    m = build_model("efficientnet_lite0", None)
+    blocks = _blocks(m, torch.randn(1, 3, 64, 64))
+    names = [b.name for b in blocks]
+    assert names == ["_conv_stem"] + [f"_blocks.{i}" for i in range(16)] + ["_conv_head", "_fc"]
+    assert blocks[2].layers == ["_blocks.1._expand_conv", "_blocks.1._depthwise_conv", "_blocks.1._project_conv"]
+
+
+def test_torchvision_style_resnet_blocks():
+    m = build_model("resnet18", None)           # torchvision layout: conv1/bn1/maxpool, layerN.M, fc
+    blocks = _blocks(m, torch.randn(1, 3, 64, 64))
+    assert [b.name for b in blocks] == ["conv1"] + [f"layer{s}.{i}" for s in (1, 2, 3, 4) for i in (0, 1)] + ["fc"]
+    assert sorted(blocks[3].layers) == ["layer2.0.conv1", "layer2.0.conv2", "layer2.0.downsample.0"]
+
+
+class Unit(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class SkipNet(nn.Module):
+    """u0 -> u1 -> u2(cat(u1, u0)): u0's output is read two blocks later (a U-Net-style skip)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.units = nn.ModuleList([Unit(8, 8), Unit(8, 8), Unit(16, 8), Unit(8, 8)])
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        a = self.units[0](x)
+        b = self.units[1](a)
+        c = self.units[2](torch.cat([b, nn.functional.max_pool2d(a, 1)], 1))
+        d = self.units[3](c) + a
+        return self.head(d.mean((2, 3)))
+
+
+def test_skip_connection_across_blocks_is_found():
+    torch.manual_seed(0)
+    m = SkipNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    blocks = _blocks(m, x)
+    assert [b.name for b in blocks] == ["stem", "units.0", "units.1", "units.2", "units.3", "head"]
+    last = dependencies(m, blocks, x[:1])
+    assert last == [1, 5, 3, 4, 5, 5]      # units.0 is read by units.1, units.2 and (through the sum) the head
+
+
+def test_replayed_inputs_equal_a_plain_forward():
+    torch.manual_seed(0)
+    m = SkipNet().eval()
+    batches = list(torch.randn(6, 3, 8, 8).split(3))
+    blocks = _blocks(m, batches[0])
+    mods = dict(m.named_modules())
+    seen = {}
+    hs = [mods[b.name].register_forward_pre_hook(lambda _m, a, i=i: seen.setdefault(i, []).append(a[0].clone()))
+          for i, b in enumerate(blocks)]
+    with torch.no_grad():
+        for x in batches:
+            m(x)
+    for h in hs:
+        h.remove()
+    store = TensorStore(0)                          # budget 0: everything spills to disk and is read back
+    io = BlockIO(m, blocks, batches, store, dependencies(m, blocks, batches[0][:1]))
+    for i, b in enumerate(blocks):
+        ins = io.inputs(i)
+        for k in range(len(batches)):
+            assert torch.equal(ins[k][0][0], seen[i][k]), (b.name, k)
+        with torch.no_grad():
+            io.set_outputs(i, Cached(store, [run_block(mods[b.name], ins[k]) for k in range(len(ins))],
+                                     ins.device, ins.dtype))
+    assert store.spilled > 0
+    io.close()
+    store.close()
+
+
+def test_blocks_regex_names_blocks_and_unmatched_is_an_error():
+    m = SkipNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    order = forward_order(m, x)
+    blocks = find_blocks(m, x, order, [r"units\.[01]"])
+    assert [b.name for b in blocks] == ["stem", "units.0", "units.1", "units.2.conv", "units.3.conv", "head"]
+    with pytest.raises(ValueError, match=r"nothing.*|match no module"):
+        find_blocks(m, x, order, [r"units\.9"])
+    with pytest.raises(ValueError, match="match no module"):
+        bitdown.compress(m, [torch.randn(32, 3, 8, 8)], QuantConfig(blocks=[r"nope"], calib_images=32), progress=False)
+
+
+def test_block_called_twice_is_looked_into():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.u = Unit(3, 3)
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(self.u(self.u(x)).mean((2, 3)))
+
+    with pytest.raises(ValueError, match="called 2 times"):
+        _blocks(Twice().eval(), torch.randn(1, 3, 8, 8))
+
+
+# ----------------------------------------------------------------------------- reconstruction
+
+def _quantized_unit(seed=0):
+    torch.manual_seed(seed)
+    teacher = Unit(8, 16).eval()
+    student = bitdown.compress(nn.Sequential(nn.Conv2d(3, 8, 1), teacher, nn.Conv2d(16, 4, 1)),
+                               [torch.randn(64, 3, 8, 8)],
+                               QuantConfig(calib_images=64, n_centroids=4, em={"n_iter": 3}), progress=False)
+    return teacher, student[1]
+
+
+def test_reconstruction_lowers_the_block_error():
+    teacher, block = _quantized_unit()
+    xs = [torch.randn(16, 8, 8, 8) for _ in range(4)]
+    store = TensorStore(1 << 30)
+    inputs = Cached(store, [((x,), {}) for x in xs], torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        targets = Cached(store, [teacher(x) for x in xs], torch.device("cpu"), torch.float32)
+    res = reconstruct_block("u", block, inputs, targets, ReconstructConfig(steps=60, lr=1e-2), seed=0)
+    assert res["kept"] == "reconstructed"
+    assert res["error_after"] < 0.9 * res["error_before"]
+    assert block_error(block, inputs, targets) == pytest.approx(res["error_after"], rel=1e-5)
+
+
+def test_reconstruction_never_leaves_a_block_worse():
+    teacher, block = _quantized_unit()
+    xs = [torch.randn(16, 8, 8, 8) for _ in range(2)]
+    store = TensorStore(1 << 30)
+    inputs = Cached(store, [((x,), {}) for x in xs], torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        targets = Cached(store, [teacher(x) for x in xs], torch.device("cpu"), torch.float32)
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    res = reconstruct_block("u", block, inputs, targets, ReconstructConfig(steps=5, lr=50.0), seed=0)
+    assert res["kept"] == "em"
+    assert all(torch.equal(before[k], v) for k, v in block.state_dict().items())
+
+
+def test_reconstruct_config_is_checked():
+    for bad in ({"steps": -1}, {"lr": 0}, {"batch_size": 0}, {"drop_prob": 1.5}):
+        with pytest.raises(ValueError):
+            ReconstructConfig(**bad)
+    with pytest.raises(ValueError, match="unknown reconstruct option"):
+        QuantConfig(reconstruct={"stepz": 3})
+
+
+# ----------------------------------------------------------------------------- the block loop
+
+def _cfg(**kw):
+    return QuantConfig(**{"calib_images": 48, "batch_size": 16, "em": {"n_iter": 5},
+                          "reconstruct": {"steps": 10, "lr": 1e-3, "batch_size": 8}, **kw})
+
+
+def test_compress_skipnet_with_reconstruction():
+    torch.manual_seed(0)
+    m = SkipNet().eval()
+    x = torch.randn(48, 3, 8, 8)
+    q = bitdown.compress(m, [x], _cfg(), progress=False)
+    rec = q.bitdown.extra["reconstruct"]
+    assert set(rec) == {"units.0", "units.1", "units.2", "units.3", "head"}
+    assert all(r["error_after"] <= r["error_before"] for r in rec.values())
+    with torch.no_grad():
+        rel = (q(x) - m(x)).norm() / m(x).norm()
+    assert rel < 0.5
+
+
+def test_resume_per_block_is_identical(monkeypatch, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(48, 3, 8, 8)
+    torch.manual_seed(0)
+    ref = bitdown.compress(SkipNet().eval(), [x], _cfg(), progress=False)
+    calls = []
+    real = bc.kmeans
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("interrupted")
+        return real(*a, **k)
+
+    monkeypatch.setattr(bc, "kmeans", failing)
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        bitdown.compress(SkipNet().eval(), [x], _cfg(), checkpoint_dir=tmp_path, progress=False)
+    monkeypatch.setattr(bc, "kmeans", real)
+    torch.manual_seed(0)
+    resumed = bitdown.compress(SkipNet().eval(), [x], _cfg(), checkpoint_dir=tmp_path, progress=False)
+    assert resumed.bitdown.extra["resumed"]["layers"] == 3
+    sa, sb = ref.state_dict(), resumed.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert ref.bitdown.extra["reconstruct"] == resumed.bitdown.extra["reconstruct"]
+
+
+def test_depthwise_conv_fed_by_a_zero_channel_does_not_crash():
+    """A singular input Gram (a channel that is always zero, as after ReLU6 of a dead channel)."""
+    class DW(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pw = nn.Conv2d(3, 16, 1, bias=False)
+            self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = self.pw(x)
+            h = torch.cat([h[:, :4] * 0, h[:, 4:]], 1)          # channels 0-3 always zero
+            return self.fc(torch.relu(self.dw(h)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    m = DW().eval()
+    q = bitdown.compress(m, [torch.randn(64, 3, 8, 8)], _cfg(calib_images=64, n_centroids=16), progress=False)
+    assert all(torch.isfinite(p).all() for p in q.parameters())
