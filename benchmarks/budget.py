@@ -39,7 +39,7 @@ from bitdown import compress  # noqa: E402
 from bitdown.checkpoint import fingerprint  # noqa: E402
 from bitdown.allocate import _other_bytes, apply_allocation, budget_bytes, measure_options  # noqa: E402
 from bitdown.compress import forward_order, take_images  # noqa: E402
-from bitdown.config import EMConfig, resolve_plan  # noqa: E402
+from bitdown.config import EMConfig, ReconstructConfig, resolve_plan  # noqa: E402
 from bitdown.data import make_loader  # noqa: E402
 from bitdown.evaluate import evaluate  # noqa: E402
 from bitdown.finetune import FinetuneConfig  # noqa: E402
@@ -108,6 +108,8 @@ def main() -> None:
                                         "its bare report) computed on the same calibration images, e.g. on another "
                                         "machine; its ratio, weighting and error cap must match the flags")
     p.add_argument("--em", default="{}", help='EM options on top of the default EMConfig, JSON')
+    p.add_argument("--reconstruct", default="{}", help='block reconstruction options (QuantConfig.reconstruct, '
+                                                        'config.ReconstructConfig), JSON, e.g. \'{"steps": 200}\'')
     p.add_argument("--mixup", type=float, default=0.0, help="fine-tuning mixup alpha (FinetuneConfig.mixup; 0: off)")
     p.add_argument("--device", default="cpu", help="where forward passes and fine-tuning run (cuda on a GPU machine)")
     p.add_argument("--checkpoint-root", help="each row's compression checkpoints (and size allocation) in a "
@@ -124,6 +126,8 @@ def main() -> None:
     rows, teachers = doc.get("rows", []), doc.get("teachers", {})
     em = json.loads(a.em)
     em_key = _em_key(em)
+    rc = json.loads(a.reconstruct)
+    rc_key = _rc_key(rc)
     for r in rows:
         _row_defaults(r)
     for name in a.models.split(","):
@@ -142,6 +146,7 @@ def main() -> None:
                     if method == "alloc" and (ratio, bits) in done_alloc:
                         continue                # a tighter cap of the list already gave this row
                     key = dict(model=name, method=method, codebook_bits=bits, target_ratio=ratio, em=em_key,
+                               reconstruct=rc_key,
                                alloc_weighting=weighting, alloc_max_error=cap, mixup=a.mixup,
                                layer_steps=a.layer_steps, global_steps=a.global_steps, calib_images=a.calib_images,
                                batch_size=a.batch_size, seed=a.seed, train_pool=a.train_pool)
@@ -150,7 +155,8 @@ def main() -> None:
                             done_alloc.add((ratio, bits))
                         continue
                     cfg = zoo_config(name, "small", calib_images=a.calib_images, seed=a.seed, codebook_bits=bits,
-                                     em=EMConfig(**em), alloc_weighting=weighting, alloc_max_error=cap)
+                                     em=EMConfig(**em), alloc_weighting=weighting, alloc_max_error=cap,
+                                     reconstruct=rc)
                     extra, target, given = {}, ratio, None
                     if method == "alloc" and a.allocation:
                         given = _given_allocation(Path(a.allocation), ratio, weighting, cap, teacher, cfg)
@@ -167,7 +173,7 @@ def main() -> None:
                         share = method == "shared"
                         preset, choice, dist = uniform_choice(name, teacher, order, budget, bits, options, share)
                         cfg = zoo_config(name, preset, calib_images=a.calib_images, seed=a.seed, codebook_bits=bits,
-                                         em=EMConfig(**em), share_same_shape=share,
+                                         em=EMConfig(**em), share_same_shape=share, reconstruct=rc,
                                          name_overrides={re.escape(n): {"block_size": d, "n_centroids": k}
                                                          for n, (d, k) in choice.items()})
                         extra, target = {"preset": preset, "calib_distortion": dist}, None
@@ -226,15 +232,25 @@ def _row_defaults(row: dict) -> None:
     """Fill the settings rows written before they existed, with the values those runs used, and drop EM
     options equal to EMConfig's defaults (a row asking teacher_target=True ran the default EM)."""
     for k, v in (("em", {}), ("alloc_weighting", "none"), ("mixup", 0.0), ("alloc_max_error", None),
-                 ("train_pool", None)):
+                 ("train_pool", None), ("reconstruct", {})):
         row.setdefault(k, v)
     row["em"] = _em_key(row["em"])
+    row["reconstruct"] = _rc_key(row["reconstruct"])
 
 
 def _em_key(em: dict) -> dict:
     """The EM options of `em` that differ from EMConfig's defaults (what a row's settings record)."""
-    default = dataclasses.asdict(EMConfig())
-    return {k: v for k, v in em.items() if default.get(k, object()) != v}
+    return _non_default(em, EMConfig)
+
+
+def _rc_key(rc: dict) -> dict:
+    """The block reconstruction options of `rc` that differ from off (ReconstructConfig's defaults)."""
+    return _non_default(rc, ReconstructConfig)
+
+
+def _non_default(d: dict, cls) -> dict:
+    default = dataclasses.asdict(cls())
+    return {k: v for k, v in d.items() if default.get(k, object()) != v}
 
 
 def _given_allocation(path: Path, ratio: float, weighting: str, cap: float | None, model, cfg) -> dict:
@@ -265,7 +281,8 @@ def merge(path: Path, others: list[Path]) -> None:
     doc = json.loads(path.read_text())
     for r in doc["rows"]:
         _row_defaults(r)
-    settings = ("model", "method", "codebook_bits", "target_ratio", "em", "alloc_weighting", "alloc_max_error",
+    settings = ("model", "method", "codebook_bits", "target_ratio", "em", "reconstruct", "alloc_weighting",
+                "alloc_max_error",
                 "mixup", "layer_steps",
                 "global_steps", "calib_images", "batch_size", "seed", "train_pool")
     for other in others:
@@ -313,6 +330,8 @@ def write_report(path: Path) -> None:
         meth = r["method"] + (f" ({r['preset']})" if r.get("preset") else "")
         meth += ", sensitivity-weighted" if r.get("alloc_weighting", "none") != "none" else ""
         meth += "".join(f", {k}={v}" for k, v in r.get("em", {}).items())
+        meth += (", block reconstruction " + ",".join(f"{k}={v}" for k, v in r["reconstruct"].items())
+                 if r.get("reconstruct") else "")
         meth += f", max error {r['alloc_max_error']:g}" if r.get("alloc_max_error") else ""
         meth += f", mixup {r['mixup']:g}" if r.get("mixup") else ""
         meth += f", {r['train_pool']} training images" if r.get("train_pool") else ""
@@ -338,6 +357,7 @@ def write_report(path: Path) -> None:
             meth += f"+cap{r['alloc_max_error']:g}" if r.get("alloc_max_error") else ""
             meth += f"+mixup{r['mixup']:g}" if r.get("mixup") else ""
             meth += f"+pool{r['train_pool']}" if r.get("train_pool") else ""
+            meth += "+recon" + ",".join(f"{k}={v}" for k, v in r["reconstruct"].items()) if r.get("reconstruct") else ""
             meth += " (GPU)" if r.get("device", "cpu") != "cpu" else ""
             return meth, r["codebook_bits"], r["global_steps"], json.dumps(r.get("em", {}), sort_keys=True)
         for (meth, bits, steps, em) in sorted({group(r) for r in mr}):

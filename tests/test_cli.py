@@ -112,7 +112,7 @@ def test_compress_info_eval(compressed, capsys):
     rc, text, err = run(capsys, "info", path, "--json")
     assert rc == 0, err
     info = json.loads(text)
-    assert info["format_version"] == 1 and info["n_layers"] == 3
+    assert info["format_version"] == 2 and info["n_layers"] == 3
     assert [p["name"] for p in info["layers"]] == ["conv2", "conv3", "fc"]
     assert info["arch"]["name"] == SPEC and info["arch"]["preprocess"] == "cifar10"
     assert info["size_mb"] == pytest.approx(out["size_mb"]) and info["ratio"] == pytest.approx(out["ratio"])

@@ -206,19 +206,20 @@ def test_bn_recalibration():
     plain = bitdown.compress(make_net(), x, cfg(bn_recalibrate=False), progress=False)
     auto = bitdown.compress(make_net(), x, cfg(), progress=False)      # teacher targets: statistics kept
     teacher = make_net()
-    assert torch.equal(plain.bn3.running_mean, teacher.bn3.running_mean)
-    assert torch.equal(auto.bn3.running_mean, teacher.bn3.running_mean)
+    kept = teacher.bn3.running_mean.half().float()       # the file stores BatchNorm statistics in fp16
+    assert torch.equal(plain.bn3.running_mean, kept)
+    assert torch.equal(auto.bn3.running_mean, kept)
     paper = bitdown.compress(make_net(), x, cfg(em=bitdown.EMConfig.paper(n_iter=5)), progress=False)
     assert not torch.allclose(paper.bn3.running_mean, teacher.bn3.running_mean)   # paper EM: re-estimated
     assert not torch.allclose(q.bn3.running_mean, teacher.bn3.running_mean)
     # the re-estimated statistics are those of the quantized network on the data
     again = copy.deepcopy(plain)
     assert recalibrate_bn(again, x) == 4
-    for bn in ("bn1", "bn2", "bn3", "bn4"):
-        torch.testing.assert_close(getattr(again, bn).running_var, getattr(q, bn).running_var)
+    for bn in ("bn1", "bn2", "bn3", "bn4"):                     # q's statistics are rounded to fp16 (the file's)
+        torch.testing.assert_close(getattr(again, bn).running_var, getattr(q, bn).running_var, rtol=1e-3, atol=1e-4)
     with torch.no_grad():                                      # the stem's BN sees the true batch mean
         ref = torch.cat([q.conv1(b) for b in x]).mean((0, 2, 3))
-    torch.testing.assert_close(q.bn1.running_mean, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(q.bn1.running_mean, ref, rtol=1e-3, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- errors

@@ -83,6 +83,43 @@ def test_a_graph_that_disagrees_is_not_written(q16, tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_nan_onnx_output_is_a_disagreement(q16, tmp_path, monkeypatch):
+    """NaN - x is NaN and NaN > tol is false: a graph giving NaN must still be refused."""
+    import bitdown.export as bx
+    real = bx.encode_codebook
+    monkeypatch.setattr(bx, "encode_codebook", lambda cb, bits: real(cb * float("nan"), bits))
+    with pytest.raises(ValueError, match="NaN/inf outputs"):
+        export_onnx(q16, tmp_path / "nan.onnx", (1, 3, 8, 8))
+    assert not (tmp_path / "nan.onnx").exists()
+
+
+def test_nan_model_output_is_refused(q16, tmp_path):
+    import copy
+    q = copy.deepcopy(q16)
+    with torch.no_grad():
+        q.fc.bias[0] = float("inf")                      # the PyTorch model (and the graph) give inf / NaN
+    with pytest.raises(ValueError, match="NaN/inf outputs"):
+        export_onnx(q, tmp_path / "inf.onnx", (1, 3, 8, 8))
+    assert not (tmp_path / "inf.onnx").exists()
+
+
+def test_export_from_a_version_2_file(q16, tmp_path):
+    """The file holds bit-packed codes; the loaded model (and so the graph) has uint8 codes again."""
+    from bitdown import serialize
+    f = bitdown.save(q16, tmp_path / "m.bitdown")
+    tensors, meta = serialize.read(f)
+    assert meta["format_version"] == 2 and tensors["conv3.codes"].dim() == 1      # packed on disk
+    loaded = bitdown.load(f, make_net())
+    path = export_onnx(loaded, tmp_path / "m.onnx", (1, 3, 8, 8))
+    inits = initializers(path)
+    for name in LAYERS:
+        assert inits[f"{name}.codes"].data_type == UINT8
+        assert list(inits[f"{name}.codes"].dims) == list(getattr(q16, name).codes.shape)
+    x = images(3, seed=6)
+    with torch.no_grad():
+        assert abs(run_onnx(path, x) - q16(x).numpy()).max() < 1e-4
+
+
 def test_bad_input_refused(q16, tmp_path):
     with pytest.raises(ValueError, match="no product-quantized layer"):
         export_onnx(make_net(), tmp_path / "x.onnx", (1, 3, 8, 8))

@@ -78,24 +78,37 @@ def rewrite(path, tensors, meta, fix_checksum=True):
 
 def test_file_content(compressed, saved):
     with safe_open(str(saved), framework="pt") as f:
-        meta = json.loads(f.metadata()["bitdown"])
+        text = f.metadata()["bitdown"]
+        meta = json.loads(text)
         keys = set(f.keys())
         tensors = {k: f.get_tensor(k) for k in keys}
     for name in ("conv2", "conv3", "fc"):
+        layer = getattr(compressed, name)
         assert tensors[f"{name}.codebook"].dtype == torch.float16
+        # bit-packed: ceil(log2 K) bits per code, one flat uint8 tensor
+        bits = (layer.n_centroids - 1).bit_length()
+        assert bits < 8
         assert tensors[f"{name}.codes"].dtype == torch.uint8
+        assert tensors[f"{name}.codes"].shape == ((layer.codes.numel() * bits + 7) // 8,)
+        assert torch.equal(serialize.unpack_codes(tensors[f"{name}.codes"], layer.codes.numel(), bits),
+                           layer.codes.reshape(-1).long())
         assert f"{name}.weight" not in keys
     assert tensors["conv1.weight"].dtype == torch.float32           # the stem stays dense
     for bn in ("bn1", "bn2", "bn3"):
         assert {f"{bn}.running_mean", f"{bn}.running_var", f"{bn}.weight", f"{bn}.bias"} <= keys
-    assert meta["format"] == "bitdown" and meta["format_version"] == serialize.FORMAT_VERSION
+        assert tensors[f"{bn}.running_mean"].dtype == tensors[f"{bn}.running_var"].dtype == torch.float16
+        assert tensors[f"{bn}.weight"].dtype == torch.float32
+    assert meta["format"] == "bitdown" and meta["format_version"] == serialize.FORMAT_VERSION == 2
+    assert text == json.dumps(meta, separators=(",", ":"))          # compact JSON: no spaces
+    assert meta["layers"][0] == {"name": "conv2", "kind": "convkxk", "weight_shape": [16, 8, 3, 3],
+                                 "block_size": 9, "n_centroids": 16}   # fields at their default omitted
     assert [p["name"] for p in meta["layers"]] == ["conv2", "conv3", "fc"]
     assert meta["arch"] == {"name": "TinyNet", "source": "user"}
     assert meta["size"]["size_mb"] == pytest.approx(bitdown.size_report(compressed, compressed.bitdown.plans).size_mb)
     assert meta["checksum"] == serialize.checksum(tensors, meta)
     assert meta["skipped"] == {"conv1": "stem conv (quantize_stem=False)"}
-    # the file is small: codes are one byte, codebooks two
-    assert saved.stat().st_size < sum(p.numel() * 4 for p in TinyNet().parameters()) + 16_000
+    # the file is small: codes of log2(K) bits, codebooks and statistics two bytes
+    assert saved.stat().st_size < sum(p.numel() * 4 for p in TinyNet().parameters()) + 5_000
 
 
 def test_loaded_model_equals_in_memory_model_exactly(compressed, saved):
@@ -106,9 +119,11 @@ def test_loaded_model_equals_in_memory_model_exactly(compressed, saved):
     with torch.no_grad():
         assert torch.equal(loaded(x), compressed(x))
     fresh = TinyNet()
-    for bn in ("bn1", "bn2", "bn3"):       # running statistics (re-estimated by compress) preserved
-        assert torch.equal(getattr(loaded, bn).running_mean, getattr(compressed, bn).running_mean)
-        assert torch.equal(getattr(loaded, bn).running_var, getattr(compressed, bn).running_var)
+    for bn in ("bn1", "bn2", "bn3"):       # running statistics (re-estimated by compress) preserved,
+        for stat in ("running_mean", "running_var"):   # rounded to fp16 by save, in memory as in the file
+            mine, back = getattr(getattr(compressed, bn), stat), getattr(getattr(loaded, bn), stat)
+            assert back.dtype == torch.float32 and torch.equal(back, mine)
+            assert torch.equal(back, back.half().float())
         assert not torch.equal(getattr(loaded, bn).running_mean, getattr(fresh, bn).running_mean)
     for k, v in compressed.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
@@ -139,13 +154,15 @@ def test_int16_codes_round_trip(tmp_path):
     meta = CompressionInfo({"name": "seq", "source": "user"}, {}, plans, {"2": "kept"}).metadata(model)
     path = bitdown.save(model, tmp_path / "k512.bitdown", metadata=meta)
     tensors, meta = serialize.read(path)
-    assert tensors["0.codes"].dtype == torch.int16 and tensors["0.codebook"].dtype == torch.float16
+    assert tensors["0.codes"].dtype == torch.uint8 and tensors["0.codes"].shape == (64 * 16 * 9 // 8,)  # 9 bits
+    assert tensors["0.codebook"].dtype == torch.float16
+    assert serialize.decode(tensors, meta)["0.codes"].dtype == torch.int16
     target = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
     loaded = bitdown.load(path, target)
     x = torch.randn(3, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
-    assert torch.equal(loaded[0].codes.long(), codes)
+    assert loaded[0].codes.dtype == torch.int16 and torch.equal(loaded[0].codes.long(), codes)
 
 
 # ----------------------------------------------------------------------------- saving
@@ -271,12 +288,39 @@ def test_newer_format_version(saved):
         bitdown.load(saved, TinyNet())
 
 
+def version1(tensors, meta):
+    """A version-1 file's tensors and metadata (whole-byte codes, fp32 statistics) from a version-2 file's."""
+    return serialize.decode(tensors, meta), dict(meta, format_version=1)
+
+
 def test_codes_out_of_range_in_file(saved):
-    tensors, meta = serialize.read(saved)
+    tensors, meta = version1(*serialize.read(saved))   # whole-byte codes can exceed K
     codes = tensors["conv3.codes"].clone()
     codes[0, 0] = 200                                   # conv3 has 8 centroids
     rewrite(saved, dict(tensors, **{"conv3.codes": codes}), meta)
-    with pytest.raises(BitdownFileError, match="out of range"):
+    with pytest.raises(BitdownFileError, match="codes of 'conv3' out of range for 8 centroids"):
+        bitdown.load(saved, TinyNet())
+
+
+def test_version_1_file_loads(compressed, saved, tmp_path):
+    tensors, meta = version1(*serialize.read(saved))
+    assert tensors["conv2.codes"].dtype == torch.uint8 and tensors["conv2.codes"].shape == (16, 8)
+    assert tensors["bn1.running_var"].dtype == torch.float32
+    old = tmp_path / "v1.bitdown"
+    rewrite(old, tensors, meta)
+    assert serialize.read(old)[1]["format_version"] == 1
+    loaded = bitdown.load(old, TinyNet())
+    for k, v in compressed.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    again = bitdown.save(loaded, tmp_path / "again.bitdown")           # re-saved as version 2
+    assert again.read_bytes() == saved.read_bytes()
+
+
+@pytest.mark.parametrize("version", [0, -1, True, 1.0, "2", None])
+def test_unknown_format_versions_refused(saved, version):
+    tensors, meta = serialize.read(saved)
+    rewrite(saved, tensors, dict(meta, format_version=version))
+    with pytest.raises(BitdownFileError, match="format.version"):
         bitdown.load(saved, TinyNet())
 
 

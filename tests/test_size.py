@@ -100,3 +100,22 @@ def test_same_size_for_compressed_model():
 def test_layer_size_non_byte_codes():
     size = layer_size(LayerPlan("x", "linear", (8, 16), 4, 2))   # 32 subvectors x 1 bit
     assert size.index_bytes == 4 and size.codebook_bytes == 16 and size.n_weights == 128
+
+
+def test_file_bytes_and_info_report_both_sizes(tmp_path, capsys):
+    """The paper-style size and the bytes on disk, side by side: size.file_bytes and `bitdown info`."""
+    import bitdown
+    from bitdown.size import file_bytes
+    from test_packing import random_q
+
+    model, meta = random_q()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    n = file_bytes(model, meta)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())   # nothing changed
+    path = bitdown.save(model, tmp_path / "m.bitdown", metadata=meta)
+    assert path.stat().st_size == n
+    rep = size_report(model, [LayerPlan.from_json(p) for p in meta["layers"]])
+    assert main(["info", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["file_bytes"] == info["bytes_on_disk"] == n
+    assert info["paper_bytes"] == info["size_bytes"] == rep.paper_bytes == rep.size_bytes

@@ -29,6 +29,7 @@ from .config import LayerPlan, QuantConfig, quantizable_layers, resolve_plan, sh
 from .em import assign_codes, kmeans, kmeans_shared
 from .meancorrect import correct_layer_mean, following_batchnorm
 from .modules import empty_pq_like, is_pq, module_device, quantize_module, round_codebook, round_codebooks_
+from .serialize import round_bn_stats_
 from .size import size_report
 from .blockio import BlockIO, Cached, TensorStore, dependencies, run_block
 from .blocks import Block, call_order, find_blocks
@@ -295,7 +296,8 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
                 _save(checkpoint_dir, student, plans, info, fp, stage="global", step=ft.global_steps,
                       extra={"global_finetune": info.extra["global_finetune"]})
         info.timings["global_finetune_s"] = time.perf_counter() - t1
-    round_codebooks_(student)     # the file stores fp16 codebooks: make memory identical to the file
+    round_codebooks_(student)     # the file stores fp16 codebooks and BatchNorm statistics: memory == file
+    round_bn_stats_(student)
     info.timings["total_s"] = time.perf_counter() - t0
     student.bitdown = info
     return student.eval()
@@ -392,18 +394,46 @@ class _BlockRun:
             bar.update(1)
         rc = self.config.reconstruct
         if rc.steps > 0 and targets is not None and any(n in self.index for n in block.layers):
-            shared_ids = {id(self.modules[p.name].codebook) for p in self.plans if p.share is not None
-                          and is_pq(self.modules[p.name])}
-            try:
-                res = reconstruct_block(block.name, s_block, s_in, targets, rc, seed=self.config.seed + 104729 * (bi + 1),
-                                        teacher_inputs=t_in, shared=shared_ids, progress=self.progress)
-            except FloatingPointError as e:
-                raise FloatingPointError(_kept(e, self.checkpoint_dir if bi else None,
-                                               f"{bi} of {len(self.blocks)} blocks done")) from e
-            if res:
-                self.info.extra.setdefault("reconstruct", {})[block.name] = {
-                    k: v for k, v in res.items() if k in ("error_before", "error_after", "kept")}
-                bar.set_postfix(block=block.name, err=f"{res['error_before']:.3f}->{res['error_after']:.3f}")
+            for r in range(rc.reassign + 1):
+                if r:
+                    self._reassign(block, s_block, s_in, t_block, t_in)
+                self._reconstruct(bi, block, s_block, s_in, targets, t_in, r, bar)
+
+    def _reconstruct(self, bi: int, block: Block, s_block: nn.Module, s_in: Cached, targets: Cached,
+                     t_in: Cached | None, round_: int, bar) -> None:
+        shared_ids = {id(self.modules[p.name].codebook) for p in self.plans if p.share is not None
+                      and is_pq(self.modules[p.name])}
+        try:
+            res = reconstruct_block(block.name, s_block, s_in, targets, self.config.reconstruct,
+                                    seed=self.config.seed + 104729 * (bi + 1) + round_, teacher_inputs=t_in,
+                                    shared=shared_ids, progress=self.progress)
+        except FloatingPointError as e:
+            raise FloatingPointError(_kept(e, self.checkpoint_dir if bi else None,
+                                           f"{bi} of {len(self.blocks)} blocks done")) from e
+        if res:
+            entry = {k: v for k, v in res.items() if k in ("error_before", "error_after", "kept", "codes_changed")}
+            recs = self.info.extra.setdefault("reconstruct", {})
+            if round_:
+                entry["error_before"] = recs[block.name]["error_before"]
+                entry["rounds"] = round_ + 1
+            recs[block.name] = entry
+            bar.set_postfix(block=block.name, err=f"{entry['error_before']:.3f}->{entry['error_after']:.3f}")
+
+    def _reassign(self, block: Block, s_block: nn.Module, s_in: Cached, t_block: nn.Module | None,
+                  t_in: Cached | None) -> None:
+        """New codes for the block's own-codebook layers, in forward order, under their reconstructed codebooks:
+        GPTQ assignment towards the teacher target on the layers' current input statistics."""
+        em = self.config.em
+        for name in block.layers:
+            if name not in self.index or self.plans[self.index[name]].share is not None:
+                continue
+            plan, module = self.plans[self.index[name]], self.modules[name]
+            st = self._layer_stats(plan, s_block, s_in, t_block, t_in)
+            w0 = self.t_modules[name].weight.detach().cpu()
+            target = teacher_target_weight(w0, st, em.target_damp) if em.teacher_target else w0
+            res = assign_codes(target, module.codebook.detach().cpu(), st.block_grams, em, full_gram=st.full_gram)
+            with torch.no_grad():
+                module.codes.copy_(res.codes.reshape(module.codes.shape).to(module.codes))
 
     def _layer_stats(self, plan: LayerPlan, s_block: nn.Module, s_in: Cached, t_block: nn.Module | None,
                      t_in: Cached | None) -> LayerStats:

@@ -110,6 +110,11 @@ class ReconstructConfig:
     drop_prob: float = 0.0      # QDrop: probability that an input value is the teacher's (0: off)
     train_bn: bool = True       # BatchNorm affine parameters inside the block
     train_bias: bool = True     # conv / linear biases inside the block
+    codes: str = "fixed"        # 'fixed': codes stay the EM's; 'ste': learned too (a latent weight per subvector,
+                                # its nearest codeword in the forward, straight-through gradient)
+    latent_lr: float = 1e-2     # 'ste': the latent weights' Adam lr, relative to each layer's weight RMS
+    reassign: int = 0           # rounds of: new codes for the block's layers under the reconstructed codebooks
+                                # (GPTQ assignment on their new input statistics), then `steps` more steps
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -120,6 +125,12 @@ class ReconstructConfig:
             raise ValueError(f"reconstruct batch_size must be >= 1, got {self.batch_size}")
         if not 0 <= self.drop_prob <= 1:
             raise ValueError(f"reconstruct drop_prob must be in [0, 1], got {self.drop_prob}")
+        if self.codes not in ("fixed", "ste"):
+            raise ValueError(f"reconstruct codes must be 'fixed' or 'ste', got {self.codes!r}")
+        if not (self.latent_lr > 0 and math.isfinite(self.latent_lr)):
+            raise ValueError(f"reconstruct latent_lr must be a finite number > 0, got {self.latent_lr}")
+        if self.reassign < 0:
+            raise ValueError(f"reconstruct reassign must be >= 0, got {self.reassign}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ReconstructConfig":

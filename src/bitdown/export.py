@@ -9,7 +9,10 @@ stores, so the .onnx file is about as small as the .bitdown file:
 then the layer's own Conv / Gemm. onnxruntime constant-folds this into dense weights when it builds a
 session, so inference runs at dense speed. The TorchScript exporter is used with constant folding
 off: the torch.export-based one folds the gather at export time and writes dense fp32 weights.
-After writing, the file is checked against the PyTorch model with onnxruntime when it is installed.
+After writing, the file is checked against the PyTorch model with onnxruntime when it is installed
+(non-finite outputs on either side count as a disagreement). The codes stay uint8 (int16 for K > 256)
+in the graph: they come from the model in memory, where `bitdown.load` has unpacked the file's
+bit-packed codes (format version 2).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -95,8 +99,15 @@ def _check(model: nn.Module, path: Path, x: torch.Tensor, atol: float) -> None:
     if not isinstance(want, torch.Tensor):
         raise TypeError("export_onnx checks models with one tensor output; pass check=False for others")
     want = want.numpy()
-    scale = max(float(abs(want).max()), 1.0)
-    err = float(abs(got - want).max())
-    if got.shape != want.shape or err > atol * scale:
+    if got.shape != want.shape:
+        raise ValueError(f"the exported ONNX model disagrees with the PyTorch model (output shape {list(got.shape)} "
+                         f"vs {list(want.shape)}); the file was not written")
+    if not (np.isfinite(got).all() and np.isfinite(want).all()):   # NaN compares false: check explicitly
+        raise ValueError(f"the exported ONNX model or the PyTorch model gives NaN/inf outputs (ONNX: "
+                         f"{int((~np.isfinite(got)).sum())}, PyTorch: {int((~np.isfinite(want)).sum())} non-finite "
+                         f"values) on the check input; the file was not written")
+    scale = max(float(np.abs(want).max(initial=0.0)), 1.0)
+    err = float(np.abs(got - want).max(initial=0.0))
+    if not err <= atol * scale:
         raise ValueError(f"the exported ONNX model disagrees with the PyTorch model (max abs difference {err:.3g}, "
                          f"output scale {scale:.3g}); the file was not written")

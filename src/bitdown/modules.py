@@ -67,6 +67,9 @@ class PQMixin:
         if stored is not None:                            # the graph decodes the stored form: Cast (Mul) Gather
             codebook = decode_codebook(stored, self._buffers.get("export_scale"))
             return codebook[self.codes.long()].reshape(self.weight_shape)
+        latent = self.__dict__.get("_ste_latent")        # reconstruct.py's code learning: straight-through
+        if latent is not None and torch.is_grad_enabled():
+            return self.dequantize() + (latent - latent.detach()).reshape(self.weight_shape)
         if self.training or torch.is_grad_enabled() and self.codebook.requires_grad:
             self._pq_cache = None
             return self.dequantize()

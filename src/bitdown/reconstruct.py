@@ -9,7 +9,11 @@ biases of its convs / linears) are trained with Adam to minimise the normalised 
 over the calibration batches, where X_s are the block's inputs in the compressed network (earlier blocks
 already quantized) and f_teacher(X_t) the uncompressed block's outputs on the uncompressed network's
 inputs (BRECQ, Li et al. 2021: the block output carries far more values per image than the logits, so
-few images do not over-fit it). With `drop_prob` p > 0 each input value is, at each step, the teacher's
+few images do not over-fit it). With `codes="ste"` the codes are learned as well: each subvector gets a
+latent weight v (starting at its codeword, so the codes start as the EM's), the forward uses v's nearest
+codeword, and the gradient reaches v straight through (Ŵ + v - sg(v)): a subvector changes code when the
+block loss pushes v across a Voronoi boundary (AdaRound/BRECQ learn their rounding on the same block loss;
+this is the vector-quantized analogue). With `drop_prob` p > 0 each input value is, at each step, the teacher's
 with probability p instead of the student's (QDrop, Wei et al. 2022).
 
 The model stays in eval mode (BatchNorm statistics frozen). The learning rate follows a cosine decay.
@@ -64,6 +68,15 @@ def _rows(obj: Any, idx: torch.Tensor) -> Any:
     return map_tensors(obj, lambda t: t[idx] if t.dim() > 0 else t)
 
 
+@torch.no_grad()
+def _nearest_codes(latents: list[tuple[nn.Module, float]]) -> None:
+    """Each layer's codes := the nearest codeword (Euclidean) of every latent subvector."""
+    for m, _ in latents:
+        v, c = m._ste_latent, m.codebook                                          # (n_sub, d), (K, d)
+        dist = (v * v).sum(1, keepdim=True) - 2 * v @ c.T + (c * c).sum(1)       # (n_sub, K)
+        m.codes.copy_(dist.argmin(1).reshape(m.codes.shape).to(m.codes.dtype))
+
+
 def block_error(block: nn.Module, inputs: Cached, targets: Cached) -> float:
     """The normalised output error of `block` summed over the batches' images, divided by the image count
     (each batch's error is weighted by its size)."""
@@ -87,6 +100,14 @@ def reconstruct_block(name: str, block: nn.Module, inputs: Cached, targets: Cach
         return {}
     before = block_error(block, inputs, targets)
     saved = [p.detach().clone() for p in params]
+    pq = [m for m in block.modules() if is_pq(m) and id(m.codebook) not in shared]
+    saved_codes = [m.codes.clone() for m in pq]
+    latents = []
+    if cfg.codes == "ste":
+        for m in pq:
+            w = m.dequantize().detach()
+            m._ste_latent = nn.Parameter(w.reshape(-1, m.block_size).clone())     # (n_sub, d)
+            latents.append((m, float(w.pow(2).mean().sqrt()) + 1e-12))
     sizes = [tensors_of(inputs[b])[0].shape[0] for b in range(len(inputs))]
     gen = torch.Generator().manual_seed(seed)
     flags = [(p, p.requires_grad) for p in block.parameters()]
@@ -94,7 +115,9 @@ def reconstruct_block(name: str, block: nn.Module, inputs: Cached, targets: Cach
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    groups = [{"params": params, "scale": 1.0}] + [{"params": [m._ste_latent], "scale": cfg.latent_lr * rms / cfg.lr}
+                                                   for m, rms in latents]
+    opt = torch.optim.Adam(groups, lr=cfg.lr)
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc=f"reconstruct {name}", unit="step", leave=False, disable=not progress)
     try:
@@ -113,7 +136,8 @@ def reconstruct_block(name: str, block: nn.Module, inputs: Cached, targets: Cach
                     return torch.where(keep, t, tt)
                 args = map_tensors(args, drop)
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))
+                g["lr"] = g["scale"] * cfg.lr * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))
+            _nearest_codes(latents)
             loss = output_error(run_block(block, args), _rows(targets[b], idx))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"block {name!r}: non-finite reconstruction loss at step {s}; lower the "
@@ -124,9 +148,12 @@ def reconstruct_block(name: str, block: nn.Module, inputs: Cached, targets: Cach
             losses.append(float(loss.detach()))
             if s % 10 == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        _nearest_codes(latents)
     finally:
         for p, f in flags:
             p.requires_grad_(f)
+        for m, _ in latents:
+            del m._ste_latent
         bar.close()
     with torch.no_grad():
         for m in block.modules():
@@ -138,10 +165,13 @@ def reconstruct_block(name: str, block: nn.Module, inputs: Cached, targets: Cach
         with torch.no_grad():
             for p, v in zip(params, saved):
                 p.copy_(v)
+            for m, c in zip(pq, saved_codes):
+                m.codes.copy_(c)
         kept = "em"
         log.info("block %s: reconstruction raised its output error %.4f -> %.4f; the EM result is kept",
                  name, before, after)
         after = before
     log.debug("block %s reconstructed: error %.4f -> %.4f", name, before, after)
-    return {"error_before": before, "error_after": after, "steps": cfg.steps, "kept": kept,
+    changed = sum(int((m.codes != c).sum()) for m, c in zip(pq, saved_codes))
+    return {"error_before": before, "error_after": after, "steps": cfg.steps, "kept": kept, "codes_changed": changed,
             "first_loss": losses[0], "last_loss": sum(losses[-10:]) / len(losses[-10:])}

@@ -1,44 +1,81 @@
 """The compact file: one safetensors file, never unpickled.
 
-Tensors: for every product-quantized layer `NAME.codebook` (K, d) fp16 (or int8 with a (d,) fp16
-`NAME.codebook_scale` when the layer's codebook_bits is 8) and `NAME.codes` (C_out, nb) uint8
-(int16 when K > 256); every other tensor of the state dict as it is (biases,
-BatchNorm weight/bias *and* running statistics, uncompressed layers).
-A codebook shared by several layers (LayerPlan.share) is stored once, under the group's first
-layer in name order; the others have only their codes.
-Metadata: one JSON string under the key "bitdown":
+Format version 2 (what `save` writes; version-1 files still load, any other version is refused).
 
-    {"format": "bitdown", "format_version": 1, "arch": {"name": ..., "source": "zoo"|"user"},
-     "layers": [LayerPlan...], "skipped": {name: reason}, "config": {...}, "size": {...},
-     "checksum": sha256 over (name, dtype, shape, bytes) of every tensor in name order, ...}
+Tensors:
 
-Loading verifies the header, the checksum (tampering, bit rot), and that the model matches the
-file (layer names and weight shapes) before loading anything, and says which check failed.
+    NAME.codebook        (K, d) fp16, or int8 with a (d,) fp16 NAME.codebook_scale when the layer's
+                         codebook_bits is 8. A codebook shared by several layers (LayerPlan.share) is
+                         stored once, under the group's first layer in name order; the others have
+                         only their codes.
+    NAME.codes           the layer's (C_out, nb) codes in row-major order, bit-packed to
+                         b = max(1, ceil(log2 K)) bits each, least significant bit first, in a 1-D
+                         uint8 tensor of ceil(C_out * nb * b / 8) bytes whose padding bits are zero
+                         (`pack_codes`). Version 1: (C_out, nb) uint8 (int16 when K > 256).
+    *.running_mean/var   BatchNorm running statistics in fp16 (version 1: fp32), fp32 again after
+                         loading. A statistic stays fp32 when fp16 would overflow or move the layer's
+                         normalisation by more than BN_FP16_TOL of a channel's standard deviation
+                         (a tiny variance, a mean far larger than the std). `save` rounds the model's
+                         statistics in memory to what the file holds, so after `save` the model in
+                         memory equals the one `load` gives (fp16-rounded statistics), as for codebooks.
+    everything else      as in the state dict (biases, BatchNorm weight/bias, uncompressed layers).
+
+Metadata: one compact JSON string (no spaces; LayerPlan fields at their default omitted) under the
+key "bitdown":
+
+    {"arch": {"name": str, "source": "zoo"|"user"[, "preprocess": str]}, "config": {...},
+     "layers": [LayerPlan...], "skipped": {name: reason}, "em": {name: {...}}, "extra": {...},
+     "size": {name: number}, "format": "bitdown", "format_version": 2,
+     "checksum": sha256 over (name, dtype, shape, bytes) of every tensor in name order and the metadata}
+
+Loading checks, and names what failed in a BitdownFileError: the container and header; the format
+and version; the checksum (tampering, bit rot; it is not a signature, anyone can recompute it, so
+the rest is checked as well); the metadata against a schema (`check_metadata`: types, ranges, known
+keys); every tensor (`decode`: present with the dtype and shape the plan says, codes below K, finite
+floating values, BatchNorm running_var >= 0); and (`apply`) that the model matches the file, before
+changing the model. `save` runs the same checks on what it writes: it never writes a file that
+`load` refuses.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from .config import LayerPlan, share_groups, share_owner
-from .modules import decode_codebook, empty_pq_like, encode_codebook, is_pq
+from .config import CODEBOOK_BITS, LAYER_KINDS, MAX_CENTROIDS, LayerPlan, share_groups, share_owner
+from .modules import code_dtype, decode_codebook, empty_pq_like, encode_codebook, is_pq
 
 log = logging.getLogger(__name__)
 
 FORMAT = "bitdown"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+VERSIONS = (1, 2)                    # the format versions this bitdown reads
+BN_STATS = ("running_mean", "running_var")
+BN_FP16_TOL = 1e-2                   # most a stored statistic may move a channel's normalisation, in stds
+
+REQUIRED_KEYS = ("format", "format_version", "checksum", "arch", "layers", "config")
+OPTIONAL_KEYS = ("skipped", "em", "extra", "size", "timings")
+ARCH_KEYS = ("name", "source", "preprocess")
+LAYER_FIELDS = {f.name: f for f in dataclasses.fields(LayerPlan)}
+LAYER_DEFAULTS = {n: f.default for n, f in LAYER_FIELDS.items() if f.default is not dataclasses.MISSING}
 
 
 class BitdownFileError(ValueError):
     """A bitdown file is missing, truncated, tampered with, or does not match the model."""
+
+
+class _Invalid(Exception):
+    """A metadata or tensor check failed; the message names the key or tensor."""
 
 
 def checksum(tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> str:
@@ -54,19 +91,313 @@ def checksum(tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = Non
     return h.hexdigest()
 
 
+# ----------------------------------------------------------------------------- code packing
+
+
+def code_bits(n_centroids: int) -> int:
+    """Bits per code on disk: ceil(log2 K), at least 1."""
+    return max(1, (int(n_centroids) - 1).bit_length())
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes (any shape, integers in [0, 2**bits), bits <= 16) bit-packed in row-major order, least
+    significant bit first, into a 1-D uint8 tensor of ceil(n * bits / 8) bytes (padding bits zero)."""
+    c = codes.detach().reshape(-1).cpu().long()
+    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 1 << bits):
+        raise ValueError(f"codes out of range for {bits}-bit packing")
+    if bits == 8:                                                            # K in (128, 256]: the bytes
+        return c.to(torch.uint8)
+    planes = np.unpackbits(c.numpy().astype("<u2").view(np.uint8).reshape(-1, 2), axis=1,
+                           bitorder="little")[:, :bits]                       # (n, bits), LSB first
+    return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
+
+
+def unpack_codes(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """The n codes (int64, 1-D) of `pack_codes(codes, bits)`; ValueError when `packed` is not exactly
+    such a tensor (wrong dtype or length, nonzero padding bits)."""
+    data = packed.detach().cpu().contiguous().numpy()
+    total = n * bits
+    if packed.dtype != torch.uint8 or data.ndim != 1 or data.size != (total + 7) // 8:
+        raise ValueError(f"not {n} {bits}-bit codes packed into {(total + 7) // 8} bytes: found "
+                         f"{packed.dtype} of shape {list(packed.shape)}")
+    if total % 8 and int(data[-1]) >> (total % 8):
+        raise ValueError("nonzero padding bits after the last code")
+    if bits == 8:
+        return torch.from_numpy(data.astype(np.int64))
+    full = np.zeros((n, 16), np.uint8)
+    full[:, :bits] = np.unpackbits(data, count=total, bitorder="little").reshape(n, bits)
+    return torch.from_numpy(np.packbits(full, axis=1, bitorder="little").view("<u2").reshape(n).astype(np.int64))
+
+
+# ----------------------------------------------------------------------------- metadata schema
+
+
+def _show(x: Any) -> str:
+    text = json.dumps(x) if isinstance(x, (dict, list, str, int, float, bool, type(None))) else repr(x)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(x: Any) -> bool:
+    return type(x) is int                     # JSON integers; not bool
+
+
+def _is_num(x: Any) -> bool:
+    return type(x) in (int, float) and math.isfinite(x)
+
+
+def _object(x: Any, what: str) -> dict[str, Any]:
+    if not isinstance(x, dict):
+        raise _Invalid(f"{what} must be a JSON object, got {_show(x)}")
+    return x
+
+
+def _check_version(v: Any) -> None:
+    if not _is_int(v):
+        raise _Invalid(f"format_version must be an integer, got {_show(v)}")
+    if v > FORMAT_VERSION:
+        raise _Invalid(f"format version {v} is newer than this bitdown supports ({FORMAT_VERSION}); upgrade bitdown")
+    if v not in VERSIONS:
+        raise _Invalid(f"unknown format version {v} (this bitdown reads versions {list(VERSIONS)})")
+
+
+def _check_layer(i: int, d: Any) -> LayerPlan:
+    where = f"corrupt layer list in the metadata: layers[{i}]"
+    if not isinstance(d, dict):
+        raise _Invalid(f"{where} must be a JSON object, got {_show(d)}")
+    if isinstance(d.get("name"), str) and d["name"]:
+        where += f" ({d['name']!r})"
+    missing = [k for k, f in LAYER_FIELDS.items() if k not in d and k not in LAYER_DEFAULTS]
+    unknown = sorted(set(d) - set(LAYER_FIELDS))
+    if missing or unknown:
+        raise _Invalid(f"{where}: missing key(s) {missing}, unknown key(s) {unknown}")
+    d = {**LAYER_DEFAULTS, **d}
+
+    def bad(key: str, want: str) -> _Invalid:
+        return _Invalid(f"{where}: {key} must be {want}, got {_show(d[key])}")
+
+    if not isinstance(d["name"], str) or not d["name"]:
+        raise bad("name", "a non-empty string")
+    if d["kind"] not in LAYER_KINDS:
+        raise bad("kind", f"one of {list(LAYER_KINDS)}")
+    shape, rank = d["weight_shape"], 2 if d["kind"] == "linear" else 4
+    if not isinstance(shape, list) or len(shape) != rank or not all(_is_int(s) and s >= 1 for s in shape):
+        raise bad("weight_shape", f"a list of {rank} positive integers for a {d['kind']} layer")
+    if not _is_int(d["block_size"]) or d["block_size"] < 1 or math.prod(shape[1:]) % d["block_size"]:
+        raise bad("block_size", f"a positive integer dividing the row length {math.prod(shape[1:])}")
+    if not _is_int(d["n_centroids"]) or not 1 <= d["n_centroids"] <= MAX_CENTROIDS:
+        raise bad("n_centroids", f"an integer in [1, {MAX_CENTROIDS}]")
+    if not _is_int(d["groups"]) or d["groups"] < 1:
+        raise bad("groups", "a positive integer")
+    if not _is_int(d["codebook_bits"]) or d["codebook_bits"] not in CODEBOOK_BITS:
+        raise bad("codebook_bits", f"one of {list(CODEBOOK_BITS)}")
+    if d["share"] is not None and (not isinstance(d["share"], str) or not d["share"]):
+        raise bad("share", "a group name (non-empty string) or null")
+    return LayerPlan.from_json(d)
+
+
+def _check_plans(layers: Any) -> list[LayerPlan]:
+    if not isinstance(layers, list) or not layers:
+        raise _Invalid(f"corrupt layer list in the metadata: layers must be a non-empty list, got {_show(layers)}")
+    plans = [_check_layer(i, d) for i, d in enumerate(layers)]
+    names = [p.name for p in plans]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise _Invalid(f"corrupt layer list in the metadata: layer(s) {dup} listed twice")
+    for g, members in share_groups(plans).items():
+        for key in ("block_size", "n_centroids", "codebook_bits"):
+            if len({getattr(p, key) for p in members}) > 1:
+                raise _Invalid(f"corrupt layer list in the metadata: share group {g!r} has layers with different {key}")
+    return plans
+
+
+def _schema(meta: Any) -> list[LayerPlan]:
+    """Check the metadata's types, ranges and keys; its layer plans."""
+    meta = _object(meta, "the metadata")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise _Invalid(f"metadata lacks {missing}")
+    unknown = sorted(set(meta) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
+    if unknown:
+        raise _Invalid(f"unknown metadata key(s) {unknown}; known: {list(REQUIRED_KEYS + OPTIONAL_KEYS)}")
+    if meta["format"] != FORMAT:
+        raise _Invalid("metadata does not describe a bitdown file")
+    _check_version(meta["format_version"])
+    c = meta["checksum"]
+    if not isinstance(c, str) or len(c) != 64 or any(ch not in "0123456789abcdef" for ch in c):
+        raise _Invalid(f"checksum must be 64 lowercase hex digits, got {_show(c)}")
+
+    arch = _object(meta["arch"], "arch")
+    unknown = sorted(set(arch) - set(ARCH_KEYS))
+    if unknown:
+        raise _Invalid(f"arch has unknown key(s) {unknown}; known: {list(ARCH_KEYS)}")
+    if not isinstance(arch.get("name"), str) or not arch["name"]:
+        raise _Invalid(f"arch.name must be a non-empty string, got {_show(arch.get('name'))}")
+    if arch.get("source") not in ("zoo", "user"):
+        raise _Invalid(f"arch.source must be 'zoo' or 'user', got {_show(arch.get('source'))}")
+    if arch.get("preprocess") is not None and (not isinstance(arch["preprocess"], str) or not arch["preprocess"]):
+        raise _Invalid(f"arch.preprocess must be a preset name or null, got {_show(arch['preprocess'])}")
+
+    _object(meta["config"], "config")
+    for name, why in _object(meta.get("skipped", {}), "skipped").items():
+        if not isinstance(why, str):
+            raise _Invalid(f"skipped[{name!r}] must be a string (the reason), got {_show(why)}")
+    for name, res in _object(meta.get("em", {}), "em").items():
+        _object(res, f"em[{name!r}]")
+    extra = _object(meta.get("extra", {}), "extra")
+    if extra.get("allocation") is not None:
+        al = _object(extra["allocation"], "extra.allocation")
+        for key in ("budget_bytes", "achieved_bytes", "ratio"):
+            if not _is_num(al.get(key)) or al[key] <= 0:
+                raise _Invalid(f"extra.allocation.{key} must be a positive number, got {_show(al.get(key))}")
+    if "calib_images" in extra and (not _is_int(extra["calib_images"]) or extra["calib_images"] < 0):
+        raise _Invalid(f"extra.calib_images must be a non-negative integer, got {_show(extra['calib_images'])}")
+    for section in ("size", "timings"):
+        for key, v in _object(meta.get(section, {}), section).items():
+            if not _is_num(v) or v < 0:
+                raise _Invalid(f"{section}.{key} must be a finite number >= 0, got {_show(v)}")
+    return _check_plans(meta["layers"])
+
+
+def check_metadata(meta: Any, path: Any = "file") -> list[LayerPlan]:
+    """Validate a file's metadata (types, ranges, known keys, version 1 or 2); its layer plans.
+    BitdownFileError naming the key when it is invalid."""
+    try:
+        return _schema(meta)
+    except _Invalid as e:
+        raise BitdownFileError(f"{path}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def _finite(t: torch.Tensor) -> bool:
+    if not t.is_floating_point():
+        return True
+    try:
+        return bool(torch.isfinite(t).all())
+    except (RuntimeError, TypeError, NotImplementedError):     # float8 etc.
+        return bool(torch.isfinite(t.float()).all())
+
+
+def _decode(tensors: dict[str, torch.Tensor], version: int, plans: list[LayerPlan]) -> dict[str, torch.Tensor]:
+    for name in sorted(tensors):
+        t = tensors[name]
+        if not _finite(t):
+            raise _Invalid(f"tensor {name!r} holds NaN or infinite values")
+        if name.endswith("running_var") and t.dtype != torch.bool and t.numel() and bool((t < 0).any()):
+            raise _Invalid(f"tensor {name!r} holds negative values (a variance is >= 0)")
+    owner: dict[str, str] = {}
+    for members in share_groups(plans).values():
+        first = share_owner([p.name for p in members])
+        owner.update({p.name: first for p in members})
+    out = dict(tensors)
+    for p in plans:
+        src = owner.get(p.name, p.name)
+        cb, codes = tensors.get(f"{src}.codebook"), tensors.get(f"{p.name}.codes")
+        if cb is None or codes is None or tuple(cb.shape) != (p.n_centroids, p.block_size):
+            raise _Invalid(f"codebook/codes of {p.name!r} missing or of the wrong shape (the plan says a "
+                           f"({p.n_centroids}, {p.block_size}) codebook{'' if src == p.name else f' under {src!r}'}; "
+                           f"found {None if cb is None else list(cb.shape)})")
+        want = torch.int8 if p.codebook_bits == 8 else torch.float16
+        scale = tensors.get(f"{src}.codebook_scale")
+        if cb.dtype != want or (p.codebook_bits == 8) != (scale is not None) or (
+                scale is not None and (scale.dtype != torch.float16 or tuple(scale.shape) != (p.block_size,))):
+            raise _Invalid(f"codebook of {p.name!r} is not stored as the metadata says "
+                           f"({p.codebook_bits}-bit codebook, found {cb.dtype} with scale "
+                           f"{None if scale is None else (scale.dtype, list(scale.shape))})")
+        n, rows = p.n_subvectors, p.weight_shape[0]
+        if version == 1:
+            if codes.dtype != code_dtype(p.n_centroids) or tuple(codes.shape) != (rows, n // rows):
+                raise _Invalid(f"codebook/codes of {p.name!r} missing or of the wrong shape (version-1 codes "
+                               f"{code_dtype(p.n_centroids)} {[rows, n // rows]}, found {codes.dtype} "
+                               f"{list(codes.shape)})")
+            plain = codes
+        else:
+            try:
+                plain = unpack_codes(codes, n, code_bits(p.n_centroids))
+            except ValueError as e:
+                raise _Invalid(f"codes of {p.name!r}: {e}") from None
+            plain = plain.reshape(rows, n // rows)
+        if plain.numel():
+            lo, hi = int(plain.min()), int(plain.max())
+            if lo < 0 or hi >= p.n_centroids:
+                raise _Invalid(f"codes of {p.name!r} out of range for {p.n_centroids} centroids (found {lo}..{hi})")
+        out[f"{p.name}.codes"] = plain.to(code_dtype(p.n_centroids))
+    if version >= 2:
+        for name, t in tensors.items():
+            if name.rpartition(".")[2] in BN_STATS and t.dtype == torch.float16:
+                out[name] = t.float()
+    return out
+
+
+def decode(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Any = "file",
+           plans: list[LayerPlan] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a file (as `read` returns them) in their in-memory form: codes unpacked to
+    (C_out, nb) uint8/int16, BatchNorm statistics fp32. Checks every tensor (present with the dtype
+    and shape the plan says, codes below K, finite floating values, running_var >= 0) and raises
+    BitdownFileError naming the tensor."""
+    if plans is None:
+        plans = check_metadata(meta, path)
+    try:
+        return _decode(tensors, meta["format_version"], plans)
+    except _Invalid as e:
+        raise BitdownFileError(f"{path}: {e}") from None
+
+
+def _stat_in_fp16(key: str, state: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> bool:
+    """Whether the fp32 running statistic `key` is stored in fp16: it fits fp16 and rounding it moves
+    the layer's normalisation (x - mean) / sqrt(var + eps) by at most BN_FP16_TOL stds per channel."""
+    prefix, _, leaf = key.rpartition(".")
+    eps = getattr(modules.get(prefix), "eps", None)
+    var = state.get(f"{prefix}.running_var")
+    if (not isinstance(eps, (int, float)) or var is None or var.dtype != torch.float32
+            or var.shape != state[key].shape):
+        return False
+    var = var.detach().cpu().double()
+    var16 = var.half().double()
+    var_ok = bool(torch.isfinite(var16).all() and
+                  (((var16 + eps) / (var + eps)).sqrt() - 1).abs().le(BN_FP16_TOL).all())
+    if leaf == "running_var":
+        return var_ok
+    mean = state[key].detach().cpu().double()
+    mean16 = mean.half().double()
+    std = ((var16 if var_ok else var) + eps).sqrt()
+    return bool(torch.isfinite(mean16).all() and (mean16 - mean).abs().le(BN_FP16_TOL * std).all())
+
+
+def _fp16_stats(model: nn.Module) -> list[str]:
+    """The state-dict keys of the running statistics the file stores in fp16."""
+    state = model.state_dict()
+    modules = dict(model.named_modules())
+    return [k for k, t in state.items()
+            if k.rpartition(".")[2] in BN_STATS and t.dtype == torch.float32 and _stat_in_fp16(k, state, modules)]
+
+
+@torch.no_grad()
+def round_bn_stats_(model: nn.Module) -> nn.Module:
+    """Round, in place, the BatchNorm running statistics that the file stores in fp16 to fp16 values
+    (kept fp32 in memory), so the model equals what `load` gives back. `save` does this."""
+    buffers = dict(model.named_buffers())
+    for key in _fp16_stats(model):
+        if key in buffers:
+            buffers[key].copy_(buffers[key].half())
+    return model
+
+
 def file_tensors(model: nn.Module, plans: list[LayerPlan] | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of the compact file: fp16 (or int8 + scale) codebooks, integer codes, everything
-    else as is. A share group of `plans` (default: layers using one codebook Parameter) stores its
+    """The tensors of the compact file (format version 2): fp16 (or int8 + scale) codebooks, bit-packed
+    codes, fp16 BatchNorm statistics where that is safe, everything else as is. The model is not
+    changed. A share group of `plans` (default: layers using one codebook Parameter) stores its
     codebook once; its layers must hold the same codebook values, else ValueError (never a file that
     loads as something else)."""
     out: dict[str, torch.Tensor] = {}
     modules = dict(model.named_modules())
-    bits = {name: m.codebook_bits for name, m in modules.items() if is_pq(m)}
+    pq = {name: m for name, m in modules.items() if is_pq(m)}
     if plans is not None:
         groups = [[p.name for p in ms] for ms in share_groups(plans).values()]
     else:
         users: dict[int, list[str]] = {}      # a shared codebook Parameter -> the layers using it
-        for name in bits:
+        for name in pq:
             users.setdefault(id(modules[name].codebook), []).append(name)
         groups = [names for names in users.values() if len(names) > 1]
     for names in groups:
@@ -77,24 +408,35 @@ def file_tensors(model: nn.Module, plans: list[LayerPlan] | None = None) -> dict
                 raise ValueError(f"layers {names[0]!r} and {n!r} share a codebook in the plan but hold different "
                                  f"codebooks (untied, e.g. by load_state_dict(assign=True)): re-tie them before saving")
     borrowed = {n for names in groups for n in names if n != share_owner(names)}
+    half = set(_fp16_stats(model))
     for key, t in model.state_dict().items():
         prefix, _, leaf = key.rpartition(".")
+        t = t.detach().cpu()
         if prefix in borrowed and leaf == "codebook":
             continue                          # stored once, under the group's owner
-        if prefix in bits and leaf == "codebook":
-            t, scale = encode_codebook(t, bits[prefix])
+        if prefix in pq and leaf == "codebook":
+            t, scale = encode_codebook(t, pq[prefix].codebook_bits)
             if scale is not None:
                 out[f"{prefix}.codebook_scale"] = scale.cpu().contiguous()
-        out[key] = t.detach().cpu().contiguous()
+        elif prefix in pq and leaf == "codes":
+            k = pq[prefix].n_centroids
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= k):
+                raise ValueError(f"layer {prefix!r} holds codes out of range [0, {k})")
+            t = pack_codes(t, code_bits(k))
+        elif key in half:
+            t = t.half()
+        out[key] = t.contiguous()
     return out
 
 
-def save(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-    """Write the compact file atomically (a crash never leaves a half-written file at `path`).
+def _compact_layer(d: dict[str, Any]) -> dict[str, Any]:
+    """A LayerPlan's JSON without the fields at their default value (LayerPlan.from_json restores them)."""
+    return {k: v for k, v in d.items()
+            if not (k in LAYER_DEFAULTS and type(v) is type(LAYER_DEFAULTS[k]) and v == LAYER_DEFAULTS[k])}
 
-    `metadata` defaults to `model.bitdown.metadata()` as set by `bitdown.compress`."""
-    from safetensors.torch import save_file
 
+def _encode(model: nn.Module, metadata: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors and the metadata JSON of the file `save` writes, checked as `read` checks them."""
     if metadata is None:
         info = getattr(model, "bitdown", None)
         if info is None:
@@ -103,19 +445,41 @@ def save(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = N
     if not any(is_pq(m) for m in model.modules()):
         raise ValueError("model has no product-quantized layer to save")
     try:
-        plans = [LayerPlan.from_json(p) for p in metadata.get("layers", [])] or None
-    except (TypeError, KeyError) as e:
+        layers = [LayerPlan.from_json(p).to_json() for p in metadata.get("layers", [])]
+    except (TypeError, KeyError, ValueError, AttributeError) as e:
         raise ValueError(f"metadata has a corrupt layer list: {e}") from None
-    tensors = file_tensors(model, plans)
-    meta = dict(metadata, format=FORMAT, format_version=FORMAT_VERSION)
+    meta = dict(metadata, format=FORMAT, format_version=FORMAT_VERSION,
+                layers=[_compact_layer(d) for d in layers], checksum="0" * 64)
     meta = json.loads(json.dumps(meta))               # canonical JSON types, as read() will see them
+    try:
+        plans = _schema(meta)
+    except _Invalid as e:
+        raise ValueError(f"refusing to save metadata that load would refuse: {e}") from None
+    tensors = file_tensors(model, plans)
     meta["checksum"] = checksum(tensors, meta)
+    try:
+        _decode(tensors, FORMAT_VERSION, plans)
+    except _Invalid as e:
+        raise ValueError(f"refusing to save a model that load would refuse: {e}") from None
+    return tensors, json.dumps(meta, separators=(",", ":"))
+
+
+def save(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write the compact file atomically (a crash never leaves a half-written file at `path`).
+
+    `metadata` defaults to `model.bitdown.metadata()` as set by `bitdown.compress`. The model's
+    BatchNorm statistics that the file stores in fp16 are rounded in place (`round_bn_stats_`), so
+    the model in memory equals what `load` gives back."""
+    from safetensors.torch import save_file
+
+    tensors, text = _encode(model, metadata)
+    round_bn_stats_(model)                             # the same values as the file (checked above, first)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={FORMAT: json.dumps(meta)})
+        save_file(tensors, tmp, metadata={FORMAT: text})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -123,8 +487,21 @@ def save(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = N
     return path
 
 
+def file_size(model: nn.Module, metadata: dict[str, Any] | None = None) -> int:
+    """The bytes `save(model, path, metadata)` would write (header included), without writing or
+    changing anything."""
+    from safetensors.torch import save as to_bytes
+
+    tensors, text = _encode(model, metadata)
+    return len(to_bytes(tensors, metadata={FORMAT: text}))
+
+
 def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and metadata of a bitdown file, verified (header, format, checksum)."""
+    """Tensors (as stored: packed codes, fp16 statistics; `decode` gives the in-memory form) and
+    metadata of a bitdown file, verified: header, format and version, checksum, the metadata schema
+    and every tensor. The returned metadata lists every LayerPlan field (the file omits those at their
+    default), and its "size" gains two figures measured here, not stored: "paper_bytes" (the
+    paper-style size, = "size_bytes") and "file_bytes" (this file's bytes on disk)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -142,44 +519,41 @@ def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise BitdownFileError(f"{path}: a safetensors file without bitdown metadata (not a bitdown file)")
     try:
         meta = json.loads(header[FORMAT])
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:
         raise BitdownFileError(f"{path}: corrupt bitdown metadata: {e}") from None
-    if meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int):
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise BitdownFileError(f"{path}: metadata does not describe a bitdown file")
-    if meta["format_version"] > FORMAT_VERSION:
-        raise BitdownFileError(f"{path}: format version {meta['format_version']} is newer than this "
-                               f"bitdown supports ({FORMAT_VERSION}); upgrade bitdown")
+    try:
+        _check_version(meta.get("format_version"))
+    except _Invalid as e:
+        raise BitdownFileError(f"{path}: {e}") from None
     actual = checksum(tensors, meta)
     if actual != meta.get("checksum"):
         raise BitdownFileError(f"{path}: checksum mismatch: the tensors or metadata were modified or corrupted "
                                f"(stored {str(meta.get('checksum'))[:12]}…, computed {actual[:12]}…)")
-    missing = [k for k in REQUIRED if k not in meta]
-    if missing:
-        raise BitdownFileError(f"{path}: metadata lacks {missing}")
+    plans = check_metadata(meta, path)
+    decode(tensors, meta, path, plans)
+    meta["layers"] = [p.to_json() for p in plans]     # every field, those the file omits at their default too
+    size = dict(meta.get("size", {}))
+    if "size_bytes" in size:
+        size.setdefault("paper_bytes", size["size_bytes"])
+    size["file_bytes"] = path.stat().st_size
+    meta["size"] = size
     return tensors, meta
 
 
-REQUIRED = ("arch", "layers", "config")
-
-
 def apply(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Any = "file") -> nn.Module:
-    """Turn `model` (the dense architecture) into the compressed model stored in (tensors, meta), in place."""
-    try:
-        plans = [LayerPlan.from_json(p) for p in meta["layers"]]
-    except (TypeError, KeyError) as e:
-        raise BitdownFileError(f"{path}: corrupt layer list in the metadata: {e}") from None
+    """Turn `model` (the dense architecture) into the compressed model stored in (tensors, meta), as
+    `read` returns them, in place. Everything is checked before the model is changed."""
+    plans = check_metadata(meta, path)
+    tensors = decode(tensors, meta, path, plans)
     modules = dict(model.named_modules())
-    arch = meta.get("arch", {}).get("name", "?")
+    arch = meta["arch"]["name"]
     owner = {}                                         # layer -> the layer whose codebook it uses
-    for g, members in share_groups(plans).items():
+    for members in share_groups(plans).values():
         first = share_owner([p.name for p in members])
-        for key in ("block_size", "n_centroids", "codebook_bits"):
-            if len({getattr(p, key) for p in members}) > 1:
-                raise BitdownFileError(f"{path}: share group {g!r} has layers with different {key}")
         owner.update({p.name: first for p in members})
     for p in plans:                                    # every check first: a failed load changes nothing
-        if p.codebook_bits not in (8, 16):
-            raise BitdownFileError(f"{path}: layer {p.name!r} has an unknown codebook_bits {p.codebook_bits!r}")
         m = modules.get(p.name)
         if m is None:
             raise BitdownFileError(f"{path}: the model has no layer {p.name!r} (file is for architecture {arch!r})")
@@ -190,19 +564,6 @@ def apply(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, An
             shape = list(w.shape) if isinstance(w, torch.Tensor) else None
             raise BitdownFileError(f"{path}: layer {p.name!r} has weight shape {shape} in the model but "
                                    f"{list(p.weight_shape)} in the file (file is for architecture {arch!r})")
-        src = owner.get(p.name, p.name)
-        cb, codes = tensors.get(f"{src}.codebook"), tensors.get(f"{p.name}.codes")
-        if cb is None or codes is None or tuple(cb.shape) != (p.n_centroids, p.block_size):
-            raise BitdownFileError(f"{path}: codebook/codes of {p.name!r} missing or of the wrong shape")
-        want = torch.int8 if p.codebook_bits == 8 else torch.float16
-        scale = tensors.get(f"{src}.codebook_scale")
-        if cb.dtype != want or (p.codebook_bits == 8) != (scale is not None) or (
-                scale is not None and (scale.dtype != torch.float16 or tuple(scale.shape) != (p.block_size,))):
-            raise BitdownFileError(f"{path}: codebook of {p.name!r} is not stored as the metadata says "
-                                   f"({p.codebook_bits}-bit codebook, found {cb.dtype} with scale "
-                                   f"{None if scale is None else (scale.dtype, list(scale.shape))})")
-        if codes.numel() and int(codes.long().max()) >= p.n_centroids:
-            raise BitdownFileError(f"{path}: codes of {p.name!r} out of range for {p.n_centroids} centroids")
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for p in plans:
         del own[f"{p.name}.weight"]

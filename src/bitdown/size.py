@@ -8,8 +8,10 @@
 - every other parameter (stem conv, biases, BatchNorm weight/bias, ...) counts in fp32;
 - buffers (BatchNorm running statistics) are not counted.
 
-The ratio is the fp32 size of all parameters divided by that. The real bytes on disk (uint8/int16
-codes, fp16 codebooks, fp32 rest, buffers, header) are reported separately by serialize.py.
+The ratio is the fp32 size of all parameters divided by that. The real bytes on disk (codes
+bit-packed to ceil(log2 K) bits, fp16 codebooks, fp16 BatchNorm statistics, fp32 rest, the
+safetensors header with its JSON metadata) are a separate figure: `file_bytes(model)` here, and
+`bitdown info` reports both, "paper_bytes" (= "size_bytes") and "file_bytes".
 """
 from __future__ import annotations
 
@@ -41,6 +43,11 @@ class SizeReport:
     uncompressed_bytes: float   # all parameters in fp32
     other_bytes: float          # the non-quantized parameters, fp32
     layers: list[LayerSize] = field(default_factory=list)
+
+    @property
+    def paper_bytes(self) -> float:
+        """The paper-style size in bytes (= size_bytes; the bytes on disk are `file_bytes(model)`)."""
+        return self.size_bytes
 
     @property
     def size_mb(self) -> float:
@@ -93,3 +100,12 @@ def size_report(model: nn.Module, plans: list[LayerPlan]) -> SizeReport:
     dense = other + sum(layer.n_weights * 4 for layer in layers)
     size = other + sum(layer.index_bytes + layer.codebook_bytes for layer in layers)
     return SizeReport(size, dense, other, layers)
+
+
+def file_bytes(model: nn.Module, metadata: dict | None = None) -> int:
+    """The exact bytes of the file `bitdown.save(model, path, metadata)` would write (codes packed,
+    header and metadata included), computed in memory: nothing is written and the model is unchanged.
+    `metadata` defaults to `model.bitdown.metadata()`, as for `save`."""
+    from .serialize import file_size
+
+    return file_size(model, metadata)
