@@ -24,3 +24,18 @@ def zoo_config(name: str, preset: str = "small", **kwargs: Any) -> QuantConfig:
         names = {entry.classifier: {"n_centroids": k}, **names}
     types = {**EXTRA_TYPE_OVERRIDES.get((name, preset), {}), **types}
     return QuantConfig.from_dict(dict(preset=preset, name_overrides=names, type_overrides=types, **kwargs))
+
+
+# The default recipe of `bitdown compress` (CLI) when no method flag is given: the measured best of
+# docs/DESIGN.md "Block pipeline" on ResNet-20/56 and EfficientNet-Lite0. `fast` keeps the EM only.
+DEFAULT_QUANT: dict[str, Any] = {"codebook_bits": 8, "reconstruct": {"steps": 200, "lr": 1e-3}}
+DEFAULT_FINETUNE: dict[str, Any] = {"layer_steps": 0, "global_steps": 300, "batch_size": 64}
+FAST_QUANT: dict[str, Any] = {"codebook_bits": 8, "reconstruct": {"steps": 0}}
+
+
+def default_recipe(fast: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(QuantConfig keys, FinetuneConfig keys) of the default recipe; with `fast` the EM only (no block
+    reconstruction, no distillation: FinetuneConfig keys empty)."""
+    if fast:
+        return dict(FAST_QUANT), {}
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in DEFAULT_QUANT.items()}, dict(DEFAULT_FINETUNE)
