@@ -252,3 +252,30 @@ def test_depthwise_conv_fed_by_a_zero_channel_does_not_crash():
     m = DW().eval()
     q = bitdown.compress(m, [torch.randn(64, 3, 8, 8)], _cfg(calib_images=64, n_centroids=16), progress=False)
     assert all(torch.isfinite(p).all() for p in q.parameters())
+
+
+def test_code_learning_changes_codes_and_lowers_the_error():
+    teacher, block = _quantized_unit()
+    xs = [torch.randn(16, 8, 8, 8) for _ in range(4)]
+    store = TensorStore(1 << 30)
+    inputs = Cached(store, [((x,), {}) for x in xs], torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        targets = Cached(store, [teacher(x) for x in xs], torch.device("cpu"), torch.float32)
+    codes = block.conv.codes.clone()
+    res = reconstruct_block("u", block, inputs, targets,
+                            ReconstructConfig(steps=80, lr=1e-2, codes="ste", latent_lr=0.1), seed=0)
+    assert res["kept"] == "reconstructed" and res["error_after"] < 0.9 * res["error_before"]
+    assert res["codes_changed"] == int((block.conv.codes != codes).sum()) > 0
+    assert "_ste_latent" not in block.conv.__dict__                 # the latent weights are gone afterwards
+    assert block_error(block, inputs, targets) == pytest.approx(res["error_after"], rel=1e-5)
+
+
+def test_reassign_rounds_run_and_are_recorded():
+    torch.manual_seed(0)
+    m = SkipNet().eval()
+    x = torch.randn(48, 3, 8, 8)
+    q = bitdown.compress(m, [x], _cfg(reconstruct={"steps": 10, "lr": 1e-3, "batch_size": 8, "reassign": 1}),
+                         progress=False)
+    rec = q.bitdown.extra["reconstruct"]
+    assert all(r["rounds"] == 2 for r in rec.values())
+    assert all(r["error_after"] <= r["error_before"] for r in rec.values())

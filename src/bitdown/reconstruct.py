@@ -106,7 +106,8 @@ def reconstruct_block(name: str, block: nn.Module, inputs: Cached, targets: Cach
     if cfg.codes == "ste":
         for m in pq:
             w = m.dequantize().detach()
-            m._ste_latent = nn.Parameter(w.reshape(-1, m.block_size).clone())     # (n_sub, d)
+            # (n_sub, d); a plain attribute, not a Parameter: never in the state dict or the file
+            m.__dict__["_ste_latent"] = w.reshape(-1, m.block_size).clone().requires_grad_(True)
             latents.append((m, float(w.pow(2).mean().sqrt()) + 1e-12))
     sizes = [tensors_of(inputs[b])[0].shape[0] for b in range(len(inputs))]
     gen = torch.Generator().manual_seed(seed)
@@ -153,7 +154,7 @@ def reconstruct_block(name: str, block: nn.Module, inputs: Cached, targets: Cach
         for p, f in flags:
             p.requires_grad_(f)
         for m, _ in latents:
-            del m._ste_latent
+            m.__dict__.pop("_ste_latent", None)
         bar.close()
     with torch.no_grad():
         for m in block.modules():
