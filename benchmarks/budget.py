@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import resource
 import time
 from pathlib import Path
 
@@ -211,6 +212,8 @@ def main() -> None:
                                      train_top1=res_seen["top1"], train_agreement=res_seen["agreement"],
                                      n_train_eval=res_seen["n"],
                                      size_mb=rep.size_mb, ratio=rep.ratio, bytes_on_disk=disk_bytes(q), wall_s=wall,
+                                     peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                                     timings={k: round(v, 1) for k, v in q.bitdown.timings.items()},
                                      ft_images=(a.layer_steps * n_layers + a.global_steps) * a.batch_size,
                                      device=_device_name(a.device),
                                      allocation={p.name: [p.block_size, p.n_centroids] for p in q.bitdown.plans}))

@@ -376,6 +376,7 @@ class _BlockRun:
             if t_io is not None:
                 t_io.close()
             store.close()
+        self.info.timings["stats_s"] = sum(v.get("stats_s", 0.0) for v in self.info.layers.values())
         self.info.timings["block_cache_peak_mb"] = store.peak_ram / 2**20      # timings: not in the file
         self.info.timings["block_cache_spilled_mb"] = store.spilled / 2**20
 
@@ -403,6 +404,7 @@ class _BlockRun:
                      t_in: Cached | None, round_: int, bar) -> None:
         shared_ids = {id(self.modules[p.name].codebook) for p in self.plans if p.share is not None
                       and is_pq(self.modules[p.name])}
+        t0 = time.perf_counter()
         try:
             res = reconstruct_block(block.name, s_block, s_in, targets, self.config.reconstruct,
                                     seed=self.config.seed + 104729 * (bi + 1) + round_, teacher_inputs=t_in,
@@ -410,6 +412,7 @@ class _BlockRun:
         except FloatingPointError as e:
             raise FloatingPointError(_kept(e, self.checkpoint_dir if bi else None,
                                            f"{bi} of {len(self.blocks)} blocks done")) from e
+        self.info.timings["reconstruct_s"] = self.info.timings.get("reconstruct_s", 0.0) + time.perf_counter() - t0
         if res:
             entry = {k: v for k, v in res.items() if k in ("error_before", "error_after", "kept", "codes_changed")}
             recs = self.info.extra.setdefault("reconstruct", {})
