@@ -279,3 +279,21 @@ def test_reassign_rounds_run_and_are_recorded():
     rec = q.bitdown.extra["reconstruct"]
     assert all(r["rounds"] == 2 for r in rec.values())
     assert all(r["error_after"] <= r["error_before"] for r in rec.values())
+
+
+def test_nan_reconstruction_loss_names_the_block_and_keeps_the_checkpoint(monkeypatch, tmp_path):
+    rec = importlib.import_module("bitdown.reconstruct")
+    real = rec.output_error
+    calls = []
+
+    def nan_in_third_block(out, target):
+        loss = real(out, target)
+        calls.append(1)
+        return loss * float("nan") if torch.is_grad_enabled() and len(calls) > 60 else loss
+
+    monkeypatch.setattr(rec, "output_error", nan_in_third_block)
+    torch.manual_seed(0)
+    with pytest.raises(FloatingPointError, match=r"block 'units\.\d'.*checkpoint is kept"):
+        bitdown.compress(SkipNet().eval(), [torch.randn(48, 3, 8, 8)], _cfg(), checkpoint_dir=tmp_path,
+                         progress=False)
+    assert (tmp_path / "state.safetensors").exists()
