@@ -70,6 +70,48 @@ def test_agreement_with_teacher():
     assert teacher.training
 
 
+def test_teacher_top1_with_agreement():
+    logits, labels = _toy()
+    loader = DataLoader(TensorDataset(logits, labels), batch_size=2)
+    out = evaluate(AlwaysZero(), loader, teacher=Lookup())
+    assert out["teacher_top1"] == 40.0 and out["top1"] == 20.0 and out["agreement"] == 40.0
+    assert "teacher_top1" not in evaluate(Lookup(), loader)
+
+
+class Wrapped(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor):
+        if self.kind == "dict":
+            return {"out": x, "aux": x}
+        if self.kind == "tuple":
+            return (x, x)
+        if self.kind == "map":
+            return x[:, :, None, None]
+        return x.argmax(dim=1)                     # integer predictions, not logits
+
+
+@pytest.mark.parametrize("kind, text", [("dict", r"a dict with keys \['out', 'aux'\]"), ("tuple", "a tuple of 2"),
+                                        ("map", r"a tensor of shape \(2, 6, 1, 1\)"),
+                                        ("ints", r"an? int64 tensor of shape \(2,\)")])
+def test_outputs_that_are_not_logits(kind, text):
+    logits, labels = _toy()
+    loader = DataLoader(TensorDataset(logits, labels), batch_size=2)
+    with pytest.raises(TypeError, match=rf"\(N, C\) class logits, but its forward returned {text}"):
+        evaluate(Wrapped(kind), loader)
+    with pytest.raises(TypeError, match="the teacher"):
+        evaluate(Lookup(), loader, teacher=Wrapped(kind))
+
+
+def test_labels_beyond_the_models_classes():
+    logits, labels = _toy()
+    loader = DataLoader(TensorDataset(logits, labels + 3), batch_size=5)
+    with pytest.raises(ValueError, match="label 8 is out of range for the model's 6 outputs"):
+        evaluate(Lookup(), loader)
+
+
 def test_errors():
     with pytest.raises(ValueError, match="no labels"):
         evaluate(Lookup(), DataLoader(torch.zeros(4, 6), batch_size=2))

@@ -112,29 +112,85 @@ def imagenet_wnids() -> tuple[str, ...]:
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
-def _labels_for(names: list[str], mode: str, source: str) -> tuple[list[str], list[int] | None]:
-    """Return (classes, label per name) for a label mode over the full listing of ``source``."""
+def _class_index(classes: Sequence[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """(exact name -> index, lower-cased name -> index) for a model's class list."""
+    exact = {c: i for i, c in enumerate(classes)}
+    if len(exact) != len(classes):
+        dup = sorted({c for c in classes if list(classes).count(c) > 1})
+        raise ValueError(f"the model's class names are not unique: {dup[:_MAX_LISTED]}")
+    folded: dict[str, int] = {}
+    for c, i in exact.items():
+        folded.setdefault(c.lower(), i)
+    return exact, folded
+
+
+def _unknown_classes(unknown: dict[str, str], classes: Sequence[str], source: str, what: str) -> ValueError:
+    """The error for class names (key) the model does not know, each with an example image (value)."""
+    names = sorted(unknown)
+    shown = ", ".join(f"{n!r} (e.g. {unknown[n]!r})" for n in names[:_MAX_LISTED])
+    more = f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
+    known = ", ".join(list(classes)[:10]) + (", ..." if len(classes) > 10 else "")
+    verb = "are not classes" if len(names) > 1 else "is not a class"
+    return ValueError(f"{what}{'s' if len(names) > 1 else ''} {shown}{more} in {source} {verb} of the model "
+                      f"({len(classes)} classes: {known})")
+
+
+def _wnid_of(name: str) -> str | None:
+    """The WNID an image name carries: the file name's leading nXXXXXXXX, else its folder's name."""
+    path = PurePosixPath(name)
+    m = _WNID_RE.match(path.name)
+    if m is None:
+        m = _WNID_RE.fullmatch(path.parent.name)
+    return None if m is None else m.group(1)
+
+
+def _labels_for(names: list[str], mode: str, source: str, classes: Sequence[str] | None = None,
+                ) -> tuple[list[str], list[int] | None]:
+    """Return (classes, label per name) for a label mode over the full listing of ``source``.
+
+    ``classes``: the model's class names in output order (label = position). With them, 'parent'
+    maps each image's folder name to its class (exact name, else case-insensitive), and 'wnid' each
+    image's WNID (leading the file name, else the folder name); a name the model does not know is a
+    ValueError naming it. Without them, 'parent' numbers the sorted folder names and 'wnid' uses the
+    1,000 ImageNet-1k WNIDs in sorted order."""
     if mode == "none":
         return [], None
+    if mode not in ("parent", "wnid"):
+        raise ValueError(f"unknown labels mode {mode!r}; use 'none', 'parent' or 'wnid'")
     if mode == "parent":
-        parents = [PurePosixPath(n).parent.name for n in names]
-        orphans = [n for n, p in zip(names, parents) if not p]
+        keys = [PurePosixPath(n).parent.name for n in names]
+        orphans = [n for n, k in zip(names, keys) if not k]
         if orphans:
             raise ValueError(f"labels='parent' but {orphans[0]!r} in {source} is not inside a class folder")
-        classes = sorted(set(parents))
-        index = {c: i for i, c in enumerate(classes)}
-        return classes, [index[p] for p in parents]
-    if mode == "wnid":
-        classes = list(imagenet_wnids())
-        index = {c: i for i, c in enumerate(classes)}
-        labels = []
-        for n in names:
-            m = _WNID_RE.match(PurePosixPath(n).name)
-            if m is None or m.group(1) not in index:
-                raise ValueError(f"{n!r} in {source} does not start with a known ImageNet-1k WNID")
-            labels.append(index[m.group(1)])
-        return classes, labels
-    raise ValueError(f"unknown labels mode {mode!r}; use 'none', 'parent' or 'wnid'")
+        if classes is None:
+            classes = sorted(set(keys))
+    else:
+        keys = [_wnid_of(n) for n in names]
+        missing = [n for n, k in zip(names, keys) if k is None]
+        if missing:
+            raise ValueError(f"{missing[0]!r} in {source} does not start with a known ImageNet-1k WNID "
+                             f"(nor is it in a folder named by one)")
+        if classes is None:
+            classes = imagenet_wnids()
+            known = set(classes)
+            unknown = {k: n for n, k in zip(names, keys) if k not in known}
+            if unknown:
+                first = sorted(unknown)[0]
+                raise ValueError(f"{unknown[first]!r} in {source} does not start with a known ImageNet-1k WNID")
+    classes = list(classes)
+    exact, folded = _class_index(classes)
+    labels, unknown = [], {}
+    for n, k in zip(names, keys):
+        i = exact.get(k)
+        if i is None:
+            i = folded.get(k.lower())
+        if i is None:
+            unknown.setdefault(k, n)
+            continue
+        labels.append(i)
+    if unknown:
+        raise _unknown_classes(unknown, classes, source, "folder" if mode == "parent" else "WNID")
+    return classes, labels
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -257,6 +313,9 @@ class ImageDataset(Dataset):
     so subsets share class indices). Unreadable images are skipped and counted (``n_skipped``) when
     caching; with ``cache=False`` an unreadable image raises on access. With ``train=True`` the
     augmentation of image ``i`` at epoch ``e`` is seeded by (seed, e, i); call :meth:`set_epoch`.
+    ``classes``: the model's class names in output order; labels are then positions in it (folder
+    names / WNIDs mapped to them, an unknown one is a ValueError naming it) instead of the sorted
+    folder names, so a folder holding only some of the classes is labelled right.
     """
 
     def __init__(
@@ -268,12 +327,13 @@ class ImageDataset(Dataset):
         train: bool = False,
         seed: int = 0,
         cache: bool = True,
+        classes: Sequence[str] | None = None,
     ) -> None:
         self.source = str(source)
         self.preset = get_preset(preset)
         self.train, self.seed, self.epoch = train, seed, 0
         all_names = list_images(source)
-        self.classes, all_labels = _labels_for(all_names, labels, self.source)
+        self.classes, all_labels = _labels_for(all_names, labels, self.source, classes)
         if indices is None:
             idx = list(range(len(all_names)))
         else:

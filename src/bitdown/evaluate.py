@@ -33,6 +33,30 @@ def _split_batch(batch: object) -> tuple[Tensor, Tensor]:
     raise ValueError("evaluate needs a loader yielding (images, labels) batches; this one yields no labels")
 
 
+def _describe(out: object) -> str:
+    if isinstance(out, dict):
+        return f"a {type(out).__name__} with keys {list(out)[:5]}"
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of {len(out)} items"
+    if isinstance(out, Tensor):
+        dtype = str(out.dtype).removeprefix("torch.")
+        kind = "a tensor" if out.is_floating_point() else f"{'an' if dtype[0] in 'aeiou' else 'a'} {dtype} tensor"
+        return f"{kind} of shape {tuple(out.shape)}"
+    return f"a {type(out).__name__}"
+
+
+def check_logits(out: object, labels: Tensor | None = None, what: str = "the model") -> Tensor:
+    """``out`` when it is (N, C) class logits; else TypeError naming what the forward returned.
+    With ``labels``: ValueError when a label is not below C (the data has more classes than the model)."""
+    if not isinstance(out, Tensor) or out.ndim != 2 or not out.is_floating_point():
+        raise TypeError(f"evaluate needs {what} to return (N, C) class logits, but its forward returned "
+                        f"{_describe(out)}: wrap the model so that forward returns the logits tensor")
+    if labels is not None and labels.numel() and int(labels.max()) >= out.shape[1]:
+        raise ValueError(f"label {int(labels.max())} is out of range for {what}'s {out.shape[1]} outputs: the data "
+                         f"has more classes than the model")
+    return out
+
+
 def evaluate(
     model: nn.Module,
     loader: DataLoader,
@@ -41,27 +65,32 @@ def evaluate(
     desc: str = "eval",
 ) -> dict[str, float | int]:
     """Return ``{'top1': %, 'top5': %, 'n': images}`` (+ ``'agreement'``: % of images where the
-    student's and teacher's top-1 predictions agree, when ``teacher`` is given). Batches go to
-    ``device`` (default: the model's device); the models are not moved."""
+    student's and teacher's top-1 predictions agree, and ``'teacher_top1'``: the teacher's top-1 %,
+    when ``teacher`` is given). Batches go to ``device`` (default: the model's device); the models
+    are not moved. A model whose forward does not return (N, C) logits is a TypeError naming what it
+    returned; a label not below C a ValueError."""
     if device is None:
         device = module_device(model)
-    n = top1 = top5 = agree = 0
+    n = top1 = top5 = agree = teacher_top1 = 0
     with torch.no_grad(), _eval_mode(model, teacher):
         for batch in tqdm(loader, desc=desc, unit="batch", disable=None, leave=False):
             x, y = _split_batch(batch)
             x, y = x.to(device), y.to(device)
-            logits = model(x)
+            logits = check_logits(model(x), y)
             k = min(5, logits.shape[1])
             pred = logits.topk(k, dim=1).indices
             hits = pred == y[:, None]
             top1 += int(hits[:, 0].sum())
             top5 += int(hits.any(dim=1).sum())
             if teacher is not None:
-                agree += int((teacher(x).argmax(dim=1) == pred[:, 0]).sum())
+                t_pred = check_logits(teacher(x), y, "the teacher").argmax(dim=1)
+                agree += int((t_pred == pred[:, 0]).sum())
+                teacher_top1 += int((t_pred == y).sum())
             n += y.shape[0]
     if n == 0:
         raise ValueError("evaluate got an empty loader (no samples)")
     out: dict[str, float | int] = {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "n": n}
     if teacher is not None:
         out["agreement"] = 100.0 * agree / n
+        out["teacher_top1"] = 100.0 * teacher_top1 / n
     return out

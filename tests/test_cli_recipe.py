@@ -1,0 +1,141 @@
+"""`bitdown compress` defaults are the recipe (recipes.default_recipe): no flag -> the recipe, --fast ->
+the EM only, each flag given overrides its part, --config / --finetune-config on top; --help shows
+every default and an example per command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import bitdown
+import bitdown.recipes as recipes
+from bitdown.cli import build_parser, main
+from test_cli import SPEC, assert_error, run, ws  # noqa: F401  (ws: the workspace fixture)
+
+BASE = ["compress", "--model", SPEC, "--data", "imgs", "--preprocess", "cifar10", "--calib-images", "16",
+        "--em-iters", "2", "--out", "m.bitdown", "--json"]
+
+
+class Stop(Exception):
+    """Raised by the stand-in compress: the test only looks at what the CLI passed."""
+
+
+@pytest.fixture
+def captured(ws, monkeypatch):  # noqa: F811
+    """Run the CLI up to bitdown.compress and return the (QuantConfig, FinetuneConfig | None) it got."""
+    seen = {}
+
+    def fake_compress(model, data, config, **kw):
+        seen["config"], seen["finetune"] = config, kw.get("finetune")
+        raise Stop
+
+    monkeypatch.setattr(bitdown, "compress", fake_compress)
+
+    def call(*extra):
+        seen.clear()
+        with pytest.raises(Stop):
+            main([str(x) for x in (*BASE, *extra)])
+        return seen["config"], seen["finetune"]
+
+    return call
+
+
+def test_no_flag_is_the_default_recipe(captured):
+    quant, ft = recipes.default_recipe()
+    config, finetune = captured()
+    assert config.codebook_bits == quant["codebook_bits"]
+    for k, v in quant["reconstruct"].items():
+        assert getattr(config.reconstruct, k) == v
+    assert finetune is not None
+    for k, v in ft.items():
+        assert getattr(finetune, k) == v
+
+
+def test_fast_is_the_em_only(captured):
+    config, finetune = captured("--fast")
+    assert config.reconstruct.steps == 0 and finetune is None
+    assert config.codebook_bits == recipes.default_recipe(fast=True)[0]["codebook_bits"]
+
+
+def test_flags_override_their_part_of_the_recipe(captured):
+    quant, ft = recipes.default_recipe()
+    config, finetune = captured("--global-steps", "7", "--codebook-bits", "16", "--distill-loss", "mse",
+                                "--blocks", "conv2", "--blocks", "conv3|fc",
+                                "--reconstruct", json.dumps({"drop_prob": 0.5}))
+    assert finetune.global_steps == 7 and finetune.loss == "mse"
+    assert finetune.batch_size == ft["batch_size"] and finetune.layer_steps == ft["layer_steps"]
+    assert config.codebook_bits == 16 and config.blocks == ["conv2", "conv3|fc"]
+    assert config.reconstruct.drop_prob == 0.5 and config.reconstruct.steps == quant["reconstruct"]["steps"]
+    assert config.reconstruct.lr == quant["reconstruct"]["lr"]
+
+    config, finetune = captured("--fast", "--global-steps", "3")      # an explicit flag wins over --fast too
+    assert finetune.global_steps == 3 and config.reconstruct.steps == 0
+
+
+def test_json_configs_go_on_top(captured):
+    config, finetune = captured("--codebook-bits", "8", "--reconstruct", json.dumps({"steps": 5, "lr": 0.01}),
+                                "--config", json.dumps({"codebook_bits": 16, "reconstruct": {"steps": 9}}),
+                                "--finetune-config", json.dumps({"global_steps": 11, "loss": "kl"}))
+    assert config.codebook_bits == 16
+    assert (config.reconstruct.steps, config.reconstruct.lr) == (9, 0.01)
+    assert finetune.global_steps == 11 and finetune.loss == "kl"
+
+
+def test_bad_recipe_flags_are_errors(ws, capsys):  # noqa: F811
+    rc, out, err = run(capsys, *BASE, "--reconstruct", "{steps: 3}")
+    assert_error(rc, err, "--reconstruct is not valid JSON")
+    rc, out, err = run(capsys, *BASE, "--reconstruct", json.dumps({"stepz": 3}))
+    assert_error(rc, err, "stepz")
+    rc, out, err = run(capsys, *BASE, "--blocks", "conv(")
+    assert_error(rc, err, "conv(")
+    rc, out, err = run(capsys, *BASE, "--distill-loss", "l1")
+    assert rc == 2 and "invalid choice" in err
+
+
+def test_default_recipe_end_to_end(ws, capsys, monkeypatch):  # noqa: F811
+    """A real run without method flags writes what the recipe says (the recipe shrunk to stay fast)."""
+    monkeypatch.setattr(recipes, "DEFAULT_QUANT", {"codebook_bits": 8, "reconstruct": {"steps": 2, "lr": 1e-3}})
+    monkeypatch.setattr(recipes, "DEFAULT_FINETUNE", {"layer_steps": 0, "global_steps": 2, "batch_size": 8})
+    rc, out, err = run(capsys, *BASE)
+    assert rc == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["recipe"] == "default"
+    rc, out, err = run(capsys, "info", "m.bitdown", "--json")
+    info = json.loads(out)
+    assert info["config"]["codebook_bits"] == 8 and info["config"]["reconstruct"]["steps"] == 2
+    assert {p["codebook_bits"] for p in info["layers"]} == {8}
+
+
+def _help(capsys, *args):
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_shows_defaults_and_an_example(capsys):
+    quant, ft = recipes.default_recipe()
+    text = " ".join(_help(capsys, "compress").split())          # unwrapped
+    for expected in ("(default: 0)", "(default: 1024)", "(default: 30)", "(default: small)", "(default: 100)",
+                     f"the recipe's {ft['global_steps']}", f"the recipe's {quant['codebook_bits']}",
+                     f"the recipe's {ft['batch_size']}", "--fast", "--distill-loss", "--blocks", "--reconstruct",
+                     "examples:", "bitdown compress --model"):
+        assert expected in text, expected
+    for cmd in ("size", "eval", "export", "info"):
+        text = " ".join(_help(capsys, cmd).split())
+        assert "example" in text and f"bitdown {cmd}" in text, cmd
+    assert "(default: 256)" in " ".join(_help(capsys, "eval").split())
+    assert "(default: 16)" in " ".join(_help(capsys, "size").split())
+
+
+def test_every_option_with_a_default_shows_it():
+    """No option has a default its --help does not state."""
+    parser = build_parser()
+    subs = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    for name, sub in subs.items():
+        fmt = sub._get_formatter()
+        for action in sub._actions:
+            if not action.option_strings or action.default is None or action.default is False \
+                    or action.default == "==SUPPRESS==":
+                continue
+            assert action.help and "default" in fmt._get_help_string(action), (name, action.option_strings)
