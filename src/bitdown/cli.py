@@ -280,10 +280,17 @@ def _check_eval_model(model: nn.Module, ds, classes: Sequence[str] | None) -> No
         raise UsageError(f"the model has {out.shape[1]} outputs but {len(classes)} class names")
 
 
-def _data(path: str, preprocess: str, labels: str, train: bool = False, seed: int = 0):
+def _data(path: str, preprocess: str, labels: str, train: bool = False, seed: int = 0, image_size: int = 640):
+    if preprocess == LETTERBOX:                  # detectors: letterboxed photos (detection.py), no augmentation
+        from .detection import LetterboxDataset
+
+        return LetterboxDataset(path, size=image_size, labels=labels != "none")
     from .data import ImageDataset
 
     return ImageDataset(path, preprocess, labels=labels, train=train, seed=seed)
+
+
+LETTERBOX = "letterbox"       # the detectors' preprocessing (zoo yolov5n_coco)
 
 
 def _emit(obj: dict, as_json: bool) -> None:
@@ -420,12 +427,14 @@ def cmd_compress(a: argparse.Namespace) -> int:
         from .compress import resolve_device
         resolve_device(model, a.device)
     ev = None
-    if a.eval_data:                          # labels and the model's output checked before compressing
+    if a.eval_data and preprocess == LETTERBOX:      # a detector: COCO mAP on YOLO-labelled images
+        ev = _data(a.eval_data, preprocess, "yolo", image_size=a.image_size)
+    elif a.eval_data:                        # labels and the model's output checked before compressing
         ev = _eval_data(a.eval_data, preprocess, a.labels, classes)
         _check_eval_model(model, ev, classes)
-    calib = _data(a.data, preprocess, "none")
+    calib = _data(a.data, preprocess, "none", image_size=a.image_size)
     _forward(model, calib[0][None], f"an image of {a.data} preprocessed as {preprocess!r}")
-    train = _data(a.data, preprocess, "none", train=True, seed=a.seed) if ft.enabled else None
+    train = _data(a.data, preprocess, "none", train=True, seed=a.seed, image_size=a.image_size) if ft.enabled else None
     log.info("recipe %s: %s; fine-tuning %s", "fast" if a.fast else "default", config.to_json(), ft.to_json())
     t0 = time.perf_counter()
     q = compress(model, make_loader(calib, config.batch_size, shuffle=True, seed=a.seed), config, arch=arch,
@@ -436,7 +445,13 @@ def cmd_compress(a: argparse.Namespace) -> int:
     rep = size_report(q, q.bitdown.plans)
     out = {"out": str(path), "size_mb": rep.size_mb, "ratio": rep.ratio, "bytes_on_disk": path.stat().st_size,
            "layers": len(q.bitdown.plans), "recipe": "fast" if a.fast else "default", "wall_s": wall}
-    if ev is not None:
+    if ev is not None and preprocess == LETTERBOX:
+        from .detection import evaluate_detection
+        teacher_map = evaluate_detection(model.to(module_device(q)), ev, batch_size=8)
+        res = evaluate_detection(q, ev, batch_size=8)
+        out.update(teacher_map50_95=teacher_map["map50_95"], map50_95=res["map50_95"], map50=res["map50"],
+                   eval_images=res["n_images"])
+    elif ev is not None:
         res = evaluate(q, make_loader(ev, 256), teacher=model.to(module_device(q)))
         out.update(teacher_top1=res["teacher_top1"], top1=res["top1"], drop=res["teacher_top1"] - res["top1"],
                    agreement=res["agreement"], eval_images=res["n"])
@@ -469,6 +484,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if preprocess is None:
         raise UsageError(("the file records no preprocessing" if a.file else f"{a.model} has no known preprocessing")
                          + "; pass --preprocess")
+    if preprocess == LETTERBOX:                  # a detector: COCO mAP (pycocotools) on YOLO-labelled images
+        from .cli_detect import evaluate_file_or_model
+        evaluate_file_or_model(model, a.data, a.json, a.image_size)
+        return 0
     classes = _model_classes(arch, a.classes, a.model)
     ds = _eval_data(a.data, preprocess, a.labels, classes)
     _check_eval_model(model, ds, classes)
@@ -492,7 +511,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         preprocess = q.bitdown.arch.get("preprocess")
         if preprocess is None:
             raise UsageError("the file records no preprocessing; pass --input-shape")
-        crop = get_preset(preprocess).crop
+        crop = a.image_size if preprocess == LETTERBOX else get_preset(preprocess).crop
         shape, where = [1, 3, crop, crop], f"of the file's preprocessing {preprocess!r} (pass --input-shape)"
     _check_input_shape(q, shape, where)
     path = export_onnx(q, out_path, shape, check=not a.no_check)
@@ -749,7 +768,31 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "this image file (needs matplotlib: the bench extra)")
     i.add_argument("--json", action="store_true", help="print the whole metadata as one JSON object")
     i.set_defaults(fn=cmd_info)
+
+    d = sub.add_parser(
+        "detect", formatter_class=_Help, help="draw a detector's boxes on one image",
+        description="Detect objects in one image with a detector (a .bitdown file or a zoo name such as "
+                    "yolov5n_coco), draw the boxes\nwith class names and scores, and save a PNG.",
+        epilog="example:\n  bitdown detect y26.bitdown photo.jpg --out boxes.png")
+    d.add_argument("model", help="a compressed .bitdown detector or a zoo detector name")
+    d.add_argument("image", help="the image file")
+    d.add_argument("--out", required=True, help="the PNG to write")
+    d.add_argument("--conf", type=float, default=0.25, help="score threshold")
+    d.add_argument("--json", action="store_true", help="print the detections as one JSON object")
+    d.set_defaults(fn=cmd_detect)
+    for sp in (c, e, x, d):
+        sp.add_argument("--image-size", type=int, default=640, help="detectors: letterbox size in pixels")
     return p
+
+
+def cmd_detect(a: argparse.Namespace) -> int:
+    from .cli_detect import cmd_detect as detect
+
+    _check_source(a.image, "image")
+    out_path = _check_out_path(a.out, "--out")
+    found = detect(a.model, a.image, out_path, conf=a.conf, image_size=a.image_size)
+    _emit({"out": str(out_path), "n_boxes": len(found), "boxes": found}, a.json)
+    return 0
 
 
 def _message(e: BaseException) -> str:
