@@ -12,6 +12,12 @@ best uniform preset at the same size, each after the same fine-tuning budget, on
            is the "best uniform preset". Same EM, same fine-tuning.
 - shared:  as uniform, but layers of the same kind and weight shape share one codebook
            (QuantConfig.share_same_shape): the codebooks saved buy more centroids at the same size.
+- gptq4, gptq3, gptq2 (gptqB): the per-channel scalar baseline as GPTQ / BRECQ / AdaRound report it: every
+           layer at B-bit per-output-channel codes (asymmetric, fp16 scale, GPTQ error feedback on the layer's
+           full Gram; scalar.py), the first and the last layer at 8 bits (allocate.scalar_baseline_config).
+           Same pipeline otherwise (statistics, teacher targets, block reconstruction, fine-tuning of the BN
+           affine parameters), so the comparison isolates the quantizer. Its size is what B bits give: the
+           row is measured once per model (its target ratio and codebook are "-"), whatever --ratios says.
 - --codebook-bits 8: int8 codebooks with fp16 column scales (the accounting counts them so).
 
 To run two at once, give the second its own --out and fold it in afterwards with
@@ -38,7 +44,8 @@ from accuracy import RESULTS, datasets, disk_bytes, machine, train_eval_set  # n
 
 from bitdown import compress  # noqa: E402
 from bitdown.checkpoint import fingerprint  # noqa: E402
-from bitdown.allocate import _other_bytes, apply_allocation, budget_bytes, measure_options  # noqa: E402
+from bitdown.allocate import (_other_bytes, apply_allocation, budget_bytes, measure_options,  # noqa: E402
+                              scalar_baseline_config)
 from bitdown.compress import forward_order, take_images  # noqa: E402
 from bitdown.config import EMConfig, ReconstructConfig, resolve_plan  # noqa: E402
 from bitdown.data import make_loader  # noqa: E402
@@ -77,8 +84,7 @@ def uniform_choice(name: str, teacher, order, budget: float, bits: int, options:
             continue
         dist = 0.0
         for p in scaled:
-            match = [o.distortion for o in options[p.name] if (o.block_size, o.n_centroids) == (p.block_size,
-                                                                                               p.n_centroids)]
+            match = [o.distortion for o in options[p.name] if o.key == (p.block_size, p.n_centroids, 0, False)]
             dist += match[0] if match else math.inf
         if best is None or dist < best[2]:
             best = (preset, {p.name: (p.block_size, p.n_centroids) for p in scaled}, dist)
@@ -119,6 +125,8 @@ def main() -> None:
     p.add_argument("--merge", help="comma-separated JSON files of other runs (--out elsewhere, e.g. run in "
                                    "parallel): their rows are added to --out and the report rebuilt; nothing is run")
     a = p.parse_args()
+    for method in a.methods.split(","):
+        _scalar_method(method)                  # an unknown method is refused before any work
     path = Path(a.out)
     if a.merge:
         merge(path, [Path(f) for f in a.merge.split(",")])
@@ -146,7 +154,9 @@ def main() -> None:
                     weighting = a.alloc_weighting if method == "alloc" else "none"
                     if method == "alloc" and (ratio, bits) in done_alloc:
                         continue                # a tighter cap of the list already gave this row
-                    key = dict(model=name, method=method, codebook_bits=bits, target_ratio=ratio, em=em_key,
+                    scalar_bits = _scalar_method(method)
+                    key = dict(model=name, method=method, codebook_bits=None if scalar_bits else bits,
+                               target_ratio=None if scalar_bits else ratio, em=em_key,
                                reconstruct=rc_key,
                                alloc_weighting=weighting, alloc_max_error=cap, mixup=a.mixup,
                                layer_steps=a.layer_steps, global_steps=a.global_steps, calib_images=a.calib_images,
@@ -178,6 +188,15 @@ def main() -> None:
                                          name_overrides={re.escape(n): {"block_size": d, "n_centroids": k}
                                                          for n, (d, k) in choice.items()})
                         extra, target = {"preset": preset, "calib_distortion": dist}, None
+                    if scalar_bits:             # every layer scalar: no budget, first and last layer at 8 bits
+                        if batches is None:
+                            batches = take_images(loader, a.calib_images, 128)
+                            order = forward_order(teacher, batches[0][:2])
+                        cfg = scalar_baseline_config(cfg, teacher, scalar_bits, order)
+                        if not all(p.scalar_bits for p in resolve_plan(teacher, cfg, order)[0]):
+                            raise SystemExit("this bitdown does not resolve scalar plans yet (config.resolve_layer "
+                                             "ignores the scalar_bits override): the gptq baseline cannot run")
+                        extra, target = {}, None
                     t0 = time.perf_counter()
                     ft = FinetuneConfig(layer_steps=a.layer_steps, global_steps=a.global_steps,
                                         batch_size=a.batch_size, seed=a.seed, mixup=a.mixup)
@@ -216,12 +235,25 @@ def main() -> None:
                                      timings={k: round(v, 1) for k, v in q.bitdown.timings.items()},
                                      ft_images=(a.layer_steps * n_layers + a.global_steps) * a.batch_size,
                                      device=_device_name(a.device),
-                                     allocation={p.name: [p.block_size, p.n_centroids] for p in q.bitdown.plans}))
+                                     allocation={p.name: [p.block_size, p.n_centroids] if p.quantizer == "pq"
+                                                 else p.quantizer for p in q.bitdown.plans}))
                     path.write_text(json.dumps({"machine": machine(), "teachers": teachers, "rows": rows}, indent=1))
                     print(json.dumps({k: rows[-1][k] for k in ("model", "method", "codebook_bits", "target_ratio",
                                                                 "ratio", "top1", "drop")}), flush=True)
     path.write_text(json.dumps({"machine": machine(), "teachers": teachers, "rows": rows}, indent=1))
     write_report(path)
+
+
+def _scalar_method(method: str) -> int:
+    """B for the scalar baseline method 'gptqB' (0 for the other methods); SystemExit for an unknown method."""
+    from bitdown.config import SCALAR_BITS
+
+    if method in ("alloc", "uniform", "shared"):
+        return 0
+    m = re.fullmatch(r"gptq(\d+)", method)
+    if m is None or int(m.group(1)) not in SCALAR_BITS:
+        raise SystemExit(f"unknown method {method!r}: alloc, uniform, shared or gptqB with B in {SCALAR_BITS}")
+    return int(m.group(1))
 
 
 def _method_caps(methods: str, caps: str | None) -> list[tuple[str, float | None]]:
@@ -306,17 +338,28 @@ def _dist(r: dict) -> str:
     return f"{v:.3f}" if v is not None and math.isfinite(v) else "-"
 
 
+def _codebook(bits: int | None) -> str:
+    """A row's codebook column: '-' for the scalar baseline (no codebook)."""
+    return "-" if not bits else "int8" if bits == 8 else "fp16"
+
+
+def _target(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.0f}x"
+
+
 def write_report(path: Path) -> None:
     doc = json.loads(path.read_text())
-    rows = sorted(doc["rows"], key=lambda r: (r["model"], r["global_steps"], r["target_ratio"], r["codebook_bits"],
-                                              r["method"]))
+    rows = sorted(doc["rows"], key=lambda r: (r["model"], r["global_steps"], r["target_ratio"] or 0,
+                                              r["codebook_bits"] or 0, r["method"]))
     m = doc["machine"]
     lines = ["# Size budgets (generated by benchmarks/budget.py)", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}. Paper-style size accounting "
              "(bitdown size). `alloc`: per-layer block size and centroids chosen by rate-distortion for the "
              "budget; `uniform`: the best paper preset (small/large, by calibration distortion) with every "
              "layer's centroids divided by the same power of two to fit; `shared`: the same with one codebook per "
-             "group of same-shape layers (share_same_shape). All then get the same fine-tuning "
+             "group of same-shape layers (share_same_shape); `gptqB`: the per-channel scalar baseline (every layer "
+             "B-bit codes with GPTQ error feedback, first and last layer 8-bit; no target, codebook '-'). "
+             "All then get the same fine-tuning "
              "(layer steps per layer + global steps, batch size as stated; labels never used). Top-1 on images "
              "never used for calibration (CIFAR-10 test set; EfficientNet-Lite0: the held-out 500). "
              "EM options are listed where they differ from EMConfig's defaults (teacher targets on). "
@@ -339,8 +382,8 @@ def write_report(path: Path) -> None:
         meth += f", mixup {r['mixup']:g}" if r.get("mixup") else ""
         meth += f", {r['train_pool']} training images" if r.get("train_pool") else ""
         seen = f"{r['train_top1']:.1f}" if r.get("train_top1") is not None else "-"
-        lines.append(f"| {r['model']} | {meth} | {'int8' if r['codebook_bits'] == 8 else 'fp16'} | "
-                     f"{r['target_ratio']:.0f}x | {r['ratio']:.2f}x | {r['size_mb']:.4f} | {r['bytes_on_disk']:,} | "
+        lines.append(f"| {r['model']} | {meth} | {_codebook(r['codebook_bits'])} | {_target(r['target_ratio'])} | "
+                     f"{r['ratio']:.2f}x | {r['size_mb']:.4f} | {r['bytes_on_disk']:,} | "
                      f"{r['top1']:.2f} | {r['teacher_top1']:.2f} | {r['drop']:.2f} | {r['agreement']:.1f} | {seen} | "
                      f"{_dist(r)} | {r['layer_steps']}/{r['global_steps']} x "
                      f"{r['batch_size']} | {r.get('device', 'cpu')} | {r['wall_s']:.0f} |")
@@ -362,12 +405,12 @@ def write_report(path: Path) -> None:
             meth += f"+pool{r['train_pool']}" if r.get("train_pool") else ""
             meth += "+recon" + ",".join(f"{k}={v}" for k, v in r["reconstruct"].items()) if r.get("reconstruct") else ""
             meth += " (GPU)" if r.get("device", "cpu") != "cpu" else ""
-            return meth, r["codebook_bits"], r["global_steps"], json.dumps(r.get("em", {}), sort_keys=True)
+            return meth, r["codebook_bits"] or 0, r["global_steps"], json.dumps(r.get("em", {}), sort_keys=True)
         for (meth, bits, steps, em) in sorted({group(r) for r in mr}):
             pts = sorted((r["size_mb"] * 1024, r["top1"]) for r in mr if group(r) == (meth, bits, steps, em))
             em_label = "" if em == "{}" else " " + ",".join(f"{k}={v}" for k, v in json.loads(em).items())
             ax.plot(*zip(*pts), marker="o",
-                    label=f"{meth}{em_label} {'int8' if bits == 8 else 'fp16'} cb, {steps} global steps")
+                    label=f"{meth}{em_label} {_codebook(bits)} cb, {steps} global steps")
         ax.axhline(doc["teachers"][model], color="k", ls="--", lw=1, label="teacher")
         ax.set_xscale("log")
         ax.set_xlabel("paper-style size (KB)")

@@ -1,17 +1,22 @@
-"""Time of the sequential statistics pass with teacher targets: teacher inputs captured per layer (one
-prefix forward per layer and batch, the behaviour before session 7) vs cached a window of layers at a
-time (teacher_inputs.py). The statistics are the same either way (tests/test_teacher_inputs.py); this
-measures only the time and the teacher forwards.
+"""Cost of the statistics pass with teacher targets, in teacher forwards of the calibration set: the block
+pipeline (compress's block loop: blocks replayed from cached outputs, each layer's statistics from its
+block run on cached inputs) against the layer-by-layer pass it replaced (one student prefix forward and
+one teacher prefix forward per layer and batch, stats.run_until / stats.capture_input).
 
-    python benchmarks/stats_speed.py --model efficientnet_lite0 --images 32 [--layers 49]
+    python benchmarks/stats_speed.py --model efficientnet_lite0 --images 128
 
-The two variants run alternately (per-layer, cached, per-layer, cached, ...) so a background load
-hits both alike; each row gives the median of --repeats. Writes benchmarks/results/stats_speed.{json,md}.
+The EM is replaced by a trivial quantizer (codes 0) in both, so only forwards and Grams are timed; the
+three measurements (a plain teacher forward over the images, the layer pass, the block pipeline) run
+alternately --repeats times, so a background load hits all alike; medians. The statistics do not depend on
+the quantizer's choice, the forwards do not depend on the weights. Writes
+benchmarks/results/stats_speed.{json,md} (the session-7 rows of the windowed teacher cache are in git history).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import resource
 import statistics
 import time
 
@@ -19,57 +24,85 @@ import torch
 
 from accuracy import RESULTS, datasets, machine
 
+from bitdown import compress
 from bitdown.compress import forward_order, take_images
 from bitdown.config import resolve_plan
 from bitdown.data import make_loader
+from bitdown.em import EMResult
 from bitdown.recipes import zoo_config
-from bitdown.stats import StatsCollector, run_until
-from bitdown.teacher_inputs import DEFAULT_BUDGET, TeacherInputs
+from bitdown.stats import StatsCollector, capture_input, run_until
 from bitdown.zoo import build_model
 
+bc = importlib.import_module("bitdown.compress")
 
-def stats_pass(name: str, batches: list[torch.Tensor], n_layers: int, budget: int) -> tuple[float, int]:
-    """Seconds for the statistics of the first `n_layers` layers (full + cross Grams, as compress with
-    teacher targets), and the teacher forwards it ran. The student is not quantized in between: the
-    cost of the forwards and Grams does not depend on the weights."""
+
+def trivial_kmeans(weight, block_grams, n_centroids, *a, **k) -> EMResult:
+    """Codes 0 and a zero codebook: no EM time."""
+    d = block_grams.shape[-1]
+    codes = torch.zeros(weight.shape[0], weight[0].numel() // d, dtype=torch.long)
+    return EMResult(torch.zeros(n_centroids, d), codes, 0.0, [0.0], 0, 0.0)
+
+
+def teacher_pass(name: str, batches: list[torch.Tensor]) -> float:
+    model = build_model(name).eval()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    return time.perf_counter() - t0
+
+
+def layer_pass(name: str, batches: list[torch.Tensor]) -> float:
+    """The pre-session-8 pass: per layer and batch a student prefix forward and a teacher prefix forward."""
     student, teacher = build_model(name).eval(), build_model(name).eval()
-    order = forward_order(student, batches[0][:2])
-    plans = resolve_plan(student, zoo_config(name, "small"), order)[0][:n_layers]
+    plans = resolve_plan(student, zoo_config(name, "small"), forward_order(student, batches[0][:2]))[0]
     mods, tmods = dict(student.named_modules()), dict(teacher.named_modules())
     t0 = time.perf_counter()
-    cache = TeacherInputs(teacher, [tmods[p.name] for p in plans], batches, budget_bytes=budget)
-    for i, p in enumerate(plans):
+    for p in plans:
         with StatsCollector(p.name, mods[p.name], p.block_size, full_gram=True, cross_gram=True) as col:
-            for b, x in enumerate(batches):
-                col.reference = cache.get(i, b)
+            for x in batches:
+                col.reference = capture_input(teacher, tmods[p.name], x)
                 run_until(student, [x], mods[p.name])
-    return time.perf_counter() - t0, cache.forwards
+    return time.perf_counter() - t0
+
+
+def block_pass(name: str, batches: list[torch.Tensor]) -> float:
+    """compress's block loop (no reconstruction, no fine-tuning) with the trivial quantizer."""
+    real = bc.kmeans
+    bc.kmeans = trivial_kmeans
+    try:
+        t0 = time.perf_counter()
+        compress(build_model(name).eval(), [torch.cat(batches)], zoo_config(
+            name, "small", calib_images=sum(x.shape[0] for x in batches), batch_size=batches[0].shape[0]),
+            progress=False)
+        return time.perf_counter() - t0
+    finally:
+        bc.kmeans = real
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="efficientnet_lite0")
-    p.add_argument("--images", type=int, default=32)
+    p.add_argument("--images", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--layers", type=int, default=1000, help="the first N quantized layers (default: all)")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--skip-layer-pass", action="store_true", help="only the teacher forward and the block pipeline")
     a = p.parse_args()
     calib = datasets(a.model)[0]
     batches = take_images(make_loader(calib, 128, shuffle=True, seed=0), a.images, a.batch_size)
-    times: dict[str, list[float]] = {"per layer": [], "cached": []}
-    forwards = {}
+    times: dict[str, list[float]] = {"teacher forward": [], "layer pass": [], "block pipeline": []}
     for _ in range(a.repeats):
-        for variant, budget in (("per layer", 0), ("cached", DEFAULT_BUDGET)):
-            s, f = stats_pass(a.model, batches, a.layers, budget)
-            times[variant].append(s)
-            forwards[variant] = f
-            print(json.dumps({"variant": variant, "s": round(s, 2), "teacher_forwards": f}), flush=True)
-    row = dict(model=a.model, images=a.images, batch_size=a.batch_size, layers=a.layers, threads=torch.get_num_threads(),
-               **{f"{v} s": statistics.median(t) for v, t in times.items()},
-               **{f"{v} teacher forwards": f for v, f in forwards.items()})
+        times["teacher forward"].append(teacher_pass(a.model, batches))
+        if not a.skip_layer_pass:
+            times["layer pass"].append(layer_pass(a.model, batches))
+        times["block pipeline"].append(block_pass(a.model, batches))
+        print(json.dumps({k: round(v[-1], 2) for k, v in times.items() if v}), flush=True)
+    row = dict(model=a.model, images=a.images, batch_size=a.batch_size, threads=torch.get_num_threads(),
+               repeats=a.repeats, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               **{f"{k} s": statistics.median(v) if v else None for k, v in times.items()})
     path = RESULTS / "stats_speed.json"
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
-    rows = [r for r in rows if (r["model"], r["images"], r["layers"]) != (a.model, a.images, a.layers)] + [row]
+    rows = [r for r in rows if "block pipeline s" in r and (r["model"], r["images"]) != (a.model, a.images)] + [row]
     path.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
     write_report(path)
 
@@ -77,19 +110,19 @@ def main() -> None:
 def write_report(path) -> None:
     doc = json.loads(path.read_text())
     m = doc["machine"]
-    lines = ["# Sequential statistics pass with teacher targets (generated by benchmarks/stats_speed.py)", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}. Full + cross Grams of every "
-             "quantized layer (as compress with teacher targets, EM excluded); teacher inputs captured with one "
-             "prefix forward per layer and batch ('per layer', before session 7) or cached a window of layers at "
-             f"a time within {DEFAULT_BUDGET / 2**20:g} MiB ('cached', the default budget). Same statistics either "
-             "way. The variants alternate, so a background load hits both alike; median of the repeats.", "",
-             "| model | images | layers | threads | per layer s | cached s | speed-up | teacher forwards (per layer / "
-             "cached) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["# Statistics pass in teacher forwards (generated by benchmarks/stats_speed.py)", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}. Full + cross Grams of every quantized "
+             "layer (teacher targets on), the EM replaced by a trivial quantizer. 'layer pass': one student and one "
+             "teacher prefix forward per layer and batch (before session 8); 'block pipeline': compress's block loop "
+             "(replay from cached block outputs, statistics from each block run on its cached inputs). Costs in "
+             "units of one plain teacher forward over the same images; medians of the alternated repeats.", "",
+             "| model | images | threads | teacher forward s | layer pass s (forwards) | block pipeline s (forwards) "
+             "| peak RSS MB |", "|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
-        layers = r["layers"] if r["layers"] < 1000 else "all"
-        lines.append(f"| {r['model']} | {r['images']} | {layers} | {r['threads']} | {r['per layer s']:.1f} | "
-                     f"{r['cached s']:.1f} | {r['per layer s'] / r['cached s']:.2f}x | "
-                     f"{r['per layer teacher forwards']} / {r['cached teacher forwards']} |")
+        t = r["teacher forward s"]
+        lp = f"{r['layer pass s']:.1f} ({r['layer pass s'] / t:.1f})" if r.get("layer pass s") else "-"
+        lines.append(f"| {r['model']} | {r['images']} | {r['threads']} | {t:.1f} | {lp} | "
+                     f"{r['block pipeline s']:.1f} ({r['block pipeline s'] / t:.1f}) | {r['peak_rss_mb']:.0f} |")
     (path.parent / "stats_speed.md").write_text("\n".join(lines) + "\n")
 
 

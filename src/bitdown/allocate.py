@@ -18,6 +18,15 @@ One more option per layer is to keep it uncompressed (fp32, distortion 0; `block
 report): tiny layers, e.g. the first depthwise convs of a mobile network whose few kernels would
 get only 2-4 codewords under the paper's clamp, cost less kept than the damage they do quantized.
 
+A richer menu (issue 13 item 4; `extra` below, EXTRA_OPTIONS by default): per-output-channel scalar
+codes (scalar.py) at 8, 4 or 2 bits, costing b bits per weight plus an fp16 scale and a b-bit zero point
+per channel, and keeping the layer in fp16 (16 bits per weight); their distortion is the same exact
+relative output error under the layer's full Gram, measured, like the PQ options, with the fast
+quantizer (round to nearest on the clip-searched grid; `scalar_feedback=True`: GPTQ error feedback, as
+compress quantizes them). Depthwise and other tiny layers, whose PQ options have 2-4 codewords, are
+where they pay. In the report they carry "scalar_bits" / "fp16" (absent for PQ and fp32 choices), and
+`apply_allocation` turns them into name overrides {"scalar_bits": b} / {"fp16": true}.
+
 Budgets smaller than the smallest achievable size are refused before any statistics are gathered.
 """
 from __future__ import annotations
@@ -28,34 +37,53 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .config import EMConfig, LayerPlan, QuantConfig, clamp_centroids, resolve_plan
+from .config import SCALAR_BITS, EMConfig, LayerPlan, QuantConfig, clamp_centroids, resolve_plan
 from .em import assign_pooled, exact_objective, kmeans
 from .modules import module_device
-from .size import MB, codebook_bytes
+from .scalar import quantize_fp16, quantize_scalar
+from .size import MB, codebook_bytes, fp16_bytes, scalar_bytes
 from .stats import collect_stats
 
 log = logging.getLogger(__name__)
 
 BLOCK_SIZES = (4, 8, 9, 16, 18, 32, 36)
 CENTROIDS = tuple(2 ** i for i in range(1, 12))     # 2 ... 2048
+RICH_MENU = ("int8", "int4", "int2", "fp16")         # the options beyond PQ a layer may get (any of int2/3/4/8, fp16)
+# The options beyond PQ (and fp32) that the allocator offers by default: set to RICH_MENU once compress.py
+# quantizes scalar / fp16 plans and config.resolve_layer honours the "scalar_bits" / "fp16" overrides;
+# until then an allocation choosing them could not be realised.
+EXTRA_OPTIONS: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Option:
-    block_size: int                 # 0: keep the layer uncompressed (fp32)
-    n_centroids: int
+    block_size: int                 # 0: keep the layer uncompressed (fp32); 1: scalar codes or fp16
+    n_centroids: int                # 2**scalar_bits for scalar codes, 1 for fp16
     bytes: float
     distortion: float = math.nan
+    scalar_bits: int = 0            # per-output-channel scalar codes of this many bits (0: not)
+    fp16: bool = False              # the layer kept in fp16
 
     @property
     def keep(self) -> bool:
         return self.block_size == 0
+
+    @property
+    def key(self) -> tuple[int, int, int, bool]:
+        """What identifies the option among a layer's (its cost and distortion aside)."""
+        return self.block_size, self.n_centroids, self.scalar_bits, self.fp16
+
+    @property
+    def quantizer(self) -> str:
+        """'pq', 'int8' ... 'int2', 'fp16' or 'fp32' (kept)."""
+        return ("fp32" if self.keep else "fp16" if self.fp16 else f"int{self.scalar_bits}" if self.scalar_bits
+                else "pq")
 
 
 def parse_size(text: str) -> float:
@@ -83,16 +111,45 @@ def layer_options(plan: LayerPlan, kernel_area: int) -> list[Option]:
     return out
 
 
+def _extra(extra: Sequence[str] | None) -> tuple[str, ...]:
+    extra = EXTRA_OPTIONS if extra is None else tuple(extra)
+    bad = [e for e in extra if not (e == "fp16" or e.startswith("int") and e[3:].isdigit()
+                                    and int(e[3:]) in SCALAR_BITS)]
+    if bad:
+        raise ValueError(f"unknown option(s) {bad}: use fp16 or int{{b}} with b in {SCALAR_BITS}")
+    return extra
+
+
+def scalar_options(plan: LayerPlan, extra: Sequence[str] | None = None) -> list[Option]:
+    """The options beyond PQ for a layer ('int8', 'int4', ..., 'fp16' in `extra`; default EXTRA_OPTIONS),
+    with their byte cost (size.py's rule)."""
+    n_weights = math.prod(plan.weight_shape)
+    out = []
+    for e in _extra(extra):
+        if e == "fp16":
+            out.append(Option(1, 1, fp16_bytes(n_weights), fp16=True))
+        else:
+            b = int(e[3:])
+            out.append(Option(1, 1 << b, sum(scalar_bytes(n_weights, plan.weight_shape[0], b)), scalar_bits=b))
+    return out
+
+
+def menu(plan: LayerPlan, kernel_area: int, extra: Sequence[str] | None = None) -> list[Option]:
+    """A layer's whole rate-distortion menu: its PQ options, fp32, and `extra` (default EXTRA_OPTIONS)."""
+    return layer_options(plan, kernel_area) + scalar_options(plan, extra)
+
+
 def _other_bytes(model: nn.Module, plans: list[LayerPlan]) -> float:
     quantized = {f"{p.name}.weight" for p in plans}
     return sum(p.numel() for n, p in model.named_parameters() if n not in quantized) * 4
 
 
-def size_bounds(model: nn.Module, plans: list[LayerPlan]) -> tuple[float, float, float]:
+def size_bounds(model: nn.Module, plans: list[LayerPlan], extra: Sequence[str] | None = None,
+                ) -> tuple[float, float, float]:
     """(smallest achievable, fp32 total, non-quantized) bytes for these layers."""
     modules = dict(model.named_modules())
     other = _other_bytes(model, plans)
-    smallest = other + sum(min(o.bytes for o in layer_options(p, _kernel_area(modules[p.name]))) for p in plans)
+    smallest = other + sum(min(o.bytes for o in menu(p, _kernel_area(modules[p.name]), extra)) for p in plans)
     dense = other + sum(math.prod(p.weight_shape) * 4 for p in plans)
     return smallest, dense, other
 
@@ -102,14 +159,14 @@ def _kernel_area(module: nn.Module) -> int:
 
 
 def budget_bytes(model: nn.Module, plans: list[LayerPlan], target_ratio: float | None = None,
-                 target_size: str | float | None = None) -> float:
+                 target_size: str | float | None = None, extra: Sequence[str] | None = None) -> float:
     """The budget in bytes; raises ValueError (naming the smallest achievable size) when unsatisfiable."""
     if (target_ratio is None) == (target_size is None):
         raise ValueError("give exactly one of target_ratio and target_size")
     if any(p.share is not None for p in plans):
         raise ValueError("shared codebooks (share overrides / share_same_shape) cannot be combined with a "
                          "target size yet: the allocator prices every layer's codebook separately")
-    smallest, dense, _ = size_bounds(model, plans)
+    smallest, dense, _ = size_bounds(model, plans, extra)
     if target_ratio is not None:
         if not (math.isfinite(target_ratio) and target_ratio > 1):
             raise ValueError(f"target_ratio must be a finite number > 1, got {target_ratio}")
@@ -121,15 +178,15 @@ def budget_bytes(model: nn.Module, plans: list[LayerPlan], target_ratio: float |
     if budget < smallest:
         raise ValueError(f"budget {budget / MB:.6f} MB ({budget:.0f} B, {dense / budget:.2f}x) is unsatisfiable: "
                          f"the smallest achievable size is {smallest / MB:.6f} MB ({smallest:.0f} B, "
-                         f"{dense / smallest:.2f}x) with every layer at its cheapest block size and 2 centroids; "
+                         f"{dense / smallest:.2f}x) with every layer at its cheapest option; "
                          f"the uncompressed remainder alone is {_other_bytes(model, plans):.0f} B")
     return budget
 
 
 def check_budget(model: nn.Module, config: QuantConfig, target_ratio: float | None = None,
-                 target_size: str | float | None = None) -> float:
+                 target_size: str | float | None = None, extra: Sequence[str] | None = None) -> float:
     """`budget_bytes` for `model` under `config`: refuses an impossible budget before any data is read."""
-    return budget_bytes(model, resolve_plan(model, config)[0], target_ratio, target_size)
+    return budget_bytes(model, resolve_plan(model, config)[0], target_ratio, target_size, extra)
 
 
 _RD_TABLES: dict[str, dict[str, list[Option]]] = {}   # fingerprint of the inputs -> table (this process)
@@ -137,26 +194,30 @@ _RD_KEEP = 4
 
 
 def measure_options(model: nn.Module, plans: list[LayerPlan], batches: Iterable[torch.Tensor],
-                    em: EMConfig | None = None, seed: int = 0, progress: bool = True) -> dict[str, list[Option]]:
+                    em: EMConfig | None = None, seed: int = 0, progress: bool = True,
+                    extra: Sequence[str] | None = None, scalar_feedback: bool = False) -> dict[str, list[Option]]:
     """Distortion of every option of every layer, from one pass of `model` (the teacher).
 
     Each option's codebook is learned by the pooled EM on at most max(16 K, 4096) subvectors (whole
     output rows drawn at random, seeded), then every subvector is assigned and the exact relative output
     error measured: big layers (EfficientNet's 1x1 convs, K up to 2048) cost seconds, not minutes.
+    The options of `extra` (default EXTRA_OPTIONS: scalar codes, fp16) are measured on the same full Gram:
+    scalar codes rounded to nearest on their clip-searched grid (`scalar_feedback`: with GPTQ feedback).
     The table depends on the model, plans, images, EM and seed only, not on the budget: the last few
     are kept in this process, so a sweep over budgets measures it once."""
     from .checkpoint import fingerprint
 
     em = em or EMConfig.paper(n_iter=10)
+    extra = _extra(extra)
     batches = list(batches)
     key = fingerprint(type(model).__qualname__, repr(model), model.training, str(module_device(model)),
                       {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)},
                       [p.to_json() for p in plans], {str(i): b for i, b in enumerate(batches)},
-                      dataclasses.asdict(em), seed)
+                      dataclasses.asdict(em), seed, *([list(extra), scalar_feedback] if extra else []))
     if key in _RD_TABLES:
         log.info("rate-distortion table reused (same model, layers, images, EM and seed)")
         return {n: list(v) for n, v in _RD_TABLES[key].items()}
-    table = _measure_options(model, plans, batches, em, seed, progress)
+    table = _measure_options(model, plans, batches, em, seed, progress, extra, scalar_feedback)
     _RD_TABLES[key] = table
     while len(_RD_TABLES) > _RD_KEEP:
         _RD_TABLES.pop(next(iter(_RD_TABLES)))
@@ -164,7 +225,8 @@ def measure_options(model: nn.Module, plans: list[LayerPlan], batches: Iterable[
 
 
 def _measure_options(model: nn.Module, plans: list[LayerPlan], batches: list[torch.Tensor], em: EMConfig,
-                     seed: int, progress: bool) -> dict[str, list[Option]]:
+                     seed: int, progress: bool, extra: tuple[str, ...] = (), scalar_feedback: bool = False,
+                     ) -> dict[str, list[Option]]:
     modules = dict(model.named_modules())
     stats = collect_stats(model, {p.name: (modules[p.name], 1) for p in plans}, batches, full_gram=True)
     out: dict[str, list[Option]] = {}
@@ -190,6 +252,10 @@ def _measure_options(model: nn.Module, plans: list[LayerPlan], batches: list[tor
             codes = assign_pooled(w, pooled.sum(dim=(0, 1)), res.codebook)  # (C_out, nb)
             err, energy = exact_objective(w, res.codebook[codes].reshape(w.shape), full)
             opts.append(Option(o.block_size, o.n_centroids, o.bytes, err / energy if energy > 0 else 0.0))
+        for o in scalar_options(p, extra):
+            res = (quantize_fp16(w, full) if o.fp16 else
+                   quantize_scalar(w, full, o.scalar_bits, em.damp, feedback=scalar_feedback))
+            opts.append(dataclasses.replace(o, distortion=res.rel_error ** 2))
         out[p.name] = opts
     return out
 
@@ -301,12 +367,13 @@ def allocate(options: dict[str, list[Option]], budget: float, other: float) -> d
 
 def budget_config(model: nn.Module, batches: list[torch.Tensor], config: QuantConfig, target_ratio: float | None = None,
                   target_size: str | float | None = None, order: list[str] | None = None,
-                  progress: bool = True) -> tuple[QuantConfig, dict]:
-    """`config` with exact per-layer name overrides realising the allocation, and a report."""
+                  progress: bool = True, extra: Sequence[str] | None = None) -> tuple[QuantConfig, dict]:
+    """`config` with exact per-layer name overrides realising the allocation, and a report. `extra`: the
+    options beyond PQ and fp32 (default EXTRA_OPTIONS; e.g. RICH_MENU)."""
     plans, _ = resolve_plan(model, config, order)
-    budget = budget_bytes(model, plans, target_ratio, target_size)        # refuses before any work
-    _, dense, other = size_bounds(model, plans)
-    options = measure_options(model, plans, batches, seed=config.seed, progress=progress)
+    budget = budget_bytes(model, plans, target_ratio, target_size, extra)  # refuses before any work
+    _, dense, other = size_bounds(model, plans, extra)
+    options = measure_options(model, plans, batches, seed=config.seed, progress=progress, extra=extra)
     if config.alloc_max_error is not None:
         options = capped(options, config.alloc_max_error)
         smallest = other + sum(min(o.bytes for o in opts) for opts in options.values())
@@ -318,7 +385,7 @@ def budget_config(model: nn.Module, batches: list[torch.Tensor], config: QuantCo
     if config.alloc_weighting == "sensitivity":
         sens = layer_sensitivity(model, plans, batches, seed=config.seed, progress=progress)
         choice = allocate(weighted(options, sens), budget, other)
-        choice = {n: next(o for o in options[n] if (o.block_size, o.n_centroids) == (c.block_size, c.n_centroids))
+        choice = {n: next(o for o in options[n] if o.key == c.key)
                   for n, c in choice.items()}                            # report the unweighted distortion
     else:
         choice = allocate(options, budget, other)
@@ -328,16 +395,54 @@ def budget_config(model: nn.Module, batches: list[torch.Tensor], config: QuantCo
               "weighting": config.alloc_weighting, "max_error": config.alloc_max_error,
               "layers": {n: {"block_size": o.block_size, "n_centroids": o.n_centroids, "bytes": o.bytes,
                              "rel_err2": o.distortion, "keep": o.keep,
+                             **({"scalar_bits": o.scalar_bits} if o.scalar_bits else {}),
+                             **({"fp16": True} if o.fp16 else {}),
                              **({"sensitivity": sens[n]} if sens else {})} for n, o in choice.items()}}
     log.info("allocation: %.4f MB (%.1fx) for a budget of %.4f MB", achieved / MB, dense / achieved, budget / MB)
     report = json.loads(json.dumps(report))     # exactly what a checkpoint's allocation.json gives back
     return apply_allocation(config, report), report
 
 
+def _override(lay: dict) -> dict:
+    """The name override realising one layer of an allocation report."""
+    if lay["keep"]:
+        return {"skip": True}
+    if lay.get("fp16"):
+        return {"fp16": True}
+    if lay.get("scalar_bits"):
+        return {"scalar_bits": lay["scalar_bits"]}
+    return {"block_size": lay["block_size"], "n_centroids": lay["n_centroids"]}
+
+
 def apply_allocation(config: QuantConfig, report: dict) -> QuantConfig:
-    """`config` with exact per-layer name overrides realising an allocation report (`budget_config`)."""
+    """`config` with exact per-layer name overrides realising an allocation report (`budget_config`):
+    {"skip": true} (fp32), {"fp16": true}, {"scalar_bits": b}, or {"block_size": d, "n_centroids": K}."""
     overrides = dict(config.name_overrides)
     for name, lay in report["layers"].items():
-        overrides[re.escape(name)] = ({"skip": True} if lay["keep"] else
-                                      {"block_size": lay["block_size"], "n_centroids": lay["n_centroids"]})
+        overrides[re.escape(name)] = _override(lay)
     return QuantConfig.from_dict({**config.to_json(), "name_overrides": overrides, "em": config.em})
+
+
+def scalar_baseline_config(config: QuantConfig, model: nn.Module, bits: int, order: list[str] | None = None,
+                           edge_bits: int = 8) -> QuantConfig:
+    """The per-channel scalar baseline as GPTQ / BRECQ / AdaRound report it: every Conv2d / Linear at
+    `bits`-bit per-output-channel codes, the first (the stem) and the last layer (the classifier) in
+    forward order `order` (default: registration order) at `edge_bits`. `config`'s other settings
+    (statistics, teacher targets, block reconstruction, ...) are kept, so a comparison with PQ under the
+    same config isolates the quantizer. The stem is quantized (quantize_stem=True); name overrides that
+    skip a layer are kept (that layer stays fp32)."""
+    from .config import quantizable_layers
+
+    for b in (bits, edge_bits):
+        if b not in SCALAR_BITS:
+            raise ValueError(f"scalar bits must be one of {SCALAR_BITS}, got {b!r}")
+    names = list(order) if order is not None else [n for n, _ in quantizable_layers(model)]
+    if not names:
+        raise ValueError("the model has no Conv2d or Linear layer")
+    kept = [n for n in names for pat, ov in config.name_overrides.items()
+            if re.fullmatch(pat, n) and (ov is None or ov.get("skip"))]
+    overrides = {re.escape(n): {"scalar_bits": edge_bits if n in (names[0], names[-1]) else bits}
+                 for n in names if n not in kept}
+    overrides.update({re.escape(n): {"skip": True} for n in kept})
+    return QuantConfig.from_dict({**config.to_json(), "quantize_stem": True, "name_overrides": overrides,
+                                  "type_overrides": {}, "em": config.em})

@@ -422,7 +422,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
     ft = _finetune_config(a)
     if a.target_ratio is not None or a.target_size is not None:    # an impossible budget: refused before reading data
         from .allocate import check_budget
-        check_budget(model, config, a.target_ratio, a.target_size)
+        check_budget(model, config, a.target_ratio, a.target_size, extra=config.alloc_menu)
     if a.device is not None:                 # a device torch cannot use: refused before reading data
         from .compress import resolve_device
         resolve_device(model, a.device)

@@ -34,6 +34,8 @@ from .size import size_report
 from .blockio import BlockIO, Cached, TensorStore, dependencies, run_block
 from .blocks import Block, call_order, find_blocks
 from .reconstruct import reconstruct_block
+from .scalar import (empty_like_plan, is_quantized, quantize_fp16, quantize_module_fp16, quantize_module_scalar,
+                     quantize_scalar, round_scalars_)
 from .stats import LayerStats, StatsCollector, StopForward, capture_input, collect_stats, teacher_target_weight
 
 log = logging.getLogger(__name__)
@@ -137,7 +139,7 @@ def _check_model(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise ValueError(f"parameter {name!r} of the model has non-finite (NaN/inf) values")
-    if any(is_pq(m) for m in model.modules()):
+    if any(is_quantized(m) for m in model.modules()):
         raise ValueError("the model is already (partly) product-quantized")
 
 
@@ -213,7 +215,7 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     student.to(dev).eval()
     if target_ratio is not None or target_size is not None:     # refuse an impossible budget before any work
         from .allocate import check_budget
-        check_budget(student, config, target_ratio, target_size)
+        check_budget(student, config, target_ratio, target_size, extra=config.alloc_menu)
     calib = [x.to(dev) for x in take_images(data, config.calib_images, config.batch_size)]
     n_calib = sum(x.shape[0] for x in calib)
     if finetune is not None:       # an output distillation cannot use is refused before any work
@@ -297,6 +299,7 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
                       extra={"global_finetune": info.extra["global_finetune"]})
         info.timings["global_finetune_s"] = time.perf_counter() - t1
     round_codebooks_(student)     # the file stores fp16 codebooks and BatchNorm statistics: memory == file
+    round_scalars_(student)       # and fp16 scales / fp16-kept weights
     round_bn_stats_(student)
     info.timings["total_s"] = time.perf_counter() - t0
     student.bitdown = info
@@ -431,9 +434,17 @@ class _BlockRun:
             if name not in self.index or self.plans[self.index[name]].share is not None:
                 continue
             plan, module = self.plans[self.index[name]], self.modules[name]
+            if plan.fp16:
+                continue
             st = self._layer_stats(plan, s_block, s_in, t_block, t_in)
             w0 = self.t_modules[name].weight.detach().cpu()
             target = teacher_target_weight(w0, st, em.target_damp) if em.teacher_target else w0
+            if plan.scalar_bits:        # new codes on the (reconstructed) scales
+                res = quantize_scalar(target, st.full_gram, plan.scalar_bits, em.damp,
+                                      scale=module.scale.detach().cpu(), zero=module.zero.cpu())
+                with torch.no_grad():
+                    module.codes.copy_(res.codes.to(module.codes))
+                continue
             res = assign_codes(target, module.codebook.detach().cpu(), st.block_grams, em, full_gram=st.full_gram)
             with torch.no_grad():
                 module.codes.copy_(res.codes.reshape(module.codes.shape).to(module.codes))
@@ -445,7 +456,8 @@ class _BlockRun:
         weighted = em.channel_weighting == "variance" and em.objective != "weights"
         cross = em.teacher_target
         collector = StatsCollector(plan.name, module, plan.block_size,
-                                   full_gram=em.needs_full_gram or cross or em.mean_correction,
+                                   full_gram=em.needs_full_gram or cross or em.mean_correction or plan.scalar_bits > 0
+                                   or plan.fp16,
                                    output_stats=weighted, cross_gram=cross)
         stop = module.register_forward_pre_hook(_raise_stop)   # after the collector's hook: that one runs first
         try:
@@ -479,7 +491,13 @@ class _BlockRun:
             shift = {"target_shift": float((target - w0).norm() / w0.norm())}
         t_stats = time.perf_counter() - t1
         row_weights = channel_weights(st) if em.channel_weighting == "variance" and em.objective != "weights" else None
-        if plan.share is None:
+        if plan.fp16:                   # the (teacher-target) weight in fp16
+            res = quantize_fp16(target, st.full_gram)
+            quantize_module_fp16(module, res.weight16.float())
+        elif plan.scalar_bits:          # per-channel scalar codes, GPTQ feedback on the full Gram
+            res = quantize_scalar(target, st.full_gram, plan.scalar_bits, em.damp)
+            quantize_module_scalar(module, res.codes, res.scale, plan.scalar_bits, res.zero)
+        elif plan.share is None:
             res = kmeans(target, st.block_grams, plan.n_centroids, em, seed=cfg.seed + i,
                          full_gram=st.full_gram, row_weights=row_weights)
             quantize_module(module, round_codebook(res.codebook, plan.codebook_bits), res.codes,  # file == memory
@@ -500,7 +518,7 @@ class _BlockRun:
                                        "objective": res.objective, "stats_s": t_stats, **shift,
                                        "em_s": time.perf_counter() - t1 - t_stats}
         ft = self.ft
-        if ft is not None and ft.layer_steps > 0:
+        if ft is not None and ft.layer_steps > 0 and is_pq(module):    # per-layer fine-tuning trains codebooks
             from .finetune import finetune_layer
             try:
                 self.info.layers[plan.name]["finetune"] = finetune_layer(self.student, self.teacher, module,
@@ -512,7 +530,7 @@ class _BlockRun:
 
 # config keys added after checkpoints were first written (QuantConfig / FinetuneConfig, and the "em" dict
 # inside QuantConfig) -> their defaults
-ADDED_KEYS = {"alloc_max_error": None, "mixup": 0.0, "loss": "auto"}
+ADDED_KEYS = {"alloc_max_error": None, "mixup": 0.0, "loss": "auto", "alloc_menu": []}
 ADDED_EM_KEYS = {"mean_correction": False}
 
 
@@ -555,7 +573,8 @@ def _allocation(student: nn.Module, calib: list[torch.Tensor], config: QuantConf
         if saved.get("key") == key:
             log.info("size allocation read from %s", cache)
             return apply_allocation(config, saved["allocation"]), saved["allocation"]
-    config, allocation = budget_config(student, calib, config, target_ratio, target_size, order, progress)
+    config, allocation = budget_config(student, calib, config, target_ratio, target_size, order, progress,
+                                       extra=config.alloc_menu)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
@@ -628,7 +647,7 @@ def _restore(student: nn.Module, plans: list[LayerPlan], ck, info: CompressionIn
         raise ValueError("checkpoint layer order does not match this run's plan")
     modules = dict(student.named_modules())
     for p in plans[: len(done)]:
-        empty_pq_like(modules[p.name], p.n_centroids, p.block_size, p.codebook_bits)
+        empty_like_plan(modules[p.name], p)
         if p.share is not None:
             owner = _shared_param(modules, plans[: len(done)], p.share)
             if owner is not None and owner is not modules[p.name].codebook:

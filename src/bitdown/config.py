@@ -34,7 +34,8 @@ PRESETS: dict[str, dict[str, int]] = {
     "large": {"convkxk": 2, "conv1x1": 8, "linear": 4},
 }
 LAYER_KINDS = ("conv1x1", "convkxk", "linear")
-OVERRIDE_KEYS = ("block_size", "n_centroids", "skip", "codebook_bits", "share")
+OVERRIDE_KEYS = ("block_size", "n_centroids", "skip", "codebook_bits", "share", "scalar_bits", "fp16")
+SCALAR_BITS = (2, 3, 4, 8)  # per-output-channel scalar codes (scalar.py); 0 in a plan: product quantization
 CODEBOOK_BITS = (16, 8)     # fp16 codebooks (the paper), or int8 with one fp16 scale per column
 MAX_CENTROIDS = 1 << 15  # codes are stored as int16 at most
 
@@ -142,7 +143,17 @@ class ReconstructConfig:
 
 @dataclass
 class LayerPlan:
-    """The resolved quantization of one layer (what the quantizer does and what the file stores)."""
+    """The resolved quantization of one layer (what the quantizer does and what the file stores).
+
+    Three quantizers (`quantizer`):
+      'pq'      product quantization: (C_out, R/d) codes into a (K, d) codebook (scalar_bits 0, fp16 False);
+      'int{b}'  scalar_bits b in SCALAR_BITS: one b-bit code per weight, w = s_o (q - z_o) with one fp16
+                scale s_o and one b-bit zero point z_o per output channel (scalar.py). Such a plan has
+                block_size 1 and n_centroids 2**b, so n_subvectors (= weights) and code_bits (= b) keep
+                their meaning for the codes; its accounting (size.py) has its own rule: no codebook;
+      'fp16'    fp16=True: the weight kept in fp16 (block_size 1, n_centroids 1: no codes).
+    Build those with `LayerPlan.scalar` / `LayerPlan.half`. Plans written before these fields existed
+    (without the keys) load as PQ plans."""
 
     name: str
     kind: str                 # conv1x1 | convkxk | linear
@@ -152,6 +163,39 @@ class LayerPlan:
     groups: int = 1
     codebook_bits: int = 16   # 16: fp16 codebook; 8: int8 codebook + (d,) fp16 column scales
     share: str | None = None  # name of the group of layers sharing one codebook (None: its own codebook)
+    scalar_bits: int = 0      # 0: product quantization; 2/3/4/8: per-output-channel scalar codes
+    fp16: bool = False        # the weight kept in fp16
+
+    def __post_init__(self) -> None:
+        if self.scalar_bits not in (0,) + SCALAR_BITS or isinstance(self.scalar_bits, bool):
+            raise ValueError(f"layer {self.name!r}: scalar_bits must be 0 (product quantization) or one of "
+                             f"{SCALAR_BITS}, got {self.scalar_bits!r}")
+        if not isinstance(self.fp16, bool):
+            raise TypeError(f"layer {self.name!r}: fp16 must be a bool, got {self.fp16!r}")
+        if self.scalar_bits and self.fp16:
+            raise ValueError(f"layer {self.name!r}: a layer is either scalar-quantized or kept in fp16, not both")
+        if self.scalar_bits or self.fp16:
+            k = 1 << self.scalar_bits if self.scalar_bits else 1
+            if (self.block_size, self.n_centroids, self.codebook_bits, self.share) != (1, k, 16, None):
+                raise ValueError(f"layer {self.name!r}: a {self.quantizer} plan has block_size 1, n_centroids {k}, "
+                                 f"no codebook bits and no share group, got block_size {self.block_size}, "
+                                 f"n_centroids {self.n_centroids}, codebook_bits {self.codebook_bits}, "
+                                 f"share {self.share!r} (use LayerPlan.scalar / LayerPlan.half)")
+
+    @classmethod
+    def scalar(cls, name: str, kind: str, weight_shape: tuple[int, ...], bits: int, groups: int = 1) -> "LayerPlan":
+        """A per-output-channel scalar plan with `bits`-bit codes."""
+        return cls(name, kind, tuple(weight_shape), 1, 1 << bits, groups, scalar_bits=bits)
+
+    @classmethod
+    def half(cls, name: str, kind: str, weight_shape: tuple[int, ...], groups: int = 1) -> "LayerPlan":
+        """A plan keeping the layer's weight in fp16."""
+        return cls(name, kind, tuple(weight_shape), 1, 1, groups, fp16=True)
+
+    @property
+    def quantizer(self) -> str:
+        """'pq', 'int2' / 'int3' / 'int4' / 'int8', or 'fp16'."""
+        return "fp16" if self.fp16 else f"int{self.scalar_bits}" if self.scalar_bits else "pq"
 
     @property
     def row_length(self) -> int:
@@ -206,6 +250,8 @@ class QuantConfig:
                                     # 'sensitivity' weights each D_l by how much it reaches the network output
     alloc_max_error: float | None = None  # with a target size: no layer gets an option whose relative output
                                           # error D_l exceeds this (e.g. 0.3), whatever the weighting says
+    alloc_menu: list[str] = field(default_factory=list)  # with a target size: options beyond PQ the allocator may
+                                    # pick per layer: 'int8', 'int4', 'int3', 'int2' (per-channel scalar), 'fp16'
     blocks: list[str] | None = None  # regexes naming the blocks (blocks.py); None: found by the default rules
     reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
     cache_dtype: str = "float32"    # block inputs/outputs kept as 'float32' (exact) or 'float16' (half the memory)
@@ -229,6 +275,10 @@ class QuantConfig:
                 except re.error as e:
                     raise ValueError(f"blocks pattern {pattern!r} is not a valid regex: {e}") from None
             self.blocks = list(self.blocks)
+        bad = [m for m in self.alloc_menu if m not in ("int8", "int4", "int3", "int2", "fp16")]
+        if isinstance(self.alloc_menu, str) or bad:
+            raise ValueError(f"alloc_menu entries must be 'int8', 'int4', 'int3', 'int2' or 'fp16', got {self.alloc_menu!r}")
+        self.alloc_menu = list(self.alloc_menu)
         if self.cache_dtype not in ("float32", "float16"):
             raise ValueError(f"cache_dtype must be 'float32' or 'float16', got {self.cache_dtype!r}")
         if self.cache_mb < 0:
@@ -295,6 +345,18 @@ def _check_override(ov: dict[str, Any] | None, what: str) -> None:
         _check_bits(ov["codebook_bits"], f"{what}: codebook_bits")
     if "share" in ov and ov["share"] is not None and (not isinstance(ov["share"], str) or not ov["share"]):
         raise ValueError(f"{what}: share must be a non-empty group name (str) or None, got {ov['share']!r}")
+    if "scalar_bits" in ov and (ov["scalar_bits"] not in (0,) + SCALAR_BITS or isinstance(ov["scalar_bits"], bool)):
+        raise ValueError(f"{what}: scalar_bits must be 0 (product quantization) or one of {SCALAR_BITS}, "
+                         f"got {ov['scalar_bits']!r}")
+    if "fp16" in ov and not isinstance(ov["fp16"], bool):
+        raise ValueError(f"{what}: fp16 must be true or false, got {ov['fp16']!r}")
+    if ov.get("scalar_bits") or ov.get("fp16"):
+        clash = sorted(k for k in ("block_size", "n_centroids", "codebook_bits") if k in ov)
+        clash += ["share"] if ov.get("share") is not None else []
+        clash += ["fp16"] if ov.get("scalar_bits") and ov.get("fp16") else []
+        if clash:
+            raise ValueError(f"{what}: {'scalar_bits' if ov.get('scalar_bits') else 'fp16'} cannot be combined "
+                             f"with {clash} (a scalar or fp16 layer has no block size, centroids or codebook)")
 
 
 _UNSET = object()   # a layer's `share` not set by any override
@@ -333,6 +395,10 @@ def _apply_override(st: dict[str, Any], ov: dict[str, Any] | None, label: str) -
     st["n_centroids"] = ov.get("n_centroids", st["n_centroids"])
     st["codebook_bits"] = ov.get("codebook_bits", st["codebook_bits"])
     st["share"] = ov.get("share", st["share"])
+    if "scalar_bits" in ov or "fp16" in ov:          # this override says how the layer is quantized
+        st["scalar_bits"], st["fp16"] = ov.get("scalar_bits", 0), ov.get("fp16", False)
+    elif "block_size" in ov or "n_centroids" in ov:  # a PQ override after a scalar / fp16 one: PQ again
+        st["scalar_bits"], st["fp16"] = 0, False
     if "skip" in ov:
         st["skip"], st["reason"] = bool(ov["skip"]), label
 
@@ -356,7 +422,7 @@ def resolve_layer(name: str, module: nn.Module, config: QuantConfig, is_stem: bo
         block_size = PRESETS[config.preset][kind]
 
     st = {"block_size": block_size, "n_centroids": config.n_centroids, "codebook_bits": config.codebook_bits,
-          "forced": False, "share": _UNSET,
+          "forced": False, "share": _UNSET, "scalar_bits": 0, "fp16": False,
           "skip": is_stem and not config.quantize_stem,
           "reason": "stem conv (quantize_stem=False)" if is_stem and not config.quantize_stem else ""}
     for key in (type(module).__name__, kind):  # a kind key wins over a class-name key
@@ -369,6 +435,11 @@ def resolve_layer(name: str, module: nn.Module, config: QuantConfig, is_stem: bo
                                                                        "skip", "reason"))
     if skip:
         return None, reason or "skipped by override"
+    if st["fp16"] or st["scalar_bits"]:            # no block size, centroids or share group
+        groups = module.groups if isinstance(module, nn.Conv2d) else 1
+        if st["fp16"]:
+            return LayerPlan.half(name, kind, shape, groups), ""
+        return LayerPlan.scalar(name, kind, shape, st["scalar_bits"], groups), ""
     if row % block_size:
         msg = (f"layer {name!r}: block_size {block_size} does not divide its row length {row} "
                f"(weight {list(shape)})")

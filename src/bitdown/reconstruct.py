@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from .blockio import Cached, map_tensors, run_block, tensors_of
 from .config import ReconstructConfig
 from .modules import is_pq, round_codebook
+from .scalar import is_scalar, round_scale
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ def block_params(block: nn.Module, cfg: ReconstructConfig, shared: set[int] = fr
     for m in block.modules():
         if is_pq(m) and id(m.codebook) not in shared:
             params[id(m.codebook)] = m.codebook
+        if is_scalar(m):                                 # per-channel scales of scalar layers
+            params[id(m.scale)] = m.scale
         if cfg.train_bn and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
             params[id(m.weight)], params[id(m.bias)] = m.weight, m.bias
         if cfg.train_bias and isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
@@ -116,7 +119,13 @@ def reconstruct_block(name: str, block: nn.Module, inputs: Cached, targets: Cach
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    groups = [{"params": params, "scale": 1.0}] + [{"params": [m._ste_latent], "scale": cfg.latent_lr * rms / cfg.lr}
+    scalars = [m for m in block.modules() if is_scalar(m)]
+    own = {id(m.scale) for m in scalars}
+    # a scale's Adam step relative to it as a codeword's to the weights: lr * mean|s| / rms(W_hat) per layer
+    groups = [{"params": [p for p in params if id(p) not in own], "scale": 1.0}] + [
+        {"params": [m.scale], "scale": float(m.scale.detach().abs().mean()
+                                             / m.dequantize().detach().pow(2).mean().sqrt().clamp_min(1e-12))}
+        for m in scalars] + [{"params": [m._ste_latent], "scale": cfg.latent_lr * rms / cfg.lr}
                                                    for m, rms in latents]
     opt = torch.optim.Adam(groups, lr=cfg.lr)
     losses: list[float] = []
@@ -160,6 +169,8 @@ def reconstruct_block(name: str, block: nn.Module, inputs: Cached, targets: Cach
         for m in block.modules():
             if is_pq(m) and id(m.codebook) not in shared:
                 m.codebook.data = round_codebook(m.codebook.data, m.codebook_bits)
+            if is_scalar(m):
+                m.scale.data = round_scale(m.scale.data)
     after = block_error(block, inputs, targets)
     kept = "reconstructed"
     if not after <= before:                  # never leave a block worse than its EM result

@@ -12,6 +12,13 @@ Tensors:
                          b = max(1, ceil(log2 K)) bits each, least significant bit first, in a 1-D
                          uint8 tensor of ceil(C_out * nb * b / 8) bytes whose padding bits are zero
                          (`pack_codes`). Version 1: (C_out, nb) uint8 (int16 when K > 256).
+    NAME.codes, NAME.scale, NAME.zero
+                         a layer with per-output-channel scalar codes (LayerPlan.scalar_bits = b, scalar.py):
+                         its C_out x R codes bit-packed to b bits as above, its (C_out,) fp16 scales, and its
+                         (C_out,) zero points bit-packed to b bits the same way.
+    NAME.weight          a layer kept in fp16 (LayerPlan.fp16): its weight in fp16, fp32 again after loading.
+                         (Scalar and fp16 layers are optional LayerPlan keys of version 2: files without them
+                         are unchanged, and a bitdown that predates them refuses such a file, naming the key.)
     *.running_mean/var   BatchNorm running statistics in fp16 (version 1: fp32), fp32 again after
                          loading. A statistic stays fp32 when fp16 would overflow or move the layer's
                          normalisation by more than BN_FP16_TOL of a channel's standard deviation
@@ -23,7 +30,7 @@ Tensors:
 Metadata: one compact JSON string (no spaces; LayerPlan fields at their default omitted) under the
 key "bitdown":
 
-    {"arch": {"name": str, "source": "zoo"|"user"[, "preprocess": str]}, "config": {...},
+    {"arch": {"name": str, "source": "zoo"|"user"[, "preprocess": str][, "classes": [str, ...]]}, "config": {...},
      "layers": [LayerPlan...], "skipped": {name: reason}, "em": {name: {...}}, "extra": {...},
      "size": {name: number}, "format": "bitdown", "format_version": 2,
      "checksum": sha256 over (name, dtype, shape, bytes) of every tensor in name order and the metadata}
@@ -52,8 +59,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .config import CODEBOOK_BITS, LAYER_KINDS, MAX_CENTROIDS, LayerPlan, share_groups, share_owner
-from .modules import code_dtype, decode_codebook, empty_pq_like, encode_codebook, is_pq
+from .config import CODEBOOK_BITS, LAYER_KINDS, MAX_CENTROIDS, SCALAR_BITS, LayerPlan, share_groups, share_owner
+from .modules import code_dtype, decode_codebook, encode_codebook, is_pq
+from .scalar import empty_like_plan, is_fp16, is_quantized, is_scalar
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +73,7 @@ BN_FP16_TOL = 1e-2                   # most a stored statistic may move a channe
 
 REQUIRED_KEYS = ("format", "format_version", "checksum", "arch", "layers", "config")
 OPTIONAL_KEYS = ("skipped", "em", "extra", "size", "timings")
-ARCH_KEYS = ("name", "source", "preprocess")
+ARCH_KEYS = ("name", "source", "preprocess", "classes")
 LAYER_FIELDS = {f.name: f for f in dataclasses.fields(LayerPlan)}
 LAYER_DEFAULTS = {n: f.default for n, f in LAYER_FIELDS.items() if f.default is not dataclasses.MISSING}
 
@@ -192,6 +200,17 @@ def _check_layer(i: int, d: Any) -> LayerPlan:
         raise bad("codebook_bits", f"one of {list(CODEBOOK_BITS)}")
     if d["share"] is not None and (not isinstance(d["share"], str) or not d["share"]):
         raise bad("share", "a group name (non-empty string) or null")
+    if not _is_int(d["scalar_bits"]) or d["scalar_bits"] not in (0,) + SCALAR_BITS:
+        raise bad("scalar_bits", f"0 (product quantization) or one of {list(SCALAR_BITS)}")
+    if type(d["fp16"]) is not bool:
+        raise bad("fp16", "true or false")
+    if d["scalar_bits"] and d["fp16"]:
+        raise _Invalid(f"{where}: a layer cannot have both scalar_bits and fp16")
+    if d["scalar_bits"] or d["fp16"]:
+        k = 1 << d["scalar_bits"] if d["scalar_bits"] else 1
+        for key, want in (("block_size", 1), ("n_centroids", k), ("codebook_bits", 16), ("share", None)):
+            if d[key] != want:
+                raise bad(key, f"{json.dumps(want)} for a {'fp16' if d['fp16'] else 'scalar'} layer")
     return LayerPlan.from_json(d)
 
 
@@ -236,6 +255,11 @@ def _schema(meta: Any) -> list[LayerPlan]:
         raise _Invalid(f"arch.source must be 'zoo' or 'user', got {_show(arch.get('source'))}")
     if arch.get("preprocess") is not None and (not isinstance(arch["preprocess"], str) or not arch["preprocess"]):
         raise _Invalid(f"arch.preprocess must be a preset name or null, got {_show(arch['preprocess'])}")
+    classes = arch.get("classes")
+    if classes is not None and (not isinstance(classes, list) or not classes
+                                or not all(isinstance(c, str) and c for c in classes)
+                                or len(set(classes)) != len(classes)):
+        raise _Invalid(f"arch.classes must be a non-empty list of distinct class names or null, got {_show(classes)}")
 
     _object(meta["config"], "config")
     for name, why in _object(meta.get("skipped", {}), "skipped").items():
@@ -292,6 +316,11 @@ def _decode(tensors: dict[str, torch.Tensor], version: int, plans: list[LayerPla
         owner.update({p.name: first for p in members})
     out = dict(tensors)
     for p in plans:
+        if p.scalar_bits or p.fp16:
+            if version < 2:
+                raise _Invalid(f"layer {p.name!r}: a version-{version} file cannot hold {p.quantizer} layers")
+            out.update(_decode_scalar(tensors, p))
+            continue
         src = owner.get(p.name, p.name)
         cb, codes = tensors.get(f"{src}.codebook"), tensors.get(f"{p.name}.codes")
         if cb is None or codes is None or tuple(cb.shape) != (p.n_centroids, p.block_size):
@@ -330,10 +359,38 @@ def _decode(tensors: dict[str, torch.Tensor], version: int, plans: list[LayerPla
     return out
 
 
+def _decode_scalar(tensors: dict[str, torch.Tensor], p: LayerPlan) -> dict[str, torch.Tensor]:
+    """The in-memory tensors of a scalar or fp16 layer (checked): codes (C_out, R) and zero (C_out,) uint8
+    (the scale stays fp16, as codebooks do); an fp16 layer's weight in fp32."""
+    c_out, n = p.weight_shape[0], math.prod(p.weight_shape)
+    if p.fp16:
+        w = tensors.get(f"{p.name}.weight")
+        if w is None or w.dtype != torch.float16 or tuple(w.shape) != tuple(p.weight_shape):
+            raise _Invalid(f"weight of fp16 layer {p.name!r} missing or not stored as the metadata says (fp16 "
+                           f"{list(p.weight_shape)}, found {None if w is None else (w.dtype, list(w.shape))})")
+        return {f"{p.name}.weight": w.float()}
+    b = p.scalar_bits
+    scale = tensors.get(f"{p.name}.scale")
+    if scale is None or scale.dtype != torch.float16 or tuple(scale.shape) != (c_out,):
+        raise _Invalid(f"scale of {b}-bit layer {p.name!r} missing or not stored as the metadata says (fp16 "
+                       f"[{c_out}], found {None if scale is None else (scale.dtype, list(scale.shape))})")
+    out = {}
+    for key, count, shape in (("codes", n, (c_out, n // c_out)), ("zero", c_out, (c_out,))):
+        t = tensors.get(f"{p.name}.{key}")
+        if t is None:
+            raise _Invalid(f"{key} of {b}-bit layer {p.name!r} missing")
+        try:
+            out[f"{p.name}.{key}"] = unpack_codes(t, count, b).reshape(shape).to(torch.uint8)
+        except ValueError as e:
+            raise _Invalid(f"{key} of {b}-bit layer {p.name!r}: {e}") from None
+    return out
+
+
 def decode(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Any = "file",
            plans: list[LayerPlan] | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a file (as `read` returns them) in their in-memory form: codes unpacked to
-    (C_out, nb) uint8/int16, BatchNorm statistics fp32. Checks every tensor (present with the dtype
+    (C_out, nb) uint8/int16 (scalar layers: codes (C_out, R) and zero points (C_out,) uint8), BatchNorm
+    statistics and fp16 layers' weights fp32. Checks every tensor (present with the dtype
     and shape the plan says, codes below K, finite floating values, running_var >= 0) and raises
     BitdownFileError naming the tensor."""
     if plans is None:
@@ -393,6 +450,8 @@ def file_tensors(model: nn.Module, plans: list[LayerPlan] | None = None) -> dict
     out: dict[str, torch.Tensor] = {}
     modules = dict(model.named_modules())
     pq = {name: m for name, m in modules.items() if is_pq(m)}
+    scalar = {name: m for name, m in modules.items() if is_scalar(m)}
+    half = {f"{name}.weight" for name, m in modules.items() if is_fp16(m)}
     if plans is not None:
         groups = [[p.name for p in ms] for ms in share_groups(plans).values()]
     else:
@@ -408,7 +467,7 @@ def file_tensors(model: nn.Module, plans: list[LayerPlan] | None = None) -> dict
                 raise ValueError(f"layers {names[0]!r} and {n!r} share a codebook in the plan but hold different "
                                  f"codebooks (untied, e.g. by load_state_dict(assign=True)): re-tie them before saving")
     borrowed = {n for names in groups for n in names if n != share_owner(names)}
-    half = set(_fp16_stats(model))
+    half |= set(_fp16_stats(model))
     for key, t in model.state_dict().items():
         prefix, _, leaf = key.rpartition(".")
         t = t.detach().cpu()
@@ -418,6 +477,13 @@ def file_tensors(model: nn.Module, plans: list[LayerPlan] | None = None) -> dict
             t, scale = encode_codebook(t, pq[prefix].codebook_bits)
             if scale is not None:
                 out[f"{prefix}.codebook_scale"] = scale.cpu().contiguous()
+        elif prefix in scalar and leaf in ("codes", "zero"):
+            b = scalar[prefix].scalar_bits
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= 1 << b):
+                raise ValueError(f"layer {prefix!r} holds {leaf} out of range for {b} bits")
+            t = pack_codes(t, b)
+        elif prefix in scalar and leaf == "scale":
+            t = t.half()
         elif prefix in pq and leaf == "codes":
             k = pq[prefix].n_centroids
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= k):
@@ -442,8 +508,8 @@ def _encode(model: nn.Module, metadata: dict[str, Any] | None) -> tuple[dict[str
         if info is None:
             raise ValueError("model has no bitdown metadata: compress it with bitdown.compress, or pass metadata=")
         metadata = info.metadata(model)
-    if not any(is_pq(m) for m in model.modules()):
-        raise ValueError("model has no product-quantized layer to save")
+    if not any(is_quantized(m) for m in model.modules()):
+        raise ValueError("model has no product-quantized layer to save (nor a scalar or fp16 one)")
     try:
         layers = [LayerPlan.from_json(p).to_json() for p in metadata.get("layers", [])]
     except (TypeError, KeyError, ValueError, AttributeError) as e:
@@ -557,7 +623,7 @@ def apply(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, An
         m = modules.get(p.name)
         if m is None:
             raise BitdownFileError(f"{path}: the model has no layer {p.name!r} (file is for architecture {arch!r})")
-        if is_pq(m):
+        if is_quantized(m):
             raise BitdownFileError(f"{path}: layer {p.name!r} of the model is already quantized")
         w = getattr(m, "weight", None)
         if not isinstance(w, torch.Tensor) or tuple(w.shape) != tuple(p.weight_shape):
@@ -566,8 +632,13 @@ def apply(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, An
                                    f"{list(p.weight_shape)} in the file (file is for architecture {arch!r})")
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for p in plans:
+        if p.fp16:
+            continue                                   # its weight, in fp16
         del own[f"{p.name}.weight"]
         own[f"{p.name}.codes"] = (p.weight_shape[0], p.n_subvectors // p.weight_shape[0])
+        if p.scalar_bits:
+            own[f"{p.name}.scale"] = own[f"{p.name}.zero"] = (p.weight_shape[0],)
+            continue
         if owner.get(p.name, p.name) != p.name:
             continue                                   # its codebook is the owner's
         own[f"{p.name}.codebook"] = (p.n_centroids, p.block_size)
@@ -581,9 +652,13 @@ def apply(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, An
                                f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {bad[:5]}")
     state = {k: v for k, v in tensors.items() if not k.endswith(".codebook_scale")}
     for p in plans:
-        src = owner.get(p.name, p.name)
-        empty_pq_like(modules[p.name], p.n_centroids, p.block_size, p.codebook_bits)
-        state[f"{p.name}.codebook"] = decode_codebook(tensors[f"{src}.codebook"], tensors.get(f"{src}.codebook_scale"))
+        empty_like_plan(modules[p.name], p)
+        if p.scalar_bits:
+            state[f"{p.name}.scale"] = tensors[f"{p.name}.scale"].float()
+        elif not p.fp16:                               # an fp16 layer's weight: fp32 already (decode)
+            src = owner.get(p.name, p.name)
+            state[f"{p.name}.codebook"] = decode_codebook(tensors[f"{src}.codebook"],
+                                                          tensors.get(f"{src}.codebook_scale"))
     model.load_state_dict(state, strict=True)
     for name, src in owner.items():                    # tie: one Parameter per share group
         if name != src:

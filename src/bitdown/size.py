@@ -5,6 +5,9 @@
   plus its codebook, K x d values in fp16 (or, with codebook_bits=8, K x d int8 values plus d fp16
   column scales: an extension of the paper's accounting, not in the paper);
 - a codebook shared by several layers (LayerPlan.share) is counted once;
+- beyond the paper, a layer with per-output-channel scalar codes (LayerPlan.scalar_bits = b, scalar.py)
+  costs b bits per weight plus, per output channel, its fp16 scale and its b-bit zero point
+  (16 + b bits); a layer kept in fp16 (LayerPlan.fp16) costs 16 bits per weight;
 - every other parameter (stem conv, biases, BatchNorm weight/bias, ...) counts in fp32;
 - buffers (BatchNorm running statistics) are not counted.
 
@@ -35,6 +38,8 @@ class LayerSize:
     index_bytes: float
     codebook_bytes: float
     bits_per_weight: float      # index + codebook bits, per weight
+    quantizer: str = "pq"       # LayerPlan.quantizer: 'pq', 'int2' ... 'int8' (index: the codes, codebook: the
+                                # per-channel scales and zero points), 'fp16' (index: the fp16 weights)
 
 
 @dataclass
@@ -74,22 +79,38 @@ def codebook_bytes(n_centroids: int, block_size: int, codebook_bits: int = 16) -
     return n_centroids * block_size + 2 * block_size
 
 
+def scalar_bytes(n_weights: int, c_out: int, bits: int) -> tuple[float, float]:
+    """(code bytes, per-channel bytes) of a layer with `bits`-bit scalar codes: bits per weight, and an
+    fp16 scale plus a `bits`-bit zero point per output channel."""
+    return n_weights * bits / 8, c_out * (16 + bits) / 8
+
+
+def fp16_bytes(n_weights: int) -> int:
+    """Bytes of a weight kept in fp16."""
+    return 2 * n_weights
+
+
 def layer_size(plan: LayerPlan, count_codebook: bool = True) -> LayerSize:
     """Paper-style bytes of one layer; `count_codebook=False` for a layer whose codebook is shared
     with a layer already counted."""
     n = 1
     for s in plan.weight_shape:
         n *= s
-    index = plan.n_subvectors * plan.code_bits / 8
-    codebook = codebook_bytes(plan.n_centroids, plan.block_size, plan.codebook_bits) if count_codebook else 0
+    if plan.fp16:
+        index, codebook = float(fp16_bytes(n)), 0.0
+    elif plan.scalar_bits:
+        index, codebook = scalar_bytes(n, plan.weight_shape[0], plan.scalar_bits)
+    else:
+        index = plan.n_subvectors * plan.code_bits / 8
+        codebook = codebook_bytes(plan.n_centroids, plan.block_size, plan.codebook_bits) if count_codebook else 0
     return LayerSize(plan.name, plan.kind, list(plan.weight_shape), plan.block_size, plan.n_centroids, n,
-                     index, codebook, 8 * (index + codebook) / n)
+                     index, codebook, 8 * (index + codebook) / n, plan.quantizer)
 
 
 def size_report(model: nn.Module, plans: list[LayerPlan]) -> SizeReport:
     """Paper-style size of `model` (dense or already compressed) quantized as `plans`."""
-    quantized = {p.name for p in plans}
-    skip = {f"{n}.{a}" for n in quantized for a in ("weight", "codebook")}
+    skip = {f"{p.name}.{a}" for p in plans                  # what layer_size counts instead
+            for a in (("weight", "scale") if p.scalar_bits else ("weight", "codebook"))}
     other = sum(p.numel() for n, p in model.named_parameters() if n not in skip) * 4
     seen: set[str] = set()          # a shared codebook is counted once, at its group's first layer
     layers = []
