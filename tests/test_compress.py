@@ -165,11 +165,12 @@ def test_statistics_are_sequential(monkeypatch):
     assert not torch.allclose(conv3_grams, from_teacher, rtol=1e-3)
     partial = copy.deepcopy(teacher)
     quantize_module(partial.conv2, q.conv2.codebook, q.conv2.codes)   # only the upstream layer quantized
-    torch.testing.assert_close(conv3_grams, conv3_stats(partial))
+    # (compress takes the block Grams from the full Gram's diagonal: float32 products summed another way)
+    torch.testing.assert_close(conv3_grams, conv3_stats(partial), rtol=1e-5, atol=1e-6)
     # and the first quantized layer's statistics are the teacher's
     with StatsCollector("conv2", teacher.conv2, 9) as col:
         run_until(teacher, x, teacher.conv2)
-    torch.testing.assert_close(calls[0][1], col.stats.block_grams)
+    torch.testing.assert_close(calls[0][1], col.stats.block_grams, rtol=1e-5, atol=1e-6)
 
 
 class Reordered(nn.Module):

@@ -179,10 +179,11 @@ class StatsCollector:
         for i in range(0, x.shape[0], step):
             p = layer_patches(module, x[i:i + step].float())             # (N, g, R, L)
             n, g, r, length = p.shape
-            blocks = p.reshape(n * g * (r // d), d, length)               # (N*g*nb, d, L)
-            bg = torch.bmm(blocks, blocks.transpose(1, 2))                 # (N*g*nb, d, d)
-            st.block_grams += bg.view(n, g, r // d, d, d).sum(0).double()  # (g, nb, d, d)
-            if st.full_gram is not None:
+            if st.full_gram is None:      # with the full Gram, the block Grams are its diagonal blocks (remove())
+                blocks = p.reshape(n * g * (r // d), d, length)               # (N*g*nb, d, L)
+                bg = torch.bmm(blocks, blocks.transpose(1, 2))                 # (N*g*nb, d, d)
+                st.block_grams += bg.view(n, g, r // d, d, d).sum(0).double()  # (g, nb, d, d)
+            else:
                 rows = p.permute(1, 2, 0, 3).reshape(g, r, n * length)      # (g, R, N*L)
                 st.full_gram += torch.bmm(rows, rows.transpose(1, 2)).double()  # (g, R, R)
                 st.in_sum += rows.sum(2).double()                              # (g, R)
@@ -200,6 +201,12 @@ class StatsCollector:
 
     def remove(self) -> None:
         self._handle.remove()
+        fg = self.stats.full_gram
+        if fg is not None:                   # block_grams[g, b] = full_gram[g, b*d:(b+1)*d, b*d:(b+1)*d]
+            g, r, _ = fg.shape
+            nb, d = r // self.d, self.d
+            diag = torch.diagonal(fg.view(g, nb, d, nb, d), dim1=1, dim2=3)     # (g, d, d, nb)
+            self.stats.block_grams = diag.permute(0, 3, 1, 2).contiguous()      # (g, nb, d, d)
 
     def __enter__(self) -> "StatsCollector":
         return self
