@@ -4,6 +4,7 @@ BatchNorm re-estimation, and distillation fine-tuning (per layer and global)."""
 from __future__ import annotations
 
 import copy
+import math
 import importlib
 
 import pytest
@@ -252,7 +253,7 @@ def test_non_finite_activations_rejected():
 
 def test_too_few_calibration_samples():
     # fc: 16 centroids but one image gives 1 row x 8 blocks = 8 subvector samples
-    with pytest.raises(ValueError, match=r"'fc'.*fewer than its 16 centroids.*at least 2 calibration images"):
+    with pytest.raises(ValueError, match=r"layer 'fc'.*16 centroids.*at least 2 images"):
         bitdown.compress(make_net(), [images(1)], cfg(), progress=False)
 
 
@@ -515,3 +516,14 @@ def test_empty_finetune_data_rejected():
     with pytest.raises(ValueError, match="empty"):
         finetune_layer(student, teacher, student.conv3, TensorDataset(torch.zeros(0, 3, 8, 8)),
                        FinetuneConfig(layer_steps=1))
+
+
+def test_too_few_calibration_images_refused_before_work(monkeypatch):
+    """The fc layer (K=16 codewords, 8 subvectors per image) needs 2 images: 1 is refused before any EM,
+    naming the minimum; 2 run to the end (a rank-deficient Gram no longer ends in 'math domain error')."""
+    calls = record_kmeans(monkeypatch)
+    with pytest.raises(ValueError, match=r"layer 'fc'.*at least 2 images"):
+        bitdown.compress(make_net(), [images(1)], cfg(calib_images=1), progress=False)
+    assert calls == []
+    q = bitdown.compress(make_net(), [images(2)], cfg(calib_images=2), progress=False)
+    assert all(math.isfinite(v["rel_error"]) for v in q.bitdown.layers.values())

@@ -428,3 +428,37 @@ def test_zoo_file_loads_without_model(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_save_writes_through_symlinks_keeps_devices_and_uses_the_umask(tmp_path):
+    """A symlinked target is written through (the link stays), a device or directory is refused, and a new
+    file gets 0o666 minus the umask (mkstemp's temporary file would be 0o600)."""
+    import os
+    import stat
+
+    import torch.nn as nn
+
+    from bitdown.modules import quantize_module
+
+    m = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False))
+    quantize_module(m[0], torch.zeros(2, 3), torch.zeros(4, 1, dtype=torch.long))
+    meta = {"arch": {"name": "x", "source": "user"}, "config": {}, "layers": [
+        {"name": "0", "kind": "conv1x1", "weight_shape": [4, 3, 1, 1], "block_size": 3, "n_centroids": 2}],
+        "skipped": {}, "em": {}, "extra": {}}
+    real = tmp_path / "real.bitdown"
+    link = tmp_path / "link.bitdown"
+    bitdown.save(m, real, meta)
+    link.symlink_to(real)
+    bitdown.save(m, link, meta)
+    assert link.is_symlink() and os.path.realpath(link) == str(real)
+    old = os.umask(0o027)
+    try:
+        new = tmp_path / "new.bitdown"
+        bitdown.save(m, new, meta)
+        assert stat.S_IMODE(new.stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+    for bad in (tmp_path, "/dev/null"):
+        with pytest.raises(ValueError, match="not a regular file"):
+            bitdown.save(m, bad, meta)
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
@@ -174,6 +176,42 @@ def channel_weights(stats, floor: float = 1e-2) -> torch.Tensor:
     return 1.0 / var.clamp_min(floor * float(var.mean()) + 1e-30)
 
 
+def check_calibration_count(model: nn.Module, plans: list[LayerPlan], x: torch.Tensor, n_images: int) -> None:
+    """Refuse, before any work, fewer calibration images than the EM needs: every layer must see at least
+    as many subvector samples (rows x blocks per row) as it has centroids. Rows per image come from one
+    probe forward on `x[:1]`."""
+    modules = dict(model.named_modules())
+    rows: dict[str, int] = {}
+
+    def count(name: str):
+        def hook(m, inputs) -> None:
+            t = inputs[0]
+            if isinstance(m, nn.Conv2d):
+                rows.setdefault(name, math.prod(F.conv2d(t[:1, :1], torch.zeros(1, 1, *m.kernel_size), None,
+                                                         m.stride, m.padding if not isinstance(m.padding, str)
+                                                         else 0, m.dilation).shape[2:]))
+            else:
+                rows.setdefault(name, t[:1].numel() // t.shape[-1])
+        return hook
+
+    handles = [modules[p.name].register_forward_pre_hook(count(p.name)) for p in plans]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    need, worst = 1, None
+    for p in plans:
+        per_image = rows.get(p.name, 0) * (p.row_length // p.block_size)
+        if per_image and -(-p.n_centroids // per_image) > need:
+            need, worst = -(-p.n_centroids // per_image), p
+    if worst is not None and n_images < need:
+        raise ValueError(f"{n_images} calibration images are too few: layer {worst.name!r} needs at least "
+                         f"{worst.n_centroids} subvector samples for its {worst.n_centroids} centroids, i.e. at least "
+                         f"{need} images; give --calib-images {need} or more")
+
+
 def _min_rows_check(plan: LayerPlan, n_rows: int, n_images: int) -> None:
     nb = plan.row_length // plan.block_size
     if n_rows * nb < plan.n_centroids:
@@ -233,6 +271,7 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
             skipped.setdefault(name, "not called by forward() on the calibration images")
     blocks = find_blocks(student, calib[0][:2], order, config.blocks)
     plans = _block_order(plans, blocks)
+    check_calibration_count(student, plans, calib[0], n_calib)
     info = CompressionInfo(arch or {"name": type(model).__name__, "source": "user"}, config.to_json(), plans, skipped)
     info.extra["calib_images"] = n_calib
     info.extra["blocks"] = [b.name for b in blocks]

@@ -335,6 +335,7 @@ def _refine_exact(weight: torch.Tensor, res: EMResult, full_gram: torch.Tensor, 
         if config.codebook_refit:
             codebook = _refit_codebook(w, codebook, codes, full_gram, lam_g)
     err, energy = exact_objective(weight, codebook[codes].reshape(weight.shape), full_gram, lam)
+    err = max(err, 0.0)             # a rank-deficient Gram (few images) can round a zero error below zero
     history = res.history + [err]
     return EMResult(codebook.float(), codes.reshape(c_out, -1), err, history, res.n_iter,
                     math.sqrt(err / energy) if energy > 0 else 0.0, exact=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import logging
 import warnings
 from pathlib import Path
@@ -100,7 +101,9 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], 
         raise ValueError(f"input_shape must be (batch, ...) with positive sizes, got {list(input_shape)}")
     model = copy.deepcopy(model).cpu().eval()
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    path = Path(path)
+    from .serialize import new_file_mode, output_target
+
+    path = output_target(path)            # through a symlink; a directory or device is refused
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -111,6 +114,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], 
                               dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None)
         if check:
             _check(model, tmp, x, atol)
+        os.chmod(tmp, new_file_mode(path))
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

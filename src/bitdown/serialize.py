@@ -538,19 +538,39 @@ def save(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = N
     the model in memory equals what `load` gives back."""
     from safetensors.torch import save_file
 
+    path = output_target(path)                          # refused before any encoding work
     tensors, text = _encode(model, metadata)
     round_bn_stats_(model)                             # the same values as the file (checked above, first)
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={FORMAT: text})
+        os.chmod(tmp, new_file_mode(path))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def output_target(path: str | Path) -> Path:
+    """Where writing `path` must go: through a symlink to its target; refused (ValueError) when that exists and
+    is not a regular file (a directory, /dev/null, /dev/full: the atomic rename would replace it)."""
+    real = Path(os.path.realpath(path))
+    if real.exists() and not real.is_file():
+        raise ValueError(f"{path} exists and is not a regular file: refusing to replace it")
+    return real
+
+
+def new_file_mode(path: Path) -> int:
+    """The mode the written file gets: the existing file's, else the usual 0o666 minus the umask (mkstemp's
+    temporary file is 0o600)."""
+    if path.exists():
+        return path.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def file_size(model: nn.Module, metadata: dict[str, Any] | None = None) -> int:
