@@ -557,7 +557,7 @@ def save(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = N
 def output_target(path: str | Path) -> Path:
     """Where writing `path` must go: through a symlink to its target; refused (ValueError) when that exists and
     is not a regular file (a directory, /dev/null, /dev/full: the atomic rename would replace it)."""
-    real = Path(os.path.realpath(path))
+    real = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
     if real.exists() and not real.is_file():
         raise ValueError(f"{path} exists and is not a regular file: refusing to replace it")
     return real
