@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+from bitdown.config import ReconstructConfig
+
 import pytest
 
 import bitdown
@@ -67,7 +69,7 @@ def test_flags_override_their_part_of_the_recipe(captured):
     assert finetune.batch_size == ft["batch_size"] and finetune.layer_steps == ft["layer_steps"]
     assert config.codebook_bits == 16 and config.blocks == ["conv2", "conv3|fc"]
     assert config.reconstruct.drop_prob == 0.5 and config.reconstruct.steps == quant["reconstruct"]["steps"]
-    assert config.reconstruct.lr == quant["reconstruct"]["lr"]
+    assert config.reconstruct.lr == quant["reconstruct"].get("lr", ReconstructConfig().lr)
 
     config, finetune = captured("--fast", "--global-steps", "3")      # an explicit flag wins over --fast too
     assert finetune.global_steps == 3 and config.reconstruct.steps == 0
