@@ -99,17 +99,19 @@ def test_wnid_labels(tmp_path, make_image):
 
 
 def test_corrupt_image_skipped_and_counted(tmp_path, make_image, caplog):
+    """cache=True (eager) decodes in the constructor and drops unreadable images there. (Since reading
+    became lazy by default this test asks for eager mode; the lazy behaviour is in test_data_lazy.py.)"""
     make_image(tmp_path / "d" / "a" / "ok.png", fmt="PNG")
     (tmp_path / "d" / "a" / "bad.jpg").write_bytes(b"\xff\xd8garbage")
     with caplog.at_level(logging.WARNING, logger="bitdown.data"):
-        ds = ImageDataset(tmp_path / "d", "cifar10", labels="parent")
+        ds = ImageDataset(tmp_path / "d", "cifar10", labels="parent", cache=True)
     assert len(ds) == 1 and ds.n_skipped == 1 and ds.names == ["a/ok.png"]
     assert ds.labels.tolist() == [0]
     assert "1 unreadable" in caplog.text and "bad.jpg" in caplog.text
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "bad.png").write_bytes(b"nope")
     with pytest.raises(ValueError, match="could be read"):
-        ImageDataset(tmp_path / "e", "cifar10")
+        ImageDataset(tmp_path / "e", "cifar10", cache=True)
 
 
 def test_preset_values(tmp_path, make_image):
@@ -156,6 +158,8 @@ def test_train_dataset_seeded(tmp_path):
     stack = lambda ds: torch.stack([ds[i] for i in range(len(ds))])  # noqa: E731
     a = ImageDataset(tmp_path, "cifar10", train=True, seed=3)
     b = ImageDataset(tmp_path, "cifar10", train=True, seed=3, cache=False)
+    e = ImageDataset(tmp_path, "cifar10", train=True, seed=3, cache=True)
+    assert torch.equal(stack(a), stack(e))
     c = ImageDataset(tmp_path, "cifar10", train=True, seed=4)
     assert torch.equal(stack(a), stack(b))
     assert not torch.equal(stack(a), stack(c))
@@ -168,7 +172,7 @@ def test_train_dataset_seeded(tmp_path):
 
 def test_uncached_zip_matches_cached_and_pickles(tree, tmp_path):
     z = _zip_of(tree, tmp_path / "imgs.zip")
-    cached = ImageDataset(z, "imagenet", labels="parent")
+    cached = ImageDataset(z, "imagenet", labels="parent", cache=True)
     lazy = ImageDataset(z, "imagenet", labels="parent", cache=False)
     assert torch.equal(cached[2][0], lazy[2][0])
     clone = pickle.loads(pickle.dumps(lazy))

@@ -146,7 +146,7 @@ def test_cifar_train_decodes_whole(assets_root):
     """All 50,000 training JPEGs decode, balanced. (Timing is logged, not asserted: speed belongs in
     benchmarks/; it took 113 s in a CI run sharing the 2 cores with benchmarks.)"""
     t0 = time.perf_counter()
-    data = ImageDataset(assets_root / "cifar10/cifar10-train-jpeg.zip", "cifar10", labels="parent", train=True)
+    data = ImageDataset(assets_root / "cifar10/cifar10-train-jpeg.zip", "cifar10", labels="parent", train=True, cache=True)
     log.warning("decoded %d CIFAR train JPEGs in %.1fs", len(data), time.perf_counter() - t0)
     assert len(data) == 50_000 and data.labels.bincount().tolist() == [5000] * 10
     assert data[0][0].shape == (3, 32, 32)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import io
+import pickle
 
 import pytest
 import torch
@@ -195,6 +197,99 @@ def test_dtype_change_invalidates_cache():
         layer.double()
         assert layer.weight.dtype == torch.float64
         assert layer(x.double()).dtype == torch.float64
+
+
+def _decodes(layer, monkeypatch):
+    """Count the layer's decodes (calls of dequantize)."""
+    calls = []
+    real = type(layer).dequantize
+    monkeypatch.setattr(type(layer), "dequantize", lambda self: calls.append(1) or real(self))
+    return calls
+
+
+def test_eval_cache_hot_path_decodes_once(monkeypatch):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(4, 6, 3)
+    cb, codes = random_pq(layer, 9)
+    quantize_module(layer, cb, codes).eval()
+    calls = _decodes(layer, monkeypatch)
+    with torch.no_grad():
+        w = layer.weight
+        assert all(layer.weight is w for _ in range(10)) and len(calls) == 1
+        layer.codebook.data.mul_(3.0)             # same storage and version: only the bytes tell
+        torch.testing.assert_close(layer.weight, 3 * cb[codes].reshape(6, 4, 3, 3))
+        assert len(calls) == 2
+    with torch.inference_mode():
+        torch.testing.assert_close(layer.weight, 3 * cb[codes].reshape(6, 4, 3, 3))
+    layer.train()
+    with torch.no_grad():
+        assert layer.weight is not layer.weight       # training mode: no cache
+
+
+def test_eval_cache_storage_replacements_never_stale():
+    """`.data = ...` many times (freed storages can come back at the same address), codes replaced
+    through `.data` and as a new buffer, a non-contiguous codebook: the weight always follows."""
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 4)
+    cb, codes = random_pq(layer, 4)
+    quantize_module(layer, cb, codes).eval()
+    with torch.no_grad():
+        for i in range(20):
+            new = torch.randn_like(cb)
+            layer.codebook.data = new
+            torch.testing.assert_close(layer.weight, new[codes].reshape(4, 8))
+        new_codes = (codes + 1) % 8
+        layer.codes.data = new_codes.to(torch.uint8)
+        torch.testing.assert_close(layer.weight, new[new_codes].reshape(4, 8))
+        layer.codes = codes.to(torch.uint8)
+        torch.testing.assert_close(layer.weight, new[codes].reshape(4, 8))
+        strided = torch.randn(4, 8).t()           # (8, 4), not contiguous
+        layer.codebook.data = strided
+        assert not layer.codebook.is_contiguous()
+        torch.testing.assert_close(layer.weight, strided[codes].reshape(4, 8))
+        want = 2 * strided[codes].reshape(4, 8)
+        layer.codebook.data.mul_(2.0)             # (strided shares the storage)
+        torch.testing.assert_close(layer.weight, want)
+        flat = torch.randn(32)                    # the same pointer, shape and dtype, other strides
+        layer.codebook.data = flat.view(8, 4)
+        torch.testing.assert_close(layer.weight, flat.view(8, 4)[codes].reshape(4, 8))
+        layer.codebook.data = flat.as_strided((8, 4), (1, 8))
+        torch.testing.assert_close(layer.weight, flat.as_strided((8, 4), (1, 8))[codes].reshape(4, 8))
+
+
+def test_eval_cache_shared_codebook():
+    torch.manual_seed(0)
+    a, b = nn.Linear(8, 4), nn.Linear(8, 4)
+    cb, codes = random_pq(a, 4)
+    quantize_module(a, cb, codes).eval()
+    quantize_module(b, cb, codes).eval()
+    b.codebook = a.codebook                        # one Parameter for both layers
+    with torch.no_grad():
+        a.weight, b.weight
+        a.codebook.data.add_(1.0)
+        for layer in (a, b):
+            torch.testing.assert_close(layer.weight, (cb + 1)[codes].reshape(4, 8))
+
+
+def test_copies_and_pickles_drop_the_cache():
+    torch.manual_seed(0)
+    layer = nn.Conv2d(4, 6, 3)
+    cb, codes = random_pq(layer, 9)
+    quantize_module(layer, cb, codes).eval()
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        y = layer(x)
+        assert layer.__dict__["_pq_cache"] is not None
+        buf = io.BytesIO()
+        torch.save(layer, buf)
+        buf.seek(0)
+        for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer)),
+                      torch.load(buf, weights_only=False)):
+            assert clone.__dict__["_pq_cache"] is None
+            torch.testing.assert_close(clone(x), y)
+            clone.codebook.data.zero_()
+            torch.testing.assert_close(clone(x), layer.bias[:, None, None].expand_as(y))
+        torch.testing.assert_close(layer(x), y)
 
 
 def test_gradients_reach_the_codebook():

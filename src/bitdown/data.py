@@ -12,18 +12,27 @@ Presets (the float output is (C, H, W)):
 
 Augmentation is driven by an explicit ``torch.Generator``; :class:`ImageDataset` seeds one per sample
 from (seed, epoch, image index), so the stream is reproducible whatever the DataLoader worker count.
+
+Reading is lazy by default: listing a source keeps only the image names (a zip's central directory is
+parsed into names and a few integer arrays, not one ``ZipInfo`` per member), and an image is decoded on
+first access, its prepared uint8 tensor kept up to ``cache_bytes`` (see :class:`ImageDataset`).
 """
 
 from __future__ import annotations
 
+import array
 import functools
 import io
+import itertools
 import logging
 import os
 import re
+import struct
+import threading
 import zipfile
+import zlib
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
@@ -44,11 +53,18 @@ _MAX_LISTED = 5
 # ----------------------------------------------------------------------------- listing / reading
 
 
+def _parts(name: str) -> list[str]:
+    """The components of a posix path as PurePosixPath sees them (no empty or '.' parts), fast."""
+    return [p for p in name.split("/") if p and p != "."]
+
+
 def _is_image_name(name: str) -> bool:
-    parts = PurePosixPath(name).parts
+    parts = _parts(name)
     if not parts or any(p.startswith(".") or p == "__MACOSX" for p in parts):
         return False
-    return PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS
+    last = parts[-1]
+    dot = last.rfind(".")
+    return 0 < dot < len(last) - 1 and last[dot:].lower() in IMAGE_EXTENSIONS
 
 
 def _open_zip(path: Path) -> zipfile.ZipFile:
@@ -58,48 +74,253 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
         raise ValueError(f"{path} is not a readable folder or zip archive: {e}") from e
 
 
-def list_images(source: str | Path) -> list[str]:
-    """Sorted image names in ``source``: zip member names, or paths relative to the folder (posix form)."""
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"image source not found: {path}")
-    if path.is_dir():
-        names = [
-            Path(root, f).relative_to(path).as_posix()
-            for root, dirs, files in os.walk(path)
-            for f in files
-        ]
-    else:
-        with _open_zip(path) as zf:
-            names = [i.filename for i in zf.infolist() if not i.is_dir()]
-    images = sorted(n for n in names if _is_image_name(n))
-    if not images:
-        raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {path}")
-    return images
+class _Source:
+    """The sorted image names of a folder or zip and a way to read entry ``k``'s bytes.
 
+    Memory: the names (Python strings) and, for a zip, six integer arrays (30 bytes an entry); no
+    ``ZipInfo`` objects. The file is opened on the first read in each process and read with pread, so
+    threads and forked workers share no file position. :meth:`subset` keeps only some entries."""
 
-class _Reader:
-    """Reads raw bytes of named images from a folder or zip; the zip handle is opened lazily per process."""
+    def __init__(self, path: Path, names: list[str], table: dict[str, np.ndarray] | None) -> None:
+        self.path, self.names, self.table = path, names, table
+        self.is_zip = table is not None
+        self._fd: int | None = None
+        self._pid = -1
+        self._lock = threading.Lock()
+        self._zf: zipfile.ZipFile | None = None      # only for members compressed other than stored / deflate
 
-    def __init__(self, source: str | Path) -> None:
-        self.path = Path(source)
-        self.is_zip = not self.path.is_dir()
-        self._zf: zipfile.ZipFile | None = None
+    @classmethod
+    def open(cls, source: str | Path) -> "_Source":
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"image source not found: {path}")
+        if path.is_dir():
+            names = sorted(n for n in _walk(path) if _is_image_name(n))
+            table = None
+        else:
+            names, table = _zip_listing(path)
+        if not names:
+            raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {path}")
+        return cls(path, names, table)
 
-    def read(self, name: str) -> bytes:
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def subset(self, positions: Sequence[int] | np.ndarray) -> "_Source":
+        pos = np.asarray(positions, dtype=np.int64)
+        names = [self.names[int(k)] for k in pos]
+        table = None if self.table is None else {k: v[pos] for k, v in self.table.items()}
+        return _Source(self.path, names, table)
+
+    # -- reading
+
+    def read(self, k: int) -> bytes:
+        """The bytes of entry ``k`` (OSError / zipfile.BadZipFile / ValueError when unreadable)."""
         if not self.is_zip:
-            return (self.path / name).read_bytes()
-        if self._zf is None:
-            self._zf = _open_zip(self.path)
-        return self._zf.read(name)
+            return (self.path / self.names[k]).read_bytes()
+        t = self.table
+        offset, size, usize = int(t["offset"][k]), int(t["csize"][k]), int(t["usize"][k])
+        method, flags, crc = int(t["method"][k]), int(t["flags"][k]), int(t["crc"][k])
+        if flags & 0x1:
+            raise ValueError(f"{self.names[k]!r} is encrypted")
+        if method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            return self._zipfile().read(self.names[k])
+        header = self._pread(offset, 30)
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            raise zipfile.BadZipFile(f"bad local file header for {self.names[k]!r}")
+        name_len, extra_len = struct.unpack_from("<2H", header, 26)
+        data = self._pread(offset + 30 + name_len + extra_len, size)
+        if len(data) != size:
+            raise zipfile.BadZipFile(f"{self.names[k]!r} is truncated")
+        if method == zipfile.ZIP_DEFLATED:
+            try:
+                data = zlib.decompress(data, -15)
+            except zlib.error as e:
+                raise zipfile.BadZipFile(f"{self.names[k]!r}: {e}") from None
+        if len(data) != usize or zlib.crc32(data) != crc:
+            raise zipfile.BadZipFile(f"bad CRC-32 or size for {self.names[k]!r}")
+        return data
+
+    def _pread(self, offset: int, n: int) -> bytes:
+        if self._fd is None or self._pid != os.getpid():
+            with self._lock:
+                if self._fd is None or self._pid != os.getpid():
+                    self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                    self._pid = os.getpid()
+        if hasattr(os, "pread"):
+            chunks = []
+            while n > 0:
+                b = os.pread(self._fd, n, offset)
+                if not b:
+                    break
+                chunks.append(b)
+                n -= len(b)
+                offset += len(b)
+            return b"".join(chunks)
+        with self._lock:                                 # pragma: no cover - no pread (Windows)
+            os.lseek(self._fd, offset, os.SEEK_SET)
+            return os.read(self._fd, n)
+
+    def _zipfile(self) -> zipfile.ZipFile:
+        with self._lock:
+            if self._zf is None:
+                self._zf = _open_zip(self.path)
+            return self._zf
 
     def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
         if self._zf is not None:
             self._zf.close()
             self._zf = None
 
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_zf": None}
+        return {"path": self.path, "names": self.names, "table": self.table}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], state["names"], state["table"])
+
+
+def _walk(path: Path):
+    """Posix paths, relative to ``path``, of every file below it (names only)."""
+    for root, dirs, files in os.walk(path):
+        rel = os.path.relpath(root, path)
+        prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+        for f in files:
+            yield prefix + f
+
+
+_EOCD = struct.Struct("<4s4H2LH")          # end of central directory record
+_EOCD64_LOC = struct.Struct("<4sLQL")      # zip64 end of central directory locator
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")      # zip64 end of central directory record
+_CENTRAL = struct.Struct("<4s6H3L5H2L")    # central directory file header
+_CHUNK = 1 << 22
+
+
+def _zip_listing(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Sorted image names of a zip and their (offset, csize, usize, method, flags, crc) arrays.
+
+    The central directory is parsed here, in 4 MiB pieces; an archive it does not understand (multi-disk,
+    say) is read with zipfile instead (one ZipInfo per member for the time of the listing)."""
+    try:
+        with open(path, "rb") as f:
+            return _parse_central_directory(f)
+    except OSError as e:
+        raise ValueError(f"{path} is not a readable folder or zip archive: {e}") from e
+    except (_Unsupported, struct.error, zipfile.BadZipFile, UnicodeDecodeError):
+        pass                                   # zipfile reads it, or says why it cannot
+    with _open_zip(path) as zf:
+        infos = [i for i in zf.infolist() if not i.is_dir() and _is_image_name(i.filename)]
+    return _sorted_listing([i.filename for i in infos], {
+        "offset": np.array([i.header_offset for i in infos], dtype=np.int64),
+        "csize": np.array([i.compress_size for i in infos], dtype=np.int64),
+        "usize": np.array([i.file_size for i in infos], dtype=np.int64),
+        "method": np.array([i.compress_type for i in infos], dtype=np.uint16),
+        "flags": np.array([i.flag_bits for i in infos], dtype=np.uint16),
+        "crc": np.array([i.CRC for i in infos], dtype=np.uint32)})
+
+
+class _Unsupported(Exception):
+    """A zip layout the compact parser leaves to zipfile."""
+
+
+def _parse_central_directory(f) -> tuple[list[str], dict[str, np.ndarray]]:
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    tail_len = min(size, _EOCD.size + 0xFFFF + _EOCD64_LOC.size)
+    f.seek(size - tail_len)
+    tail = f.read(tail_len)
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or at + _EOCD.size > len(tail):
+        raise zipfile.BadZipFile("File is not a zip file")  # zipfile's words; the caller names the path
+    _, disk, cd_disk, _, count, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, at)
+    eocd_pos = size - tail_len + at
+    concat = eocd_pos - cd_size - cd_offset
+    if count == 0xFFFF or cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF:
+        loc = at - _EOCD64_LOC.size
+        if loc < 0 or tail[loc:loc + 4] != b"PK\x06\x07":
+            raise _Unsupported("zip64 locator not found")
+        _, _, rec_offset, _ = _EOCD64_LOC.unpack_from(tail, loc)
+        f.seek(rec_offset)
+        rec = f.read(_EOCD64.size)
+        if len(rec) != _EOCD64.size or rec[:4] != b"PK\x06\x06":
+            raise _Unsupported("zip64 end record not found")
+        _, _, _, _, disk, cd_disk, _, count, cd_size, cd_offset = _EOCD64.unpack(rec)
+        concat = eocd_pos - _EOCD64.size - _EOCD64_LOC.size - cd_size - cd_offset
+    if disk or cd_disk:
+        raise _Unsupported("multi-disk archive")
+    f.seek(cd_offset + concat)
+    names: list[str] = []
+    offsets, csizes, usizes = array.array("q"), array.array("q"), array.array("q")   # C integers, not
+    methods, flag_bits, crcs = array.array("H"), array.array("H"), array.array("q")  # Python int objects
+    buf, pos, left = b"", 0, cd_size
+    for _ in range(count):
+        if len(buf) - pos < _CENTRAL.size + 3 * 0xFFFF:          # room for a whole header
+            more = f.read(min(left, _CHUNK))
+            left -= len(more)
+            buf, pos = buf[pos:] + more, 0
+        (sig, _, _, flags, method, _, _, crc, csize, usize, n_len, e_len, c_len, _, _, _,
+         offset) = _CENTRAL.unpack_from(buf, pos)
+        if sig != b"PK\x01\x02":
+            raise zipfile.BadZipFile("bad central directory entry")
+        start = pos + _CENTRAL.size
+        raw = buf[start:start + n_len]
+        pos = start + n_len + e_len + c_len
+        if len(raw) != n_len or pos > len(buf):
+            raise zipfile.BadZipFile("truncated central directory")
+        name = raw.decode("utf-8" if flags & 0x800 else "cp437").split("\x00", 1)[0]   # as zipfile
+        if name.endswith("/") or not _is_image_name(name):
+            continue
+        if 0xFFFFFFFF in (csize, usize, offset):
+            usize, csize, offset = _zip64_extra(buf[start + n_len:start + n_len + e_len], usize, csize, offset)
+        names.append(name)
+        offsets.append(offset + concat)
+        csizes.append(csize)
+        usizes.append(usize)
+        methods.append(method)
+        flag_bits.append(flags)
+        crcs.append(crc)
+    table = {"offset": np.frombuffer(offsets, np.int64), "csize": np.frombuffer(csizes, np.int64),
+             "usize": np.frombuffer(usizes, np.int64), "method": np.frombuffer(methods, np.uint16),
+             "flags": np.frombuffer(flag_bits, np.uint16), "crc": np.frombuffer(crcs, np.int64).astype(np.uint32)}
+    return _sorted_listing(names, table)
+
+
+def _zip64_extra(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int, int, int]:
+    """The 64-bit sizes / offset a zip64 extra field holds for the fields set to 0xFFFFFFFF."""
+    i = 0
+    while i + 4 <= len(extra):
+        tag, ln = struct.unpack_from("<2H", extra, i)
+        if tag == 1:
+            vals = list(struct.unpack_from(f"<{ln // 8}Q", extra, i + 4))
+            if usize == 0xFFFFFFFF:
+                usize = vals.pop(0)
+            if csize == 0xFFFFFFFF:
+                csize = vals.pop(0)
+            if offset == 0xFFFFFFFF:
+                offset = vals.pop(0)
+            return usize, csize, offset
+        i += 4 + ln
+    raise zipfile.BadZipFile("zip64 sizes missing")
+
+
+def _sorted_listing(names: list[str], table: dict[str, np.ndarray]) -> tuple[list[str], dict[str, np.ndarray]]:
+    if all(a < b for a, b in zip(names, itertools.islice(names, 1, None))):   # zips are usually in order
+        return names, table
+    order = np.argsort(np.array(names, dtype=object), kind="stable")
+    return [names[i] for i in order], {k: v[order] for k, v in table.items()}
+
+
+def list_images(source: str | Path) -> list[str]:
+    """Sorted image names in ``source``: zip member names, or paths relative to the folder (posix form)."""
+    return _Source.open(source).names
 
 
 # ----------------------------------------------------------------------------- labels
@@ -135,18 +356,29 @@ def _unknown_classes(unknown: dict[str, str], classes: Sequence[str], source: st
                       f"({len(classes)} classes: {known})")
 
 
+def _parent_name(name: str) -> str:
+    parts = _parts(name)
+    return parts[-2] if len(parts) > 1 else ""
+
+
 def _wnid_of(name: str) -> str | None:
     """The WNID an image name carries: the file name's leading nXXXXXXXX, else its folder's name."""
-    path = PurePosixPath(name)
-    m = _WNID_RE.match(path.name)
+    parts = _parts(name)
+    m = _WNID_RE.match(parts[-1]) if parts else None
     if m is None:
-        m = _WNID_RE.fullmatch(path.parent.name)
+        m = _WNID_RE.fullmatch(parts[-2] if len(parts) > 1 else "")
     return None if m is None else m.group(1)
 
 
+def _keys(names: list[str], key) -> list:
+    """key(name) per name, each distinct key one shared string (a 1.28M-name listing holds 1,000)."""
+    shared: dict = {}
+    return [shared.setdefault(k, k) for k in map(key, names)]
+
+
 def _labels_for(names: list[str], mode: str, source: str, classes: Sequence[str] | None = None,
-                ) -> tuple[list[str], list[int] | None]:
-    """Return (classes, label per name) for a label mode over the full listing of ``source``.
+                ) -> tuple[list[str], np.ndarray | None]:
+    """Return (classes, label per name as an int64 array) for a label mode over the full listing of ``source``.
 
     ``classes``: the model's class names in output order (label = position). With them, 'parent'
     maps each image's folder name to its class (exact name, else case-insensitive), and 'wnid' each
@@ -158,14 +390,14 @@ def _labels_for(names: list[str], mode: str, source: str, classes: Sequence[str]
     if mode not in ("parent", "wnid"):
         raise ValueError(f"unknown labels mode {mode!r}; use 'none', 'parent' or 'wnid'")
     if mode == "parent":
-        keys = [PurePosixPath(n).parent.name for n in names]
+        keys = _keys(names, _parent_name)
         orphans = [n for n, k in zip(names, keys) if not k]
         if orphans:
             raise ValueError(f"labels='parent' but {orphans[0]!r} in {source} is not inside a class folder")
         if classes is None:
             classes = sorted(set(keys))
     else:
-        keys = [_wnid_of(n) for n in names]
+        keys = _keys(names, _wnid_of)
         missing = [n for n, k in zip(names, keys) if k is None]
         if missing:
             raise ValueError(f"{missing[0]!r} in {source} does not start with a known ImageNet-1k WNID "
@@ -179,18 +411,20 @@ def _labels_for(names: list[str], mode: str, source: str, classes: Sequence[str]
                 raise ValueError(f"{unknown[first]!r} in {source} does not start with a known ImageNet-1k WNID")
     classes = list(classes)
     exact, folded = _class_index(classes)
-    labels, unknown = [], {}
+    index, unknown = {}, {}
     for n, k in zip(names, keys):
+        if k in index or k in unknown:
+            continue
         i = exact.get(k)
         if i is None:
             i = folded.get(k.lower())
         if i is None:
-            unknown.setdefault(k, n)
-            continue
-        labels.append(i)
+            unknown[k] = n
+        else:
+            index[k] = i
     if unknown:
         raise _unknown_classes(unknown, classes, source, "folder" if mode == "parent" else "WNID")
-    return classes, labels
+    return classes, np.fromiter((index[k] for k in keys), dtype=np.int64, count=len(keys))
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -303,19 +537,50 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
 
 _UNREADABLE = (OSError, ValueError, SyntaxError, zipfile.BadZipFile, Image.DecompressionBombError)
+CACHE_BYTES = 1 << 30          # default memory cap of a lazy dataset's decoded images
+_ITEM_OVERHEAD = 400           # bytes a memoised tensor costs beyond its pixels (object, storage, dict slot)
+CacheMode = Literal["lazy", "eager", "none"]
+
+
+def _cache_mode(cache: bool | str) -> str:
+    if cache is True or cache == "eager":
+        return "eager"
+    if cache is False or cache == "none":
+        return "none"
+    if cache == "lazy":
+        return "lazy"
+    raise ValueError(f"cache must be 'lazy', 'eager', 'none' (or True = 'eager', False = 'none'), got {cache!r}")
 
 
 class ImageDataset(Dataset):
-    """Images of a folder or zip with a preprocessing preset; decoded once into uint8 tensors when ``cache``.
+    """Images of a folder or zip with a preprocessing preset.
 
     Items are the float (C, H, W) tensor when ``labels='none'``, else ``(tensor, label)``. ``indices``
     selects positions in :func:`list_images` order (classes are always derived from the whole source,
-    so subsets share class indices). Unreadable images are skipped and counted (``n_skipped``) when
-    caching; with ``cache=False`` an unreadable image raises on access. With ``train=True`` the
-    augmentation of image ``i`` at epoch ``e`` is seeded by (seed, e, i); call :meth:`set_epoch`.
-    ``classes``: the model's class names in output order; labels are then positions in it (folder
-    names / WNIDs mapped to them, an unknown one is a ValueError naming it) instead of the sorted
-    folder names, so a folder holding only some of the classes is labelled right.
+    so subsets share class indices). With ``train=True`` the augmentation of image ``i`` at epoch ``e``
+    is seeded by (seed, e, i); call :meth:`set_epoch`. ``classes``: the model's class names in output
+    order; labels are then positions in it (folder names / WNIDs mapped to them, an unknown one is a
+    ValueError naming it) instead of the sorted folder names, so a folder holding only some of the
+    classes is labelled right.
+
+    ``cache`` (when images are decoded; the listing itself holds only names, whatever the mode):
+
+    - ``'lazy'`` (default): an image is decoded on first access and its prepared uint8 tensor kept
+      while the kept tensors total at most ``cache_bytes`` (1 GiB by default; beyond it, images are
+      decoded on every access). Calibration decodes only the images it takes; fine-tuning's epochs
+      over a small set decode each image once.
+    - ``'eager'`` (or ``True``): every image is decoded in the constructor (no cap): unreadable ones
+      are dropped from the dataset then (``names``, ``labels`` and ``len`` exclude them), counted in
+      ``n_skipped`` with a warning; none readable is a ValueError.
+    - ``'none'`` (or ``False``): decoded on every access, nothing kept.
+
+    ``unreadable`` (lazy and none modes, where an image is first read mid-run): ``'skip'`` (default)
+    serves image ``i``'s place with the next readable image (``i+1``, ``i+2``, ... wrapping round:
+    deterministic, its own label and augmentation seed), logs a warning naming the file and counts it
+    in ``n_skipped`` (distinct unreadable images met so far), so a long run neither crashes late nor
+    skips silently; ``'raise'``: a ValueError naming the file. With no readable image at all, access
+    is a ValueError. An evaluation over a set holding unreadable images counts the replacements
+    twice; read ``n_skipped`` after it (or use ``unreadable='raise'``).
     """
 
     def __init__(
@@ -326,64 +591,153 @@ class ImageDataset(Dataset):
         indices: Sequence[int] | None = None,
         train: bool = False,
         seed: int = 0,
-        cache: bool = True,
+        cache: bool | CacheMode = "lazy",
         classes: Sequence[str] | None = None,
+        cache_bytes: int = CACHE_BYTES,
+        unreadable: Literal["skip", "raise"] = "skip",
     ) -> None:
+        self.cache = _cache_mode(cache)
+        if unreadable not in ("skip", "raise"):
+            raise ValueError(f"unreadable must be 'skip' or 'raise', got {unreadable!r}")
         self.source = str(source)
         self.preset = get_preset(preset)
         self.train, self.seed, self.epoch = train, seed, 0
-        all_names = list_images(source)
-        self.classes, all_labels = _labels_for(all_names, labels, self.source, classes)
+        self.cache_bytes, self.unreadable = int(cache_bytes), unreadable
+        listing = _Source.open(source)
+        n_all = len(listing)
+        self.classes, all_labels = _labels_for(listing.names, labels, self.source, classes)
         if indices is None:
-            idx = list(range(len(all_names)))
+            idx = np.arange(n_all, dtype=np.int64)
+            src = listing
         else:
-            idx = [int(i) for i in indices]
-            bad = [i for i in idx if not 0 <= i < len(all_names)]
+            idx = np.asarray([int(i) for i in indices], dtype=np.int64)
+            bad = [int(i) for i in idx if not 0 <= i < n_all]
             if bad:
-                raise IndexError(f"indices {bad[:_MAX_LISTED]} out of range for {len(all_names)} images in {source}")
-        self._reader = _Reader(source)
+                raise IndexError(f"indices {bad[:_MAX_LISTED]} out of range for {n_all} images in {source}")
+            src = listing.subset(idx)
+        self._src = src
         self._images: Tensor | list[Tensor] | None = None
+        self._index = idx                                 # positions in the whole listing (augmentation seeds)
+        self.labels = None if all_labels is None else torch.from_numpy(np.ascontiguousarray(all_labels[idx]))
         self.n_skipped = 0
-        if cache:
-            idx = self._decode_all(all_names, idx)
-        self._index = idx
-        self.names = [all_names[i] for i in idx]
-        self.labels = None if all_labels is None else torch.tensor([all_labels[i] for i in idx], dtype=torch.long)
+        self._init_lazy_state()
+        if self.cache == "eager":
+            self._decode_all()
 
-    def _decode_all(self, all_names: list[str], idx: list[int]) -> list[int]:
+    @property
+    def names(self) -> list[str]:
+        return self._src.names
+
+    def _init_lazy_state(self) -> None:
+        self._memo: dict[int, Tensor] = {}
+        self._memo_bytes = 0
+        self._bad: dict[int, str] = {}                   # position -> why it is unreadable
+        self._lock = threading.Lock()
+
+    def _prepared(self, i: int) -> Tensor:
+        """Decode and prepare item ``i`` (raises one of _UNREADABLE)."""
+        return prepare(decode_image(self._src.read(i)), self.preset, self.train)
+
+    def _decode_all(self) -> None:
         kept, images, failed = [], [], []
-        for i in tqdm(idx, desc=f"decode {Path(self.source).name}", unit="img", disable=None, leave=False):
+        for i in tqdm(range(len(self._src)), desc=f"decode {Path(self.source).name}", unit="img", disable=None,
+                      leave=False):
             try:
-                images.append(prepare(decode_image(self._reader.read(all_names[i])), self.preset, self.train))
+                images.append(self._prepared(i))
                 kept.append(i)
             except _UNREADABLE:
-                failed.append(all_names[i])
-        self._reader.close()
+                failed.append(self._src.names[i])
+        self._src.close()
         self.n_skipped = len(failed)
         if failed:
             log.warning("skipped %d unreadable images in %s (first: %s)", len(failed), self.source, failed[:_MAX_LISTED])
         if not images:
-            raise ValueError(f"none of the {len(idx)} images in {self.source} could be read")
+            raise ValueError(f"none of the {len(self._src)} images in {self.source} could be read")
+        if failed:
+            self._src = self._src.subset(kept)
+            self._index = self._index[kept]
+            if self.labels is not None:
+                self.labels = self.labels[torch.as_tensor(kept, dtype=torch.long)]
         same = all(t.shape == images[0].shape for t in images)
         self._images = torch.stack(images) if same else images
-        return kept
+
+    def _lazy(self, i: int) -> tuple[int, Tensor]:
+        """(position actually served, its prepared image) for item ``i`` in lazy / none mode."""
+        n = len(self._src)
+        for step in range(n):
+            j = i + step if i + step < n else i + step - n
+            x = self._memo.get(j)
+            if x is not None:
+                return j, x
+            if j in self._bad:
+                continue
+            try:
+                x = self._prepared(j)
+            except _UNREADABLE as e:
+                self._unreadable(j, e)
+                continue
+            if self.cache == "lazy":
+                cost = x.untyped_storage().nbytes() + _ITEM_OVERHEAD
+                with self._lock:
+                    if j not in self._memo and self._memo_bytes + cost <= self.cache_bytes:
+                        self._memo[j] = x
+                        self._memo_bytes += cost
+            return j, x
+        raise ValueError(f"none of the {n} images in {self.source} could be read "
+                         f"(first: {next(iter(self._bad.values()), '?')})")
+
+    def _unreadable(self, j: int, e: Exception) -> None:
+        name = self._src.names[j]
+        if self.unreadable == "raise":
+            raise ValueError(f"unreadable image {name!r} in {self.source}: {e}") from e
+        with self._lock:
+            if j in self._bad:
+                return
+            self._bad[j] = f"{name}: {e}"
+            self.n_skipped = len(self._bad)
+            count = self.n_skipped
+        if count <= _MAX_LISTED or count & (count - 1) == 0:       # the first few, then at powers of two
+            log.warning("unreadable image %r in %s (%s): served by the next readable one; %d unreadable so far "
+                        "(ImageDataset.n_skipped)", name, self.source, e, count)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation stream of ``epoch`` (train mode)."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self._src)
 
     def __getitem__(self, i: int) -> Tensor | tuple[Tensor, int]:
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} images")
         if self._images is not None:
-            x = self._images[i]
+            j, x = i, self._images[i]
         else:
-            x = prepare(decode_image(self._reader.read(self.names[i])), self.preset, self.train)
+            j, x = self._lazy(i)
         if self.train:
-            x = augment(x, self.preset, sample_generator(self.seed, self.epoch, self._index[i]))
+            x = augment(x, self.preset, sample_generator(self.seed, self.epoch, int(self._index[j])))
         x = normalize(x, self.preset)
-        return x if self.labels is None else (x, int(self.labels[i]))
+        return x if self.labels is None else (x, int(self.labels[j]))
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes held by the lazily decoded images (an estimate: pixels plus a per-tensor overhead)."""
+        return self._memo_bytes
+
+    def __getstate__(self) -> dict:
+        """Pickled (DataLoader workers, spawn) without the lazily decoded images nor the lock."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_memo", "_memo_bytes", "_lock", "_bad")}
+        state["_bad_items"] = dict(self._bad)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        bad = state.pop("_bad_items", {})
+        self.__dict__.update(state)
+        self._init_lazy_state()
+        self._bad.update(bad)
 
 
 def split_indices(n: int, sizes: Sequence[int], seed: int) -> list[list[int]]:
@@ -406,7 +760,9 @@ class SeededPermutation(torch.utils.data.Sampler):
         self.n, self.seed = n, seed
 
     def __iter__(self):
-        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).tolist())
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed))
+        for start in range(0, self.n, 1 << 16):          # not one list of n Python ints (46 MB for 1.28M)
+            yield from perm[start:start + (1 << 16)].tolist()
 
     def __len__(self) -> int:
         return self.n

@@ -10,9 +10,12 @@ A layer of a subclass `Foo(nn.Conv2d)` becomes an instance of a generated `PQFoo
     codes     (C_out, nb)   uint8 buffer (int16 when K > 256)
     bias      unchanged
 
-In eval mode the decoded weight is cached until the codebook changes.
+In eval mode the decoded weight is cached until the codebook or the codes change.
 """
 from __future__ import annotations
+
+import ctypes
+import sys
 
 import torch
 import torch.nn as nn
@@ -36,6 +39,84 @@ def code_dtype(n_centroids: int) -> torch.dtype:
     if n_centroids <= 1 << 15:
         return torch.int16
     raise ValueError(f"n_centroids {n_centroids} needs more than 15-bit codes")
+
+
+def _find_memcmp():
+    """The C library's memcmp through ctypes (PyDLL: the GIL is kept, the call is a few hundred bytes'
+    compare), called with ready-made c_void_p / c_size_t arguments: about 0.5 us, a fifth of a
+    torch.equal call; None where there is no C library to load (torch.equal is used then)."""
+    try:
+        lib = ctypes.PyDLL("msvcrt" if sys.platform == "win32" else None)
+        fn = lib.memcmp
+    except (OSError, AttributeError, TypeError):  # pragma: no cover - no C library to call
+        return None
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_MEMCMP = _find_memcmp()
+
+
+def _no_cache() -> None:
+    return None
+
+
+class _WeightCache:
+    """The decoded weight of a PQ layer in eval mode, valid while the codebook holds the same *values*
+    (K x d, compared byte for byte: writes through `.data`, a new Parameter, an optimizer step, a
+    dtype change are all seen) and the codes are the same tensor, storage and version.
+
+    It keeps aliases of both tensors' storages, so a storage freed after a `.data = ...` cannot be
+    reused at the same address and pass for the old one. Copies and pickles of a layer drop it (the
+    copy decodes its own weight on first use)."""
+
+    __slots__ = ("weight", "snapshot", "nbytes", "dtype", "shape", "cb_alias", "cb_ptr", "fast", "args",
+                 "codes", "codes_alias", "codes_ptr", "codes_version", "hot_codes", "hot_ptr")
+
+    def __init__(self, codebook: torch.Tensor, codes: torch.Tensor, weight: torch.Tensor) -> None:
+        self.weight = weight
+        self.cb_alias = codebook.detach()
+        self.snapshot = self.cb_alias.clone(memory_format=torch.contiguous_format)
+        self.nbytes, self.dtype, self.shape = self.snapshot.nbytes, codebook.dtype, codebook.shape
+        self.cb_ptr = codebook.data_ptr()
+        # bytes compared with memcmp for a contiguous CPU codebook (else torch.equal); its arguments
+        # are made once: they stay right while the codebook's data pointer is the cached one
+        self.fast = _MEMCMP is not None and codebook.is_cpu and codebook.is_contiguous()
+        self.args = (ctypes.c_void_p(self.cb_ptr), ctypes.c_void_p(self.snapshot.data_ptr()),
+                     ctypes.c_size_t(self.nbytes)) if self.fast else ()
+        self.codes, self.codes_alias, self.codes_ptr = codes, codes.detach(), codes.data_ptr()
+        try:
+            self.codes_version = codes._version
+        except RuntimeError:        # an inference-mode tensor has no version counter (nor can it change)
+            self.codes_version = None
+        # the weight property's hot path (memcmp, version) applies only to a contiguous CPU codebook and
+        # codes with a version counter: otherwise these are None, which no tensor matches
+        hot = self.fast and self.codes_version is not None
+        self.hot_codes, self.hot_ptr = (codes, self.cb_ptr) if hot else (None, None)
+
+    def valid(self, codebook: torch.Tensor, codes: torch.Tensor) -> bool:
+        """Whether the cached weight is still codebook[codes]."""
+        if codes is not self.codes or codes.data_ptr() != self.codes_ptr:
+            return False
+        try:
+            if codes._version != self.codes_version:
+                return False
+        except RuntimeError:
+            if self.codes_version is not None:
+                return False
+        # another storage (`.data = ...`, `.to(dtype)`) or another shape: decode again
+        if (codebook.data_ptr() != self.cb_ptr or codebook.dtype is not self.dtype
+                or codebook.shape != self.shape):
+            return False
+        if self.fast and codebook.is_cpu and codebook.is_contiguous():
+            return _MEMCMP(*self.args) == 0          # the values: in-place writes, through `.data` too
+        return torch.equal(self.snapshot, codebook.detach())
+
+    def __reduce__(self):
+        return _no_cache, ()
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
 
 
 class PQMixin:
@@ -63,6 +144,24 @@ class PQMixin:
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
+        # Hot path (eval, no grad, a CPU cache): `_WeightCache.valid` inlined. In a loop it costs 1 us more
+        # than a dense layer's `weight` lookup (torch.equal and a key tuple cost 7 us); inside a forward,
+        # where the codebook, its snapshot and the codes' metadata are out of the CPU caches, the
+        # byte comparison the `.data` guarantee needs dominates (benchmarks/results/pq_speed.md).
+        # The same data pointer as the cache's alias (which keeps that CPU storage alive) means the same
+        # memory, so memcmp's ready-made arguments are right. Anything else (another device,
+        # inference-mode codes, a change) goes to `_decoded_weight`.
+        c = self.__dict__.get("_pq_cache")
+        if c is not None and not self.training and not torch.is_grad_enabled():
+            buffers = self._buffers
+            codes, cb = buffers["codes"], self._parameters["codebook"]
+            if (codes is c.hot_codes and cb.data_ptr() == c.hot_ptr and codes.data_ptr() == c.codes_ptr
+                    and codes._version == c.codes_version and cb.dtype is c.dtype and cb.shape == c.shape
+                    and cb.is_contiguous() and "export_codebook" not in buffers and _MEMCMP(*c.args) == 0):
+                return c.weight
+        return self._decoded_weight()
+
+    def _decoded_weight(self) -> torch.Tensor:
         stored = self._buffers.get("export_codebook")     # registered by export.py while tracing for ONNX
         if stored is not None:                            # the graph decodes the stored form: Cast (Mul) Gather
             codebook = decode_codebook(stored, self._buffers.get("export_scale"))
@@ -71,18 +170,15 @@ class PQMixin:
         if latent is not None and torch.is_grad_enabled():
             return self.dequantize() + (latent - latent.detach()).reshape(self.weight_shape)
         if self.training or torch.is_grad_enabled() and self.codebook.requires_grad:
-            self._pq_cache = None
+            self.__dict__["_pq_cache"] = None
             return self.dequantize()
-        # cache keyed on the codebook's *values* (K x d, cheap to compare), so writes through
-        # `.data` or a new Parameter are seen, and on the codes buffer's identity and version
-        cache = getattr(self, "_pq_cache", None)
-        codes_key = (self.codes.data_ptr(), self.codes._version)
-        if (cache is None or cache[1] != codes_key or cache[0].dtype != self.codebook.dtype
-                or not torch.equal(cache[0], self.codebook)):
+        cache = self.__dict__.get("_pq_cache")
+        codebook, codes = self.codebook, self.codes
+        if cache is None or not cache.valid(codebook, codes):
             with torch.no_grad():
-                cache = (self.codebook.detach().clone(), codes_key, self.dequantize())
-            self._pq_cache = cache
-        return cache[2]
+                cache = _WeightCache(codebook, codes, self.dequantize())
+            self.__dict__["_pq_cache"] = cache
+        return cache.weight
 
     def extra_repr(self) -> str:  # type: ignore[override]
         return f"{super().extra_repr()}, n_centroids={self.n_centroids}, block_size={self.block_size}"
