@@ -151,13 +151,19 @@ def _quantized_unit(seed=0):
     return teacher, student[1]
 
 
-def test_reconstruction_lowers_the_block_error():
-    teacher, block = _quantized_unit()
-    xs = [torch.randn(16, 8, 8, 8) for _ in range(4)]
+def _cached_pair(teacher, xs):
+    """The cached (inputs, teacher outputs) of batches `xs`, as the block loop hands them to reconstruction."""
     store = TensorStore(1 << 30)
     inputs = Cached(store, [((x,), {}) for x in xs], torch.device("cpu"), torch.float32)
     with torch.no_grad():
         targets = Cached(store, [teacher(x) for x in xs], torch.device("cpu"), torch.float32)
+    return inputs, targets
+
+
+def test_reconstruction_lowers_the_block_error():
+    teacher, block = _quantized_unit()
+    xs = [torch.randn(16, 8, 8, 8) for _ in range(4)]
+    inputs, targets = _cached_pair(teacher, xs)
     res = reconstruct_block("u", block, inputs, targets, ReconstructConfig(steps=60, lr=1e-2), seed=0)
     assert res["kept"] == "reconstructed"
     assert res["error_after"] < 0.9 * res["error_before"]
@@ -167,10 +173,7 @@ def test_reconstruction_lowers_the_block_error():
 def test_reconstruction_never_leaves_a_block_worse():
     teacher, block = _quantized_unit()
     xs = [torch.randn(16, 8, 8, 8) for _ in range(2)]
-    store = TensorStore(1 << 30)
-    inputs = Cached(store, [((x,), {}) for x in xs], torch.device("cpu"), torch.float32)
-    with torch.no_grad():
-        targets = Cached(store, [teacher(x) for x in xs], torch.device("cpu"), torch.float32)
+    inputs, targets = _cached_pair(teacher, xs)
     before = {k: v.clone() for k, v in block.state_dict().items()}
     res = reconstruct_block("u", block, inputs, targets, ReconstructConfig(steps=5, lr=50.0), seed=0)
     assert res["kept"] == "em"
@@ -257,10 +260,7 @@ def test_depthwise_conv_fed_by_a_zero_channel_does_not_crash():
 def test_code_learning_changes_codes_and_lowers_the_error():
     teacher, block = _quantized_unit()
     xs = [torch.randn(16, 8, 8, 8) for _ in range(4)]
-    store = TensorStore(1 << 30)
-    inputs = Cached(store, [((x,), {}) for x in xs], torch.device("cpu"), torch.float32)
-    with torch.no_grad():
-        targets = Cached(store, [teacher(x) for x in xs], torch.device("cpu"), torch.float32)
+    inputs, targets = _cached_pair(teacher, xs)
     codes = block.conv.codes.clone()
     res = reconstruct_block("u", block, inputs, targets,
                             ReconstructConfig(steps=80, lr=1e-2, codes="ste", latent_lr=0.1), seed=0)
