@@ -114,6 +114,48 @@ def test_replayed_inputs_equal_a_plain_forward():
     store.close()
 
 
+class SeqUnitNet(nn.Module):
+    """Residual units written as bare Sequentials (conv, bn, relu, conv, bn) in a ModuleList, one stage a
+    Sequential of such units (issue 13: each unit was split into per-layer blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+
+        def unit():
+            return nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                 nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.units = nn.ModuleList([unit(), unit()])
+        self.stage = nn.Sequential(unit(), unit())
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        for u in list(self.units) + list(self.stage):
+            x = torch.relu(x + u(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_sequential_units_are_one_block_each():
+    m = SeqUnitNet().eval()
+    blocks = _blocks(m, torch.randn(2, 3, 8, 8))
+    assert [b.name for b in blocks] == ["stem", "units.0", "units.1", "stage.0", "stage.1", "head"]
+    assert blocks[1].layers == ["units.0.0", "units.0.3"]
+    # a stage mixing a bare layer with composite units is still looked into
+    m.stage = nn.Sequential(nn.Conv2d(8, 8, 1), m.stage[0], m.stage[1])
+    assert [b.name for b in _blocks(m, torch.randn(2, 3, 8, 8))][3:6] == ["stage.0", "stage.1", "stage.2"]
+
+
+def test_zoo_yolov5_blocks():
+    m = build_model("yolov5n_coco", None)
+    blocks = _blocks(m, torch.randn(1, 3, 64, 64))
+    kinds = {b.name: type(dict(m.named_modules())[b.name]).__name__ for b in blocks}
+    assert [b.name for b in blocks] == [f"model.{i}" for i in (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 14, 17, 18,
+                                                               20, 21, 23, 24)]
+    assert kinds["model.2"] == "C3" and kinds["model.9"] == "SPPF" and kinds["model.24"] == "Detect"
+    assert blocks[-1].layers == ["model.24.m.0", "model.24.m.1", "model.24.m.2"]
+
+
 def test_blocks_regex_names_blocks_and_unmatched_is_an_error():
     m = SkipNet().eval()
     x = torch.randn(2, 3, 8, 8)

@@ -9,7 +9,9 @@ Default discovery walks the module tree from the root and, for each child that h
 
     a Conv2d / Linear                                   -> a block of its own
     a container (ModuleList, ModuleDict, or a Sequential
-      with two or more children holding layers)          -> looked into (its children are the candidates)
+      with two or more children holding layers, at
+      least one of them composite, i.e. a stage of
+      blocks rather than a block made of layers)         -> looked into (its children are the candidates)
     a module holding more than MAX_BLOCK_LAYERS layers   -> looked into (a whole backbone is not a block)
     any other module                                     -> a block
 
@@ -50,10 +52,14 @@ def _n_layers(module: nn.Module) -> int:
 
 
 def _is_container(module: nn.Module) -> bool:
+    """Look into ModuleList/ModuleDict always; into a Sequential only when it is a stage of blocks: two or more
+    children holding layers, at least one of them composite (not a bare Conv2d/Linear). A Sequential made of
+    bare layers (conv, bn, relu, conv, bn: a unit written as a Sequential) is a block."""
     if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
         return True
     if isinstance(module, nn.Sequential):
-        return sum(_n_layers(c) > 0 for c in module.children()) >= 2
+        holders = [c for c in module.children() if _n_layers(c) > 0]
+        return len(holders) >= 2 and any(layer_kind(c) is None for c in holders)
     return False
 
 
