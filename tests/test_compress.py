@@ -4,6 +4,7 @@ BatchNorm re-estimation, and distillation fine-tuning (per layer and global)."""
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import importlib
 
@@ -408,7 +409,7 @@ def test_global_finetune(bn_affine):
 def test_compress_with_finetune():
     x = images()
     plain = bitdown.compress(make_net(), list(x.split(32)), cfg(n_centroids=4), progress=False)
-    ft = FinetuneConfig(layer_steps=4, global_steps=12, batch_size=32)
+    ft = FinetuneConfig(layer_steps=4, global_steps=12, batch_size=32, holdout=0)    # the guard: tests below
     tuned = bitdown.compress(make_net(), list(x.split(32)), cfg(n_centroids=4), progress=False,
                              finetune=ft, train_data=TensorDataset(x))
     teacher = make_net()
@@ -431,6 +432,21 @@ def test_finetune_without_train_data_on_batch_list():
         assert all(is_pq(getattr(q, n)) for n in LAYERS)
 
 
+def fail_at_global_step(monkeypatch, fail_step: int) -> list[int]:
+    """finetune._step raises at step `fail_step` (an interruption); returns the list of steps it was called with."""
+    real_step = bf._step
+    seen = []
+
+    def failing(student, teacher, xb, opt, ft_cfg, step, seed):
+        seen.append(step)
+        if step == fail_step:
+            raise RuntimeError("interrupted")
+        return real_step(student, teacher, xb, opt, ft_cfg, step, seed)
+
+    monkeypatch.setattr(bf, "_step", failing)
+    return seen
+
+
 def test_global_finetune_resume_is_identical(monkeypatch, tmp_path):
     x = images()
     ft = FinetuneConfig(global_steps=8, batch_size=16, checkpoint_every=3)
@@ -439,15 +455,7 @@ def test_global_finetune_resume_is_identical(monkeypatch, tmp_path):
                            checkpoint_dir=tmp_path / "a")
 
     real_step = bf._step
-    seen = []
-
-    def failing(student, teacher, xb, opt, ft_cfg, step, seed):
-        seen.append(step)
-        if step == 7:
-            raise RuntimeError("interrupted")
-        return real_step(student, teacher, xb, opt, ft_cfg, step, seed)
-
-    monkeypatch.setattr(bf, "_step", failing)
+    seen = fail_at_global_step(monkeypatch, 7)
     with pytest.raises(RuntimeError, match="interrupted"):
         bitdown.compress(make_net(), data, cfg(), progress=False, finetune=ft, train_data=TensorDataset(x),
                          checkpoint_dir=tmp_path / "b")
@@ -458,6 +466,79 @@ def test_global_finetune_resume_is_identical(monkeypatch, tmp_path):
     assert seen == [6, 7]                                  # resumed from the step-6 checkpoint
     assert resumed.bitdown.extra["resumed"]["stage"] == "global"
     assert_same_state(resumed, ref)
+
+
+# ----------------------------------------------------------------------------- holdout guard (issue 16 item 3)
+
+HURT = dict(global_steps=20, batch_size=16, global_lr=0.5, holdout=16)   # a learning rate far too high
+
+
+def test_holdout_guard_returns_the_model_from_before_a_harmful_global_stage(tmp_path, caplog):
+    x = images(96)
+    data = list(x[:64].split(32))
+    plain = bitdown.compress(make_net(), data, cfg(), progress=False)        # = the state before the global stage
+    ft = FinetuneConfig(**HURT)
+    with caplog.at_level(logging.WARNING, logger="bitdown.finetune"):
+        q = bitdown.compress(make_net(), data, cfg(), progress=False, finetune=ft, train_data=TensorDataset(x))
+    h = q.bitdown.extra["global_finetune"]["holdout"]
+    assert h["kept"] == "before" and h["n"] == 16
+    assert h["loss_after"] > h["loss_before"] and h["agreement_after"] <= h["agreement_before"]
+    assert_same_state(q, plain)                                   # not worse on the holdout: exactly as before
+    _, hold = bf.split_holdout(TensorDataset(x), ft)
+    assert loss_on(q, make_net(), hold) == pytest.approx(h["loss_before"], rel=0.05)   # BN stats then fp16
+    assert any("restored" in r.message for r in caplog.records)
+    assert bitdown.load(bitdown.save(q, tmp_path / "q.bitdown"), make_net()).bitdown.extra["global_finetune"]["holdout"] == h
+
+
+def test_holdout_images_are_never_trained_on(monkeypatch):
+    x = images(80)
+    ft = FinetuneConfig(layer_steps=2, global_steps=6, batch_size=16, holdout=0.1)
+    _, hold = bf.split_holdout(TensorDataset(x), ft)
+    assert hold.shape[0] == 16                                    # 10 % of 80 -> the minimum 16 (<= a quarter)
+    seen = []
+    real_step = bf._step
+    monkeypatch.setattr(bf, "_step", lambda st, te, xb, *a: seen.append(xb) or real_step(st, te, xb, *a))
+    q = bitdown.compress(make_net(), list(x[:64].split(32)), cfg(), progress=False, finetune=ft,
+                         train_data=TensorDataset(x))
+    trained = torch.cat(seen)
+    assert trained.shape[0] == (4 * 2 + 6) * 16
+    dist = torch.cdist(hold.flatten(1), trained.flatten(1))
+    assert dist.min() > 0                                         # no holdout image in any training batch
+    assert q.bitdown.extra["global_finetune"]["holdout"]["n"] == 16
+    off = bitdown.compress(make_net(), list(x[:64].split(32)), cfg(), progress=False,
+                           finetune=FinetuneConfig(global_steps=2, batch_size=16, holdout=0),
+                           train_data=TensorDataset(x))
+    assert "holdout" not in off.bitdown.extra["global_finetune"]
+
+
+def test_holdout_guard_restores_after_a_resume_and_the_file_is_identical(monkeypatch, tmp_path):
+    x = images(96)
+    data = list(x[:64].split(32))
+    ft = FinetuneConfig(**HURT, checkpoint_every=5)
+    ref = bitdown.compress(make_net(), data, cfg(), progress=False, finetune=ft, train_data=TensorDataset(x))
+    assert ref.bitdown.extra["global_finetune"]["holdout"]["kept"] == "before"
+    fail_at_global_step(monkeypatch, 12)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        bitdown.compress(make_net(), data, cfg(), progress=False, finetune=ft, train_data=TensorDataset(x),
+                         checkpoint_dir=tmp_path / "ck")
+    monkeypatch.undo()
+    resumed = bitdown.compress(make_net(), data, cfg(), progress=False, finetune=ft, train_data=TensorDataset(x),
+                               checkpoint_dir=tmp_path / "ck")
+    assert resumed.bitdown.extra["resumed"]["step"] == 10
+    assert resumed.bitdown.extra["global_finetune"] == ref.bitdown.extra["global_finetune"]
+    assert (bitdown.save(resumed, tmp_path / "r.bitdown").read_bytes()
+            == bitdown.save(ref, tmp_path / "ref.bitdown").read_bytes())
+
+
+def test_holdout_setting_is_checked():
+    for bad in (-1, 1.0, 1.5, -0.1, True, "10", float("nan")):
+        with pytest.raises(ValueError, match="holdout"):
+            FinetuneConfig(holdout=bad)
+    assert [bf.holdout_size(n, 0.1) for n in (8, 40, 100, 1000, 50_000)] == [2, 10, 16, 100, 256]
+    assert bf.holdout_size(100, 0) == bf.holdout_size(100, 0.0) == 0 and bf.holdout_size(100, 50) == 50
+    with pytest.raises(ValueError, match="at most 32"):               # refused before any work
+        bitdown.compress(make_net(), batches(), cfg(), progress=False, train_data=TensorDataset(images(64)),
+                         finetune=FinetuneConfig(global_steps=2, holdout=33))
 
 
 def test_nan_loss_raises_floating_point_error():

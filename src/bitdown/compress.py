@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 VOLATILE = ("resumed",)  # CompressionInfo.extra keys that describe the run, not the result
 ALLOCATION = "allocation.json"   # in a checkpoint folder: the size allocation of a budget run
+HOLDOUT_STATE = "__holdout__."   # checkpoint tensors: the global stage's parameters before it (holdout guard)
 
 
 @dataclass
@@ -231,7 +232,9 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     Returns the compressed model (a copy unless `inplace`), with `.bitdown` (CompressionInfo).
     With `checkpoint_dir`, progress is saved after every layer and a rerun resumes from it.
     `finetune` (finetune.FinetuneConfig) adds per-layer and global distillation from the original
-    model on `train_data` (a map-style dataset of augmented unlabelled images; default: `data`'s).
+    model on `train_data` (a map-style dataset of augmented unlabelled images; default: `data`'s). With global
+    steps, `finetune.holdout` of those images are kept out of fine-tuning: the global stage is measured on them
+    before and after and undone if it made their distillation loss worse (`extra["global_finetune"]["holdout"]`).
     `target_ratio` / `target_size` ('100KB', '1.5MB', bytes) choose every layer's block size and
     number of centroids by rate-distortion to fit that paper-style size (allocate.py).
     `device` ('cuda', 'cpu', ...; default: where the model's parameters are) runs the forward passes
@@ -283,6 +286,10 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     fp = fingerprint(_fp_json(config.to_json()), _fp_json(ft.to_json()) if ft is not None else None, info.arch,
                      {k: v for k, v in teacher.state_dict().items()}, {str(i): x for i, x in enumerate(calib)},
                      _describe(ft_data))
+    holdout = None                   # images kept out of fine-tuning: the global stage's guard (finetune.py)
+    if ft is not None and ft.global_steps > 0:
+        from .finetune import split_holdout
+        ft_data, holdout = split_holdout(ft_data, ft)
     done, resume = 0, {}
     if checkpoint_dir is not None:
         ck = load_checkpoint(checkpoint_dir, fp)
@@ -314,13 +321,19 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
         if checkpoint_dir is not None:
             _save(checkpoint_dir, student, plans, info, fp, stage="global", step=0)
     if ft is not None and ft.global_steps > 0:
-        from .finetune import finetune_global, optimizer_tensors
+        from .finetune import finetune_global, holdout_baseline, optimizer_tensors
+
+        hold_before, hold_state = None, None       # kept in the checkpoints: a resumed run compares and restores
+        if holdout is not None and resume.get("global_finetune") is None:
+            hold_before, hold_state = holdout_baseline(student, teacher, holdout, ft, resume.get("step", 0),
+                                                       resume.get("holdout_before"), resume.get("holdout_state"))
 
         def on_checkpoint(step: int, opt) -> None:
             if checkpoint_dir is not None:
                 tensors, opt_meta = optimizer_tensors(opt)
-                _save(checkpoint_dir, student, plans, info, fp, stage="global", step=step,
-                      extra_tensors=tensors, extra={"optimizer": opt_meta})
+                tensors.update({f"{HOLDOUT_STATE}{i}": v for i, v in enumerate(hold_state or [])})
+                _save(checkpoint_dir, student, plans, info, fp, stage="global", step=step, extra_tensors=tensors,
+                      extra={"optimizer": opt_meta, "holdout_before": hold_before})
 
         t1 = time.perf_counter()
         if resume.get("global_finetune") is not None:          # a finished run, rerun: nothing left to train
@@ -329,7 +342,8 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
             try:
                 info.extra["global_finetune"] = finetune_global(
                     student, teacher, ft_data, ft, seed=config.seed, start=resume.get("step", 0),
-                    opt_state=resume.get("optimizer"), on_checkpoint=on_checkpoint, progress=progress)
+                    opt_state=resume.get("optimizer"), on_checkpoint=on_checkpoint, progress=progress,
+                    holdout=holdout, holdout_before=hold_before, holdout_state=hold_state)
             except FloatingPointError as e:
                 raise FloatingPointError(_kept(e, checkpoint_dir, "at the last global step that is a multiple of "
                                                                   f"{ft.checkpoint_every} (or its start)")) from e
@@ -702,6 +716,9 @@ def _restore(student: nn.Module, plans: list[LayerPlan], ck, info: CompressionIn
     info.extra["resumed"] = {"stage": progress["stage"], "step": progress.get("step", 0), "layers": len(done)}
     resume = {"stage": progress["stage"], "step": progress.get("step", 0),
               "blocks_done": progress.get("blocks_done", 0), "global_finetune": progress.get("global_finetune")}
+    resume["holdout_before"] = progress.get("holdout_before")
+    n_held = sum(k.startswith(HOLDOUT_STATE) for k in tensors)
+    resume["holdout_state"] = [tensors[f"{HOLDOUT_STATE}{i}"] for i in range(n_held)] if n_held else None
     if "optimizer" in progress:
         from .finetune import optimizer_state
         resume["optimizer"] = optimizer_state(tensors, progress["optimizer"])

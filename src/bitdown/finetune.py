@@ -26,7 +26,10 @@ is a TypeError; `check_outputs` runs the model once so that this is known before
   learning-rate schedule, checkpointed every `checkpoint_every` steps. With a `holdout` tensor of
   images (never trained on) the stage never returns a student worse than before it: the distillation
   loss on the holdout is measured before and after, and when it got worse the parameters this stage
-  trains are put back as they were (only possible when the run started at step 0 in this process).
+  trains are put back as they were (a resumed run needs `holdout_state`, which compress keeps in its
+  checkpoints). compress() draws the holdout with `split_holdout`: `FinetuneConfig.holdout` images (10 %,
+  16..256, at most a quarter, by default) at seeded positions of the fine-tuning dataset, removed from the
+  stream of both fine-tuning stages.
 
 Gradients reach a codeword through the decode W = codebook[codes]: its gradient is the *sum* of the
 gradients of the subvectors assigned to it. The original CentroidSGD used the *mean*, so a plain-SGD
@@ -59,6 +62,7 @@ log = logging.getLogger(__name__)
 
 LOSSES = ("auto", "kl", "mse")
 MSE_EPS = 1e-12          # normalised MSE: sum((s - t)^2) / (sum(t^2) + MSE_EPS)
+HOLDOUT_MIN, HOLDOUT_MAX = 16, 256     # a fractional holdout: at least / at most this many images
 
 
 @dataclass
@@ -78,8 +82,17 @@ class FinetuneConfig:
     seed: int = 0
     mixup: float = 0.0                # > 0: each image mixed with another of the batch, weight ~ Beta(a, a)
     loss: str = "auto"                # 'auto' | 'kl' | 'mse': see the module docstring
+    holdout: int | float = 0.1        # images compress() keeps out of fine-tuning for the global stage's guard:
+                                      # a count, or a fraction (clamped to 16..256, at most a quarter); 0: off
 
     def __post_init__(self) -> None:
+        h = self.holdout
+        if isinstance(h, bool) or not isinstance(h, (int, float)):
+            raise ValueError(f"holdout must be an image count (int >= 0) or a fraction in [0, 1), got {h!r}")
+        if isinstance(h, float) and not 0 <= h < 1:
+            raise ValueError(f"holdout must be a fraction in [0, 1) or an image count (int >= 0), got {h!r}")
+        if isinstance(h, int) and h < 0:
+            raise ValueError(f"holdout must be an image count >= 0 (0: off) or a fraction in [0, 1), got {h}")
         for k in ("layer_steps", "global_steps"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
@@ -229,6 +242,58 @@ def _as_dataset(data: Any) -> torch.utils.data.Dataset:
     if len(ds) == 0:
         raise ValueError("the fine-tuning data is empty")
     return ds
+
+
+def holdout_size(n_images: int, holdout: int | float) -> int:
+    """How many of `n_images` fine-tuning images a `holdout` setting keeps out: an int is a count (at most half
+    of the images, else a ValueError); a fraction f gives ceil(f * n) clamped to [HOLDOUT_MIN, HOLDOUT_MAX] and
+    to at most a quarter of the images; 0 is none."""
+    if isinstance(holdout, int):
+        if 2 * holdout > n_images:
+            raise ValueError(f"holdout={holdout} images would leave fewer of the {n_images} fine-tuning images to "
+                             f"train on than it holds out; use at most {n_images // 2} (or a fraction, or 0: off)")
+        return holdout
+    if holdout <= 0:
+        return 0
+    return min(max(math.ceil(holdout * n_images), HOLDOUT_MIN), HOLDOUT_MAX, n_images // 4)
+
+
+class _Without(torch.utils.data.Dataset):
+    """`ds` restricted to the positions `keep` (the fine-tuning images outside the holdout); `set_epoch` is
+    passed on, so an augmenting dataset keeps its per-image augmentation stream."""
+
+    def __init__(self, ds: torch.utils.data.Dataset, keep: torch.Tensor) -> None:
+        self.ds, self.keep = ds, keep
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.ds[int(self.keep[i])]
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.ds, "set_epoch"):
+            self.ds.set_epoch(epoch)
+
+
+def split_holdout(data: Any, cfg: FinetuneConfig) -> tuple[torch.utils.data.Dataset, torch.Tensor | None]:
+    """(the dataset fine-tuning draws from, the holdout images): `holdout_size` images of `data` (a map-style
+    dataset or a DataLoader over one) at seeded random positions (cfg.seed), read at epoch 0, are kept out of
+    the stream; (the dataset, None) when the holdout is 0."""
+    ds = _as_dataset(data)
+    n = holdout_size(len(ds), cfg.holdout)
+    if n == 0:
+        return ds, None
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed * 7919 + 104723))
+    held = perm[:n].sort().values
+    keep = perm[n:].sort().values
+    if hasattr(ds, "set_epoch"):
+        ds.set_epoch(0)
+    items = [ds[int(i)] for i in held]
+    x = torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items])
+    log.info("holdout: %d of the %d fine-tuning images kept out of fine-tuning to check the global stage",
+             n, len(ds))
+    return _Without(ds, keep), x
 
 
 def batch_at(ds: torch.utils.data.Dataset, step: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -386,6 +451,7 @@ def finetune_global(student: nn.Module, teacher: nn.Module, data: Any, cfg: Fine
                     start: int = 0, opt_state: dict | None = None, on_checkpoint=None,
                     progress: bool = True, holdout: torch.Tensor | None = None,
                     holdout_before: dict[str, Any] | None = None,
+                    holdout_state: list[torch.Tensor] | None = None,
                     last_loss: float | None = None) -> dict[str, Any]:
     """All codebooks (and BatchNorm affine) by distillation, eval mode, step lr schedule.
 
@@ -401,7 +467,9 @@ def finetune_global(student: nn.Module, teacher: nn.Module, data: Any, cfg: Fine
     is then "before", else "finetuned". The "before" figures are `holdout_before` when given (the
     `evaluate_holdout` dict of the first run: a resumed run should pass it), else measured here when
     start == 0. A run resumed at start > 0 has no before-state in memory: the guard compares with
-    `holdout_before` but cannot restore (logged); without `holdout_before` it only reports the figures after.
+    `holdout_before` but cannot restore (logged) unless `holdout_state` is given: the trained parameters'
+    values before the stage, in `global_params` order (what `holdout_baseline` returns, kept by a checkpoint);
+    without `holdout_before` it only reports the figures after.
     """
     if teacher is None:
         raise ValueError("fine-tuning needs the uncompressed teacher model")
@@ -411,15 +479,7 @@ def finetune_global(student: nn.Module, teacher: nn.Module, data: Any, cfg: Fine
     teacher.eval()
     before, saved = None, None
     if holdout is not None:
-        if holdout_before is not None:
-            if not (isinstance(holdout_before, Mapping) and isinstance(holdout_before.get("loss"), (int, float))):
-                raise ValueError("holdout_before must be the dict evaluate_holdout() returned (with a numeric "
-                                 f"'loss'), got {holdout_before!r}")
-            before = dict(holdout_before)
-        if before is None and start == 0:
-            before = evaluate_holdout(student, teacher, holdout, cfg)
-        if start == 0:
-            saved = [p.detach().to("cpu", copy=True) for p in params]
+        before, saved = holdout_baseline(student, teacher, holdout, cfg, start, holdout_before, holdout_state)
         if before is not None:
             log.info("holdout before global fine-tuning (%d images): loss %s, agreement %s", holdout.shape[0],
                      _fmt(before["loss"]), _fmt(before.get("agreement"), pct=True))
@@ -447,6 +507,28 @@ def finetune_global(student: nn.Module, teacher: nn.Module, data: Any, cfg: Fine
     if on_checkpoint is not None and losses:       # the run ends here: the checkpoint holds what is returned
         on_checkpoint(cfg.global_steps, opt)
     return out
+
+
+def holdout_baseline(student: nn.Module, teacher: nn.Module, holdout: torch.Tensor, cfg: FinetuneConfig,
+                     start: int = 0, before: dict[str, Any] | None = None,
+                     state: list[torch.Tensor] | None = None) -> tuple[dict[str, Any] | None, list[torch.Tensor] | None]:
+    """What the holdout guard compares with and restores: (`before`, else the `evaluate_holdout` figures of
+    `student` now when start == 0; `state`, else a CPU copy of the `global_params` when start == 0). Checked."""
+    params = global_params(student, cfg)
+    if before is not None:
+        if not (isinstance(before, Mapping) and isinstance(before.get("loss"), (int, float))):
+            raise ValueError("holdout_before must be the dict evaluate_holdout() returned (with a numeric "
+                             f"'loss'), got {before!r}")
+        before = dict(before)
+    if before is None and start == 0:
+        before = evaluate_holdout(student, teacher, holdout, cfg)
+    if state is not None:
+        if [tuple(v.shape) for v in state] != [tuple(p.shape) for p in params]:
+            raise ValueError("holdout_state does not match the parameters the global stage trains "
+                             f"({len(state)} tensors for {len(params)} parameters, or other shapes)")
+    elif start == 0:
+        state = [p.detach().to("cpu", copy=True) for p in params]
+    return before, state
 
 
 def _fmt(v: float | None, pct: bool = False) -> str:
