@@ -258,6 +258,39 @@ def test_too_few_calibration_samples():
         bitdown.compress(make_net(), [images(1)], cfg(), progress=False)
 
 
+class Selected(nn.Module):
+    """A linear layer on the positions whose first channel is positive: its rows per image depend on the image."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.fc = nn.Linear(4, 64)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)                  # (N, HW, 4)
+        return self.fc(t[t[..., 0] > 0]).sum(0, keepdim=True)
+
+
+def test_too_few_samples_found_by_the_statistics_uses_the_same_rule():
+    net = Selected().eval()
+    with torch.no_grad():
+        net.stem.weight.zero_()
+        net.stem.bias.zero_()
+        net.stem.weight[0, 0, 0, 0] = 1.0                           # channel 0 of the stem = channel 0 of x
+    x = -torch.ones(8, 3, 4, 4)
+    x[0, 0, 0, :] = 1.0                 # image 0: 4 selected positions; the others: none
+    plan = bc.LayerPlan("fc", "linear", (64, 4), block_size=4, n_centroids=8)
+    assert bc.min_calib_images(plan, 4, 1) == 2 and bc.min_calib_images(plan, 4, 8) == 16
+    bc.check_samples(plan, 8, 1, 1)
+    # the probe sees one (N, 4) row per image, so 8 images pass it; the statistics find 4 samples in all
+    with pytest.raises(ValueError, match=r"8 calibration images are too few: layer 'fc'.*8 centroids \(4 from 8 "
+                                         r"images\), i.e. at least 16 images"):
+        bitdown.compress(net, [x], cfg(n_centroids=8, calib_images=8), progress=False)
+    with pytest.raises(ValueError, match=r"7 calibration images are too few: layer 'fc'.*\(1 from 1 image\), i.e. "
+                                         r"at least 8 images"):                   # the probe, before any work
+        bitdown.compress(net, [x[:7]], cfg(n_centroids=8, calib_images=7), progress=False)
+
+
 def test_empty_data():
     with pytest.raises(ValueError, match="empty"):
         bitdown.compress(make_net(), [], cfg(), progress=False)

@@ -202,24 +202,28 @@ def check_calibration_count(model: nn.Module, plans: list[LayerPlan], x: torch.T
     finally:
         for h in handles:
             h.remove()
-    need, worst = 1, None
-    for p in plans:
-        per_image = rows.get(p.name, 0) * (p.row_length // p.block_size)
-        if per_image and -(-p.n_centroids // per_image) > need:
-            need, worst = -(-p.n_centroids // per_image), p
-    if worst is not None and n_images < need:
-        raise ValueError(f"{n_images} calibration images are too few: layer {worst.name!r} needs at least "
-                         f"{worst.n_centroids} subvector samples for its {worst.n_centroids} centroids, i.e. at least "
-                         f"{need} images; give --calib-images {need} or more")
+    per_image = {p.name: rows[p.name] * (p.row_length // p.block_size) for p in plans if rows.get(p.name)}
+    if per_image:
+        worst = max((p for p in plans if p.name in per_image),
+                    key=lambda p: min_calib_images(p, per_image[p.name], 1))
+        check_samples(worst, per_image[worst.name], 1, n_images)
 
 
-def _min_rows_check(plan: LayerPlan, n_rows: int, n_images: int) -> None:
-    nb = plan.row_length // plan.block_size
-    if n_rows * nb < plan.n_centroids:
-        need = -(-plan.n_centroids * max(1, n_images) // max(1, n_rows * nb))
-        raise ValueError(f"layer {plan.name!r}: {n_rows * nb} calibration subvector samples from {n_images} "
-                         f"images are fewer than its {plan.n_centroids} centroids need; give at least "
-                         f"{need} calibration images")
+def min_calib_images(plan: LayerPlan, samples: int, images: int) -> int:
+    """The calibration-count rule (the one copy): the EM needs at least one subvector sample (a row's block) per
+    centroid. `images` images gave the layer `samples` samples, so it needs ceil(K * images / samples) images."""
+    return -(-plan.n_centroids * max(1, images) // max(1, samples))
+
+
+def check_samples(plan: LayerPlan, samples: int, images: int, n_calib: int) -> None:
+    """ValueError naming the layer and the images needed when `n_calib` calibration images are fewer than
+    `min_calib_images` (`images` images gave the layer `samples` subvector samples)."""
+    need = min_calib_images(plan, samples, images)
+    if n_calib < need:
+        raise ValueError(f"{n_calib} calibration images are too few: layer {plan.name!r} needs at least "
+                         f"{plan.n_centroids} subvector samples for its {plan.n_centroids} centroids ({samples} from "
+                         f"{images} image{'s' if images != 1 else ''}), i.e. at least {need} images; give "
+                         f"--calib-images {need} or more")
 
 
 def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None, *, arch: dict | None = None,
@@ -536,7 +540,7 @@ class _BlockRun:
         cfg, em = self.config, self.config.em
         module = self.modules[plan.name]
         st = self._layer_stats(plan, s_block, s_in, t_block, t_in)
-        _min_rows_check(plan, st.n_rows, self.n_calib)
+        check_samples(plan, st.n_rows * (plan.row_length // plan.block_size), self.n_calib, self.n_calib)
         w0 = module.weight.detach().cpu()
         target, shift = w0, {}
         if em.teacher_target:
