@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bitdown import serialize
 from bitdown.cli import main
 
 MODULE = "bitdown_tinynet_cli"
@@ -114,7 +115,7 @@ def test_compress_info_eval(compressed, capsys):
     rc, text, err = run(capsys, "info", path, "--json")
     assert rc == 0, err
     info = json.loads(text)
-    assert info["format_version"] == 2 and info["n_layers"] == 3
+    assert info["format_version"] == 3 and info["n_layers"] == 3
     assert [p["name"] for p in info["layers"]] == ["conv2", "conv3", "fc"]
     assert info["arch"]["name"] == SPEC and info["arch"]["preprocess"] == "cifar10"
     assert info["size_mb"] == pytest.approx(out["size_mb"]) and info["ratio"] == pytest.approx(out["ratio"])
@@ -191,13 +192,18 @@ def test_empty_data_folder(ws, capsys):
 
 def test_tampered_file(compressed, capsys):
     path, _ = compressed
-    data = bytearray(path.read_bytes())
-    data[-10] ^= 0xFF
-    path.write_bytes(bytes(data))
+    tensors, meta = serialize.read_stored(path)                # a stored tensor changed, the checksum not
+    tensors["fc.bias"] = tensors["fc.bias"] + 1
+    serialize.write_stored(path, tensors, meta)
     rc, out, err = run(capsys, "info", path, "--json")
     assert_error(rc, err, "checksum mismatch")
     rc, out, err = run(capsys, "eval", path, "--data", "imgs", "--model", SPEC)
     assert_error(rc, err, "checksum mismatch")
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF                                           # a byte of the compressed payload
+    path.write_bytes(bytes(data))
+    rc, out, err = run(capsys, "info", path, "--json")
+    assert_error(rc, err, "compressed payload")                 # corrupt, or holding more than its index
 
 
 def test_missing_file(ws, capsys):

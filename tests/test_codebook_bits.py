@@ -90,14 +90,12 @@ def test_compress_int8_file_round_trip(compressed8, tmp_path):
 
 
 def test_int8_file_with_wrong_codebook_dtype_refused(compressed8, tmp_path):
-    from safetensors.torch import save_file
-    import json
     path = bitdown.save(compressed8, tmp_path / "m8.bitdown")
     tensors, meta = serialize.read(path)
     tensors["conv2.codebook"] = tensors["conv2.codebook"].half()          # says int8, holds fp16
     del tensors["conv2.codebook_scale"]
     meta["checksum"] = serialize.checksum(tensors, meta)
-    save_file(tensors, str(tmp_path / "bad.bitdown"), metadata={"bitdown": json.dumps(meta)})
+    serialize.write_stored(tmp_path / "bad.bitdown", tensors, meta)
     with pytest.raises(BitdownFileError, match="not stored as the metadata says"):
         bitdown.load(tmp_path / "bad.bitdown", TinyNet())
 

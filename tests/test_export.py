@@ -103,12 +103,12 @@ def test_nan_model_output_is_refused(q16, tmp_path):
     assert not (tmp_path / "inf.onnx").exists()
 
 
-def test_export_from_a_version_2_file(q16, tmp_path):
+def test_export_from_a_saved_file(q16, tmp_path):
     """The file holds bit-packed codes; the loaded model (and so the graph) has uint8 codes again."""
     from bitdown import serialize
     f = bitdown.save(q16, tmp_path / "m.bitdown")
     tensors, meta = serialize.read(f)
-    assert meta["format_version"] == 2 and tensors["conv3.codes"].dim() == 1      # packed on disk
+    assert meta["format_version"] == serialize.FORMAT_VERSION and tensors["conv3.codes"].dim() == 1   # packed
     loaded = bitdown.load(f, make_net())
     path = export_onnx(loaded, tmp_path / "m.onnx", (1, 3, 8, 8))
     inits = initializers(path)

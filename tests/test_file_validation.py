@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 
 import pytest
 import torch
@@ -36,16 +37,14 @@ def valid(tmp_path_factory):
 
 
 def raw(path):
-    """The file's tensors and metadata exactly as stored (no check)."""
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["bitdown"])
+    """The file's tensors and metadata exactly as stored (only the container checked)."""
+    return serialize.read_stored(path)
 
 
 def write(path, tensors, meta):
     """A file with a valid checksum for whatever tensors and metadata it holds."""
     meta = dict(meta, checksum=serialize.checksum(tensors, meta))
-    save_file(tensors, str(path), metadata={"bitdown": json.dumps(meta)})
-    return path
+    return serialize.write_stored(path, tensors, meta)
 
 
 def setitem(container_key, key, value):
@@ -272,3 +271,87 @@ def test_non_object_metadata_refused(valid, tmp_path):
     save_file(tensors, str(path), metadata={"bitdown": "[" * 100_000})     # deeply nested: no RecursionError
     with pytest.raises(BitdownFileError, match="corrupt bitdown metadata"):
         serialize.read(path)
+
+
+# ----------------------------------------------------------------------------- the version-3 container
+
+
+def container(path, payload: bytes, version=3, extra: dict | None = None):
+    """A version-`version` container holding `payload` (already compressed) as its one tensor."""
+    tensors = {serialize.PAYLOAD: torch.frombuffer(bytearray(payload), dtype=torch.uint8), **(extra or {})}
+    save_file(tensors, str(path), metadata={"bitdown": json.dumps({"format": "bitdown", "format_version": version})})
+    return path
+
+
+def deflated(index, data: bytes = b"", n: int | None = None) -> bytes:
+    head = index if isinstance(index, bytes) else json.dumps(index).encode()
+    return zlib.compress((len(head) if n is None else n).to_bytes(8, "little") + head + data)
+
+
+def test_version_2_file_still_loads_and_resaves_as_version_3(valid, tmp_path):
+    (tmp_path / "v3.bitdown").write_bytes(valid)
+    tensors, meta = raw(tmp_path / "v3.bitdown")
+    old = write(tmp_path / "v2.bitdown", tensors, dict(meta, format_version=2))   # the version-2 layout
+    with safe_open(str(old), framework="pt") as f:
+        assert serialize.PAYLOAD not in f.keys() and json.loads(f.metadata()["bitdown"])["format_version"] == 2
+    loaded = bitdown.load(old, TinyNet())
+    assert bitdown.save(loaded, tmp_path / "again.bitdown").read_bytes() == valid
+    assert len(valid) < old.stat().st_size
+
+
+@pytest.mark.parametrize("case", ["not_zlib", "two_tensors", "truncated_data", "trailing_data", "huge_index",
+                                  "huge_tensor", "bad_dtype", "negative_shape", "duplicate_name", "index_not_object",
+                                  "index_json_broken", "versions_disagree", "inner_not_bitdown"])
+def test_hostile_container_refused(valid, tmp_path, case):
+    (tmp_path / "good.bitdown").write_bytes(valid)
+    tensors, meta = raw(tmp_path / "good.bitdown")
+    entry = [["w", "F32", [2]]]
+    four = torch.ones(2).numpy().tobytes()
+    payload, extra, version = {
+        "not_zlib": (b"\x00" * 64, None, 3),
+        "two_tensors": (deflated({"tensors": entry, "meta": meta}, four), {"x": torch.zeros(1)}, 3),
+        "truncated_data": (deflated({"tensors": entry, "meta": meta}, four[:5]), None, 3),
+        "trailing_data": (deflated({"tensors": entry, "meta": meta}, four + b"\x00"), None, 3),
+        "huge_index": (deflated(b"{}", n=1 << 40), None, 3),
+        "huge_tensor": (deflated({"tensors": [["w", "F64", [1 << 20, 1 << 20]]], "meta": meta}), None, 3),
+        "bad_dtype": (deflated({"tensors": [["w", "F128", [2]]], "meta": meta}, four), None, 3),
+        "negative_shape": (deflated({"tensors": [["w", "F32", [-2]]], "meta": meta}, four), None, 3),
+        "duplicate_name": (deflated({"tensors": entry * 2, "meta": meta}, four * 2), None, 3),
+        "index_not_object": (deflated([entry, meta], four), None, 3),
+        "index_json_broken": (deflated(b'{"tensors": [', four), None, 3),
+        "versions_disagree": (deflated({"tensors": entry, "meta": dict(meta, format_version=2)}, four), None, 3),
+        "inner_not_bitdown": (deflated({"tensors": entry, "meta": dict(meta, format="other")}, four), None, 3),
+    }[case]
+    match = {"not_zlib": "corrupt compressed payload", "two_tensors": "exactly one", "truncated_data": "ends inside",
+             "trailing_data": "holds more than its index", "huge_index": "index of", "huge_tensor": "more than",
+             "bad_dtype": "index entry 0", "negative_shape": "index entry 0", "duplicate_name": "listed twice",
+             "index_not_object": "must be a JSON object", "index_json_broken": "corrupt bitdown metadata",
+             "versions_disagree": "container says format version 3", "inner_not_bitdown": "does not describe"}[case]
+    path = container(tmp_path / "bad.bitdown", payload, version, extra)
+    with pytest.raises(BitdownFileError, match=match):
+        serialize.read(path)
+    with pytest.raises(BitdownFileError, match=match):
+        bitdown.load(path, TinyNet())
+
+
+def test_zip_bomb_is_inflated_only_as_far_as_the_index_declares(valid, tmp_path):
+    (tmp_path / "good.bitdown").write_bytes(valid)
+    _, meta = raw(tmp_path / "good.bitdown")
+    bomb = deflated({"tensors": [["w", "U8", [8]]], "meta": meta}, b"\x00" * (256 << 20))   # 256 MiB of zeros
+    assert len(bomb) < 400_000
+    path = container(tmp_path / "bomb.bitdown", bomb)
+    with pytest.raises(BitdownFileError, match="holds more than its index"):
+        serialize.read(path)
+
+
+def test_byte_planes_round_trip_every_dtype():
+    g = torch.Generator().manual_seed(0)
+    for dtype in serialize.DTYPES.values():
+        for shape in ([3, 5], [], [0, 4], [7]):
+            t = (torch.randn(shape, generator=g) * 100).to(dtype)
+            planes = serialize._planes(t)
+            assert len(planes) == t.numel() * t.element_size()
+            back = serialize._from_planes(planes, dtype, shape)
+            assert back.dtype == dtype and list(back.shape) == shape and torch.equal(back, t), (dtype, shape)
+    x = torch.tensor([1.0, 2.0], dtype=torch.float16)           # planes: the low bytes, then the high bytes
+    assert serialize._planes(x) == bytes([0x00, 0x00, 0x3C, 0x40])

@@ -1,4 +1,4 @@
-"""Format version 2's size savings: codes bit-packed to ceil(log2 K) bits, BatchNorm statistics in fp16
+"""Format version 2's (and 3's) size savings: codes bit-packed to ceil(log2 K) bits, BatchNorm statistics in fp16
 (kept fp32 where fp16 would overflow or lose them), a compact JSON header; and what is on disk is
 exactly what the accounting says."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-import struct
+import zlib
 
 import pytest
 import torch
@@ -95,15 +95,14 @@ def random_q(ks=KS, seed=0):
 
 
 def data_bytes(path):
-    raw = path.read_bytes()
-    return len(raw) - 8 - struct.unpack("<Q", raw[:8])[0]
+    """The bytes of the tensors the file stores (before the version-3 container compresses them)."""
+    return sum(t.numel() * t.element_size() for t in serialize.read_stored(path)[0].values())
 
 
 def test_codes_take_log2_k_bits_on_disk(tmp_path):
     model, meta = random_q()
     path = bitdown.save(model, tmp_path / "m.bitdown", metadata=meta)
-    with safe_open(str(path), framework="pt") as f:
-        stored = {k: f.get_tensor(k) for k in f.keys()}
+    stored = serialize.read_stored(path)[0]
     for name, k in KS.items():
         n = getattr(model, name).codes.numel()
         assert stored[f"{name}.codes"].numel() == math.ceil(n * code_bits(k) / 8), name
@@ -123,29 +122,28 @@ def test_codes_take_log2_k_bits_on_disk(tmp_path):
 
 
 def test_file_is_close_to_the_paper_size(tmp_path):
-    """Only the statistics and the header are on top of the paper-style size."""
+    """Only the statistics and the (compressed) index and metadata are on top of the paper-style size."""
     model, meta = random_q()
     path = bitdown.save(model, tmp_path / "m.bitdown", metadata=meta)
     paper = meta["size"]["size_bytes"]
-    header = path.stat().st_size - data_bytes(path)
     assert data_bytes(path) < paper + 300
-    assert header < 2_600                                     # 23 tensors listed + compact metadata
+    assert path.stat().st_size < data_bytes(path) + 500      # 23 tensors listed + metadata: 2.5 KB in version 2
 
 
 def test_bn_statistics_fp16_and_memory_equals_file(tmp_path):
     model, meta = random_q()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     path = bitdown.save(model, tmp_path / "m.bitdown", metadata=meta)
-    with safe_open(str(path), framework="pt") as f:
-        for bn in ("bn1", "bn2", "bn3"):
-            for stat in ("running_mean", "running_var"):
-                key = f"{bn}.{stat}"
-                t = f.get_tensor(key)
-                assert t.dtype == torch.float16
-                mem = model.state_dict()[key]
-                assert mem.dtype == torch.float32 and torch.equal(mem, t.float())       # rounded in place
-                assert not torch.equal(mem, before[key])                                 # (it did change)
-                assert (mem - before[key]).abs().max() <= before[key].abs().max() * 2 ** -11
+    stored = serialize.read_stored(path)[0]
+    for bn in ("bn1", "bn2", "bn3"):
+        for stat in ("running_mean", "running_var"):
+            key = f"{bn}.{stat}"
+            t = stored[key]
+            assert t.dtype == torch.float16
+            mem = model.state_dict()[key]
+            assert mem.dtype == torch.float32 and torch.equal(mem, t.float())       # rounded in place
+            assert not torch.equal(mem, before[key])                                 # (it did change)
+            assert (mem - before[key]).abs().max() <= before[key].abs().max() * 2 ** -11
     loaded = bitdown.load(path, TinyNet())
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
@@ -167,8 +165,7 @@ def test_bn_statistics_kept_fp32_when_fp16_would_lose_them(tmp_path, case):
             model.bn2.running_var[1] = 1e-9                # rounds to 0: sqrt(var + eps) changes 30x
     want = {k: v.clone() for k, v in model.state_dict().items()}
     path = bitdown.save(model, tmp_path / "m.bitdown", metadata=meta)
-    with safe_open(str(path), framework="pt") as f:
-        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
+    dtypes = {k: t.dtype for k, t in serialize.read_stored(path)[0].items()}
     kept = {"var_overflows_fp16": ["bn2.running_var"],
             "mean_far_beyond_std": ["bn2.running_mean"],
             "tiny_var_tiny_eps": ["bn2.running_var", "bn2.running_mean"]}[case]
@@ -191,11 +188,11 @@ def _eps(model, eps):
 def test_header_is_compact_and_omits_default_layer_fields(tmp_path):
     model, meta = random_q()
     path = bitdown.save(model, tmp_path / "m.bitdown", metadata=meta)
-    raw = path.read_bytes()
-    header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
-    text = header["__metadata__"]["bitdown"]
-    stored = json.loads(text)
-    assert text == json.dumps(stored, separators=(",", ":"))
+    with safe_open(str(path), framework="pt") as f:
+        data = zlib.decompress(f.get_tensor(serialize.PAYLOAD).numpy().tobytes())
+    index = data[8:8 + int.from_bytes(data[:8], "little")].decode()
+    stored = json.loads(index)["meta"]
+    assert index.endswith(',"meta":' + json.dumps(stored, separators=(",", ":")) + "}")   # compact JSON
     assert all(set(d) == {"name", "kind", "weight_shape", "block_size", "n_centroids"} for d in stored["layers"])
     tensors, back = serialize.read(path)                      # every field still there after loading
     assert [LayerPlan.from_json(d) for d in back["layers"]] == [LayerPlan.from_json(d) for d in meta["layers"]]

@@ -300,18 +300,15 @@ def test_pq_only_files_are_unchanged_by_the_new_fields(tmp_path):
     model = nn.Sequential(nn.Linear(12, 5))
     quantize_module(model[0], torch.randn(4, 4).half().float(), torch.randint(0, 4, (5, 3)))
     path = bitdown.save(model, tmp_path / "pq.bitdown", metadata(model, [LayerPlan("0", "linear", (5, 12), 4, 4)]))
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        raw = json.loads(f.metadata()["bitdown"])
+    raw = serialize.read_stored(path)[1]
     assert "scalar_bits" not in raw["layers"][0] and "fp16" not in raw["layers"][0]   # default: omitted
 
 
 def _rewrite(path, tensors, meta):
-    from safetensors.torch import save_file
     meta = dict(meta)
     meta.pop("size", None)
     meta["checksum"] = serialize.checksum(tensors, meta)
-    save_file(tensors, str(path), metadata={"bitdown": json.dumps(meta)})
+    serialize.write_stored(path, tensors, meta)
 
 
 def test_corrupt_scalar_layers_refused_naming_what(tmp_path):

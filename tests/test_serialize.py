@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import struct
+import zlib
 
 import pytest
 import torch
@@ -70,18 +71,36 @@ def header(path):
 def rewrite(path, tensors, meta, fix_checksum=True):
     if fix_checksum:
         meta = dict(meta, checksum=serialize.checksum(tensors, meta))
-    save_file(tensors, str(path), metadata={"bitdown": json.dumps(meta)})
+    serialize.write_stored(path, tensors, meta)
+
+
+def inflated(path) -> bytes:
+    """A version-3 file's payload, inflated: index length, index JSON, tensor bytes."""
+    return zlib.decompress(_payload(path))
+
+
+def _payload(path) -> bytes:
+    with safe_open(str(path), framework="pt") as f:
+        assert list(f.keys()) == [serialize.PAYLOAD]
+        return f.get_tensor(serialize.PAYLOAD).numpy().tobytes()
+
+
+def reflate(path, data: bytes) -> None:
+    """Replace a version-3 file's payload by zlib(data), the outer container unchanged."""
+    save_file({serialize.PAYLOAD: torch.frombuffer(bytearray(zlib.compress(data)), dtype=torch.uint8)}, str(path),
+              metadata={"bitdown": json.dumps({"format": "bitdown", "format_version": 3})})
 
 
 # ----------------------------------------------------------------------------- content and round trip
 
 
 def test_file_content(compressed, saved):
-    with safe_open(str(saved), framework="pt") as f:
-        text = f.metadata()["bitdown"]
-        meta = json.loads(text)
-        keys = set(f.keys())
-        tensors = {k: f.get_tensor(k) for k in keys}
+    tensors, meta = serialize.read_stored(saved)
+    keys = set(tensors)
+    data = inflated(saved)
+    n = int.from_bytes(data[:8], "little")
+    text = json.dumps(json.loads(data[8:8 + n])["meta"], separators=(",", ":"))
+    assert data[8:8 + n].decode().endswith(f',"meta":{text}}}')       # stored as compact JSON
     for name in ("conv2", "conv3", "fc"):
         layer = getattr(compressed, name)
         assert tensors[f"{name}.codebook"].dtype == torch.float16
@@ -98,8 +117,7 @@ def test_file_content(compressed, saved):
         assert {f"{bn}.running_mean", f"{bn}.running_var", f"{bn}.weight", f"{bn}.bias"} <= keys
         assert tensors[f"{bn}.running_mean"].dtype == tensors[f"{bn}.running_var"].dtype == torch.float16
         assert tensors[f"{bn}.weight"].dtype == torch.float32
-    assert meta["format"] == "bitdown" and meta["format_version"] == serialize.FORMAT_VERSION == 2
-    assert text == json.dumps(meta, separators=(",", ":"))          # compact JSON: no spaces
+    assert meta["format"] == "bitdown" and meta["format_version"] == serialize.FORMAT_VERSION == 3
     assert meta["layers"][0] == {"name": "conv2", "kind": "convkxk", "weight_shape": [16, 8, 3, 3],
                                  "block_size": 9, "n_centroids": 16}   # fields at their default omitted
     assert [p["name"] for p in meta["layers"]] == ["conv2", "conv3", "fc"]
@@ -210,24 +228,32 @@ def test_truncated_file(saved, keep):
 
 
 def test_tampered_tensor_byte(saved):
-    raw, n, _ = header(saved)
-    data = bytearray(raw)
+    data = inflated(saved)
+    n = int.from_bytes(data[:8], "little")
     for pos in (8 + n + 5, len(data) - 3):       # the first and the last tensor bytes
         tampered = bytearray(data)
         tampered[pos] ^= 0x10
-        saved.write_bytes(bytes(tampered))
+        reflate(saved, bytes(tampered))
         with pytest.raises(BitdownFileError, match="checksum mismatch"):
             bitdown.load(saved, TinyNet())
 
 
+def test_tampered_compressed_byte(saved):
+    raw = saved.read_bytes()
+    for pos in (len(raw) // 2, len(raw) - 2):   # inside the deflate stream; its adler32 trailer
+        data = bytearray(raw)
+        data[pos] ^= 0x10
+        saved.write_bytes(bytes(data))
+        with pytest.raises(BitdownFileError, match="corrupt compressed payload|checksum mismatch|ends inside"):
+            bitdown.load(saved, TinyNet())
+
+
 def test_flipped_metadata_byte_breaking_the_json(saved):
-    raw, n, hdr = header(saved)
-    text = raw[8:8 + n].decode()
-    pos = 8 + text.index('\\"layers\\"') + len('\\"layers\\"')    # the ':' after the key "layers"
-    assert raw[pos:pos + 1] == b":"
-    data = bytearray(raw)
+    data = bytearray(inflated(saved))
+    pos = data.index(b'"layers"') + len(b'"layers"')     # the ':' after the key "layers"
+    assert data[pos:pos + 1] == b":"
     data[pos] = ord(";")
-    saved.write_bytes(bytes(data))
+    reflate(saved, bytes(data))
     with pytest.raises(BitdownFileError, match="corrupt bitdown metadata"):
         bitdown.load(saved, TinyNet())
 
@@ -243,7 +269,8 @@ def test_flipped_header_byte_breaking_safetensors(saved):
 
 @pytest.mark.parametrize("key", ["size_mb", "rel_error", "calib_images", "layers"])
 def test_flipped_metadata_byte(saved, key):
-    raw, n, _ = header(saved)
+    raw = inflated(saved)
+    n = int.from_bytes(raw[:8], "little")
     text = raw[8:8 + n].decode()
     start = text.index(key)
     if key == "layers":                                  # a letter of a key: "layers" -> "lbyers"
@@ -254,7 +281,7 @@ def test_flipped_metadata_byte(saved, key):
         new = "7" if text[pos] != "7" else "3"
     data = bytearray(raw)
     data[8 + pos] = ord(new)
-    saved.write_bytes(bytes(data))
+    reflate(saved, bytes(data))
     with pytest.raises(BitdownFileError):
         bitdown.load(saved, TinyNet())
 
@@ -312,7 +339,7 @@ def test_version_1_file_loads(compressed, saved, tmp_path):
     loaded = bitdown.load(old, TinyNet())
     for k, v in compressed.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
-    again = bitdown.save(loaded, tmp_path / "again.bitdown")           # re-saved as version 2
+    again = bitdown.save(loaded, tmp_path / "again.bitdown")           # re-saved as version 3
     assert again.read_bytes() == saved.read_bytes()
 
 

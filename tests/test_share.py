@@ -197,11 +197,9 @@ def test_file_stores_the_codebook_once_and_loads_tied(shared_model, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), shared_model(x))
     # a file whose owner codebook is gone is refused, with the layer named
-    from safetensors.torch import save_file
     broken = {k: v for k, v in tensors.items() if k != "conv2.codebook"}
     meta["checksum"] = serialize.checksum(broken, meta)
-    import json
-    save_file(broken, str(tmp_path / "b.bitdown"), metadata={"bitdown": json.dumps(meta)})
+    serialize.write_stored(tmp_path / "b.bitdown", broken, meta)
     with pytest.raises(BitdownFileError, match="codebook/codes of 'conv2'"):
         serialize.apply(make_net(), *serialize.read(tmp_path / "b.bitdown"))
 
@@ -304,12 +302,9 @@ def test_explicit_none_opts_out_of_share_same_shape():
 
 
 def test_file_with_a_non_string_group_is_refused(shared_model, tmp_path):
-    import json
-
-    from safetensors.torch import save_file
     tensors, meta = serialize.read(bitdown.save(shared_model, tmp_path / "s.bitdown"))
     meta["layers"][0]["share"] = ["g"]
     meta["checksum"] = serialize.checksum(tensors, meta)
-    save_file(tensors, str(tmp_path / "bad.bitdown"), metadata={"bitdown": json.dumps(meta)})
+    serialize.write_stored(tmp_path / "bad.bitdown", tensors, meta)
     with pytest.raises(BitdownFileError, match="corrupt layer list"):
         serialize.apply(make_net(), *serialize.read(tmp_path / "bad.bitdown"))

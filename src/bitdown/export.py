@@ -17,7 +17,7 @@ off: the torch.export-based one folds the gather at export time and writes dense
 After writing, the file is checked against the PyTorch model with onnxruntime when it is installed
 (non-finite outputs on either side count as a disagreement). The codes stay uint8 (int16 for K > 256)
 in the graph, scalar codes and zero points uint8 too (ONNX has no 2- or 3-bit type): they come from the
-model in memory, where `bitdown.load` has unpacked the file's bit-packed codes (format version 2).
+model in memory, where `bitdown.load` has unpacked the file's bit-packed codes (format version 2 and later).
 """
 from __future__ import annotations
 

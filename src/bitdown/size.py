@@ -12,8 +12,8 @@
 - buffers (BatchNorm running statistics) are not counted.
 
 The ratio is the fp32 size of all parameters divided by that. The real bytes on disk (codes
-bit-packed to ceil(log2 K) bits, fp16 codebooks, fp16 BatchNorm statistics, fp32 rest, the
-safetensors header with its JSON metadata) are a separate figure: `file_bytes(model)` here, and
+bit-packed to ceil(log2 K) bits, fp16 codebooks, fp16 BatchNorm statistics, fp32 rest, index and JSON
+metadata, all zlib-compressed in format version 3) are a separate figure: `file_bytes(model)` here, and
 `bitdown info` reports both, "paper_bytes" (= "size_bytes") and "file_bytes".
 """
 from __future__ import annotations
