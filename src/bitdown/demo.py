@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paper-em", action="store_true", help="the paper's EM instead of bitdown's default")
     p.add_argument("--out", default="out/demo.bitdown")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--holdout", type=lambda v: float(v) if "." in v else int(v), default=FinetuneConfig.holdout,
+                   help="fine-tuning images kept out for the global stage's guard: a count or a fraction (0: off)")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import EMConfig
     config = zoo_config(a.model, a.preset, calib_images=a.calib_images, seed=a.seed,
                         em=EMConfig.paper() if a.paper_em else EMConfig())
-    ft = FinetuneConfig(layer_steps=a.finetune_steps, global_steps=a.global_steps, seed=a.seed)
+    ft = FinetuneConfig(layer_steps=a.finetune_steps, global_steps=a.global_steps, seed=a.seed, holdout=a.holdout)
     t0 = time.perf_counter()
     student = compress(teacher, make_loader(train, 128, shuffle=True, seed=a.seed), config,
                        arch={"name": a.model, "source": "zoo", "preprocess": "cifar10"},
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.perf_counter() - t_start, "calib_images": a.calib_images,
         "finetune_steps": a.finetune_steps, "global_steps": a.global_steps,
         "eval_images": res_s["n"], "threads": torch.get_num_threads(),
+        "holdout": student.bitdown.extra.get("global_finetune", {}).get("holdout"),   # the global stage's guard
     }
     print(f"\nbitdown demo: {a.model}, preset {a.preset}, calibrated on unlabelled CIFAR-10 train images,"
           f" evaluated on the {res_s['n']} test images\n")
