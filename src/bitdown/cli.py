@@ -394,7 +394,8 @@ def cmd_size(a: argparse.Namespace) -> int:
 
 
 def cmd_compress(a: argparse.Namespace) -> int:
-    from . import compress, save
+    from . import compress, dist, save
+    from .checkpoint import fingerprint
     from .data import make_loader
     from .evaluate import evaluate
     from .modules import module_device
@@ -408,6 +409,10 @@ def cmd_compress(a: argparse.Namespace) -> int:
     if a.weights and _same_file(a.weights, out_path):
         raise UsageError(f"--out {a.out} is the --weights file: it would overwrite the model being compressed")
     _check_device(a.device)
+    device = dist.init(a.device)            # torchrun: join the process group (cuda: this rank's GPU)
+    if dist.active():                       # every rank must have been given the same command
+        dist.check_same(fingerprint({k: v for k, v in sorted(vars(a).items()) if k != "fn"}), "command-line options")
+        a.device = None if device is None else str(device)
 
     torch.manual_seed(a.seed)
     model, arch = resolve_model(a.model, a.weights)
@@ -441,6 +446,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
                  checkpoint_dir=a.checkpoint_dir, finetune=ft if ft.enabled else None, train_data=train,
                  target_ratio=a.target_ratio, target_size=a.target_size, device=a.device)
     wall = time.perf_counter() - t0
+    if not dist.is_main():                  # rank 0 writes the file and reports
+        return 0
     path = save(q, out_path)
     rep = size_report(q, q.bitdown.plans)
     out = {"out": str(path), "size_mb": rep.size_mb, "ratio": rep.ratio, "bytes_on_disk": path.stat().st_size,
@@ -802,8 +809,11 @@ def _message(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import dist
+
     a = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format=dist.log_format())
+    dist.install_log_filter()                # "[rank r/N]" in every line under torchrun
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     try:
@@ -814,10 +824,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except dist.DistError as e:          # a peer process died or stopped answering (torchrun)
+        print(f"error: {_message(e)}", file=sys.stderr)
+        return 1
     except (ValueError, OSError, KeyError, TypeError, FloatingPointError, ImportError) as e:
         # ValueError covers UsageError and BitdownFileError; OSError a file that cannot be read or written
-        print(f"error: {_message(e)}", file=sys.stderr)
+        print(f"error: {_where()}{_message(e)}", file=sys.stderr)
         return 2
+    finally:
+        dist.close()
+
+
+def _where() -> str:
+    """'rank r of N: ' under torchrun, else ''."""
+    from . import dist
+
+    return f"rank {dist.rank()} of {dist.world_size()}: " if dist.launched() and dist.active() else ""
 
 
 if __name__ == "__main__":

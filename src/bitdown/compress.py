@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import dist
 from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from .config import LayerPlan, QuantConfig, quantizable_layers, resolve_plan, share_groups
 from .em import assign_codes, kmeans, kmeans_shared
@@ -83,26 +84,91 @@ def _images(batch: Any) -> torch.Tensor:
     raise TypeError(f"data must yield image tensors or (images, labels) tuples, got {type(batch).__name__}")
 
 
-def take_images(data: Iterable, n: int, batch_size: int) -> list[torch.Tensor]:
-    """The first `n` images of `data` (an iterable of batches), re-batched to `batch_size`."""
-    chunks, count = [], 0
-    for batch in data:
-        x = _images(batch)
-        if x.dim() == 3:
-            x = x.unsqueeze(0)
-        if not torch.is_floating_point(x):
-            raise TypeError(f"calibration images must be float tensors, got {x.dtype}")
-        chunks.append(x[: n - count])
-        count += chunks[-1].shape[0]
-        if count >= n:
-            break
+def _image_batch(batch: Any) -> torch.Tensor:
+    x = _images(batch)
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if not torch.is_floating_point(x):
+        raise TypeError(f"calibration images must be float tensors, got {x.dtype}")
+    return x
+
+
+def _counted(count: int, n: int, chunks: list[torch.Tensor]) -> None:
+    """The checks on `count` images read of the `n` asked for (`chunks`: those this process holds)."""
     if count == 0:
         raise ValueError("the calibration data is empty: no image was read")
     if count < n:
         log.warning("the data holds %d images, fewer than the %d asked for: using them all", count, n)
     if not all(torch.isfinite(c).all() for c in chunks):
         raise ValueError("the calibration images contain NaN/inf values")
+
+
+def take_images(data: Iterable, n: int, batch_size: int) -> list[torch.Tensor]:
+    """The first `n` images of `data` (an iterable of batches), re-batched to `batch_size`."""
+    chunks, count = [], 0
+    for batch in data:
+        x = _image_batch(batch)
+        chunks.append(x[: n - count])
+        count += chunks[-1].shape[0]
+        if count >= n:
+            break
+    _counted(count, n, chunks)
     return list(torch.cat(chunks).split(batch_size))
+
+
+def _loader_indices(data: Any, n: int) -> list[int] | None:
+    """The dataset indices of the first `n` images a DataLoader over a map-style dataset yields (None for any
+    other iterable)."""
+    if not (isinstance(data, torch.utils.data.DataLoader) and data.batch_sampler is not None
+            and not isinstance(data.dataset, torch.utils.data.IterableDataset)):
+        return None
+    out: list[int] = []
+    for b in data.batch_sampler:
+        out.extend(int(i) for i in b)
+        if len(out) >= n:
+            break
+    return out[:n]
+
+
+def _check_ranks(n_batches: int, n_images: int, batch_size: int) -> None:
+    if dist.world_size() > n_batches:
+        raise ValueError(f"{dist.world_size()} processes, but the {n_images} calibration images make only {n_batches} "
+                         f"batch{'es' if n_batches > 1 else ''} of {batch_size}: each process needs one; start at most "
+                         f"{n_batches} processes, or use a smaller batch_size (--config '{{\"batch_size\": "
+                         f"{max(1, n_images // dist.world_size())}}}')")
+
+
+def take_shard(data: Iterable, n: int, batch_size: int) -> tuple[list[torch.Tensor], int]:
+    """This process's share of `take_images(data, n, batch_size)` under torchrun (its batches `dist.shard`:
+    rank r holds global batches r, r + N, ...) and the global number of images. A DataLoader over a map-style
+    dataset is read at this rank's indices only; any other iterable is read whole and cut. Without a
+    process group: all the batches."""
+    idx = _loader_indices(data, n) if dist.active() else None
+    if idx is None:
+        batches = take_images(data, n, batch_size)
+        count = sum(x.shape[0] for x in batches)
+        _check_ranks(len(batches), count, batch_size)
+        return dist.shard(batches), count
+    groups = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+    _check_ranks(max(1, len(groups)), len(idx), batch_size)
+    batches = [_image_batch(data.collate_fn([data.dataset[i] for i in g])) for g in dist.shard(groups)]
+    _counted(len(idx), n, batches)
+    return batches, len(idx)
+
+
+def _global_batches(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Every rank's batches (dist.shard) put back in global order, on every rank (a copy over the network)."""
+    if not dist.active():
+        return batches
+    dev = batches[0].device
+    got = dist.all_gather_object([x.cpu() for x in batches], "gathering the calibration images")
+    return [x.to(dev) for x in dist.interleave(got)]
+
+
+def batch_digests(batches: list[torch.Tensor]) -> list[str]:
+    """A hash of every calibration batch, in global order on every rank (what identifies the images)."""
+    return dist.interleave(dist.all_gather_object([fingerprint(list(x.shape), x) for x in batches],
+                                                  "hashing the calibration images"))
 
 
 def forward_order(model: nn.Module, x: torch.Tensor) -> list[str]:
@@ -133,6 +199,15 @@ def recalibrate_bn(model: nn.Module, batches: list[torch.Tensor]) -> int:
         for bn, mom in zip(bns, momenta):
             bn.momentum = mom
         model.train(was_training)
+    if dist.active():       # each rank averaged its batches: the average over all, weighted by batch count
+        k = torch.tensor([float(len(batches))], dtype=torch.float64)
+        sums = [torch.cat([b.running_mean, b.running_var]).double() * len(batches) for b in bns]
+        dist.all_reduce_(sums + [k], "BatchNorm re-estimation")
+        for bn, t in zip(bns, sums):
+            c = bn.running_mean.numel()
+            bn.running_mean.copy_(t[:c] / k)
+            bn.running_var.copy_(t[c:] / k)
+            bn.num_batches_tracked.fill_(int(k))
     return len(bns)
 
 
@@ -148,12 +223,13 @@ def _check_model(model: nn.Module) -> None:
 
 def _finetune_data(train_data: Any, data: Any, calib: list[torch.Tensor]) -> Any:
     """The map-style dataset fine-tuning draws from: `train_data`, else `data`'s dataset, else the
-    calibration images themselves."""
+    calibration images themselves (all ranks' under torchrun)."""
     if train_data is not None:
         return train_data
     ds = getattr(data, "dataset", data)
     if hasattr(ds, "__len__") and hasattr(ds, "__getitem__") and isinstance(ds, torch.utils.data.Dataset):
         return ds
+    calib = _global_batches(calib)
     log.warning("no train_data for fine-tuning: using the %d calibration images without augmentation",
                 sum(x.shape[0] for x in calib))
     return torch.utils.data.TensorDataset(torch.cat(calib))
@@ -249,6 +325,7 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     config = config or QuantConfig()
     _check_model(model)
     t0 = time.perf_counter()
+    progress = progress and dist.is_main()           # under torchrun: bars on rank 0 only
     model.eval()
     # the uncompressed model is needed next to the student for teacher targets and distillation
     needs_teacher = config.em.teacher_target or finetune is not None or config.reconstruct.steps > 0
@@ -261,50 +338,60 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     if target_ratio is not None or target_size is not None:     # refuse an impossible budget before any work
         from .allocate import check_budget
         check_budget(student, config, target_ratio, target_size, extra=config.alloc_menu)
-    calib = [x.to(dev) for x in take_images(data, config.calib_images, config.batch_size)]
-    n_calib = sum(x.shape[0] for x in calib)
+    ft = finetune
+    weights_key = fingerprint({k: v for k, v in teacher.state_dict().items()})
+    if dist.active():                  # every rank must run the same job: refused before any work otherwise
+        dist.check_same(fingerprint(_fp_json(config.to_json()), ft.to_json() if ft is not None else None,
+                                    arch, weights_key, target_ratio, target_size),
+                        "configuration, fine-tuning configuration, size target or model weights")
+    calib, n_calib = take_shard(data, config.calib_images, config.batch_size)
+    calib = [x.to(dev) for x in calib]
+    # the first 2 images, the same on every rank: the probe forwards (layer order, blocks, counts) see them
+    probe = dist.broadcast_object(calib[0][:2].cpu() if dist.is_main() else None, what="the probe images").to(dev)
     if finetune is not None:       # an output distillation cannot use is refused before any work
         from .finetune import check_outputs
-        log.info("distillation on the model output: %s", check_outputs(student, calib[0], finetune.loss))
-    log.info("calibration: %d images in %d batches", n_calib, len(calib))
-    order = forward_order(student, calib[0][:2])
+        log.info("distillation on the model output: %s", check_outputs(student, probe, finetune.loss))
+    log.info("calibration: %d images in %d batches%s", n_calib, len(calib),
+             f" on this rank ({dist.rank()} of {dist.world_size()})" if dist.active() else "")
+    order = forward_order(student, probe)
     allocation = None
     if target_ratio is not None or target_size is not None:
-        config, allocation = _allocation(student, calib, config, target_ratio, target_size, order, progress,
-                                         checkpoint_dir)
+        all_calib = _global_batches(calib)     # the rate-distortion table runs on rank 0, on every image
+        config, allocation = dist.on_main(lambda: _allocation(student, all_calib, config, target_ratio, target_size,
+                                                              order, progress, checkpoint_dir), "the size allocation")
+        del all_calib
     plans, skipped = resolve_plan(student, config, order)
     for name, _ in quantizable_layers(student):
         if name not in order:
             skipped.setdefault(name, "not called by forward() on the calibration images")
-    blocks = find_blocks(student, calib[0][:2], order, config.blocks)
+    blocks = find_blocks(student, probe, order, config.blocks)
     plans = _block_order(plans, blocks)
-    check_calibration_count(student, plans, calib[0], n_calib)
+    check_calibration_count(student, plans, probe, n_calib)
     info = CompressionInfo(arch or {"name": type(model).__name__, "source": "user"}, config.to_json(), plans, skipped)
     info.extra["calib_images"] = n_calib
     info.extra["blocks"] = [b.name for b in blocks]
     if allocation is not None:
         info.extra["allocation"] = allocation
 
-    ft = finetune
     ft_data = _finetune_data(train_data, data, calib) if ft is not None else None
+    # what identifies the run, the same for any number of processes (the calibration batches by their hashes)
     fp = fingerprint(_fp_json(config.to_json()), _fp_json(ft.to_json()) if ft is not None else None, info.arch,
-                     {k: v for k, v in teacher.state_dict().items()}, {str(i): x for i, x in enumerate(calib)},
-                     _describe(ft_data))
+                     weights_key, batch_digests(calib), _describe(ft_data))
     holdout = None                   # images kept out of fine-tuning: the global stage's guard (finetune.py)
     if ft is not None and ft.global_steps > 0:
         from .finetune import split_holdout
         ft_data, holdout = split_holdout(ft_data, ft)
     done, resume = 0, {}
     if checkpoint_dir is not None:
-        ck = load_checkpoint(checkpoint_dir, fp)
+        ck = dist.on_main(lambda: load_checkpoint(checkpoint_dir, fp), "reading the checkpoint")   # then sent
         if ck is not None:
             done, resume = _restore(student, plans, ck, info)
             log.info("resuming from %s: %d/%d layers done, stage %s", checkpoint_dir, done, len(plans),
                      resume["stage"])
 
     shared = _learn_shared(teacher, plans, done, calib, config)   # group -> initial codebook
-    run = _BlockRun(student, teacher if needs_teacher else None, blocks, plans, calib, config, ft, ft_data, info,
-                    shared, checkpoint_dir, fp, progress)
+    run = _BlockRun(student, teacher if needs_teacher else None, blocks, plans, calib, probe, n_calib, config, ft,
+                    ft_data, info, shared, checkpoint_dir, fp, progress)
     blocks_done = len(blocks) if resume.get("stage") == "global" else resume.get("blocks_done", 0)
     if blocks_done < len(blocks):
         run.run(blocks_done)
@@ -314,14 +401,15 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
         if config.recalibrates_bn:
             t1 = time.perf_counter()
             try:
-                bn_batches = [x.to(dev) for x in take_images(data, config.bn_images, config.batch_size)]
+                bn_batches = [x.to(dev) for x in take_shard(data, config.bn_images, config.batch_size)[0]]
             except ValueError:      # a one-shot stream, already consumed by the calibration
                 log.warning("the data yielded nothing on a second pass: BatchNorm statistics re-estimated on "
                             "the %d calibration images", n_calib)
                 bn_batches = calib
             n = recalibrate_bn(student, bn_batches)
             info.timings["bn_s"] = time.perf_counter() - t1
-            log.info("re-estimated %d BatchNorm layers on %d images", n, sum(x.shape[0] for x in bn_batches))
+            log.info("re-estimated %d BatchNorm layers on %d images%s", n, sum(x.shape[0] for x in bn_batches),
+                     " on this rank" if dist.active() else "")
         if checkpoint_dir is not None:
             _save(checkpoint_dir, student, plans, info, fp, stage="global", step=0)
     if ft is not None and ft.global_steps > 0:
@@ -383,24 +471,25 @@ class _BlockRun:
     reconstruction (reconstruct.py), then its outputs for the next blocks, then a checkpoint."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, blocks: list[Block], plans: list[LayerPlan],
-                 calib: list[torch.Tensor], config: QuantConfig, ft, ft_data, info: CompressionInfo,
-                 shared: dict[str, torch.Tensor], checkpoint_dir, fp: str, progress: bool) -> None:
+                 calib: list[torch.Tensor], probe: torch.Tensor, n_calib: int, config: QuantConfig, ft, ft_data,
+                 info: CompressionInfo, shared: dict[str, torch.Tensor], checkpoint_dir, fp: str,
+                 progress: bool) -> None:
         self.student, self.teacher, self.blocks, self.plans = student, teacher, blocks, plans
-        self.calib, self.config, self.ft, self.ft_data, self.info = calib, config, ft, ft_data, info
+        self.calib, self.probe, self.n_calib = calib, probe, n_calib    # this rank's batches; all ranks' count
+        self.config, self.ft, self.ft_data, self.info = config, ft, ft_data, info
         self.shared, self.checkpoint_dir, self.fp, self.progress = shared, checkpoint_dir, fp, progress
         self.modules = dict(student.named_modules())
         self.t_modules = dict(teacher.named_modules()) if teacher is not None else {}
         self.index = {p.name: i for i, p in enumerate(plans)}
-        self.n_calib = sum(x.shape[0] for x in calib)
 
     def run(self, blocks_done: int) -> None:
         cfg = self.config
         store = TensorStore(cfg.cache_mb * 2**20, torch.float16 if cfg.cache_dtype == "float16" else None,
                             spill_dir=None)
-        last = dependencies(self.student, self.blocks, self.calib[0][:1], seed=cfg.seed)
+        last = dependencies(self.student, self.blocks, self.probe[:1], seed=cfg.seed)
         s_io = BlockIO(self.student, self.blocks, self.calib, store, last)
         t_io = BlockIO(self.teacher, self.blocks, self.calib, store, last) if self.teacher is not None else None
-        self.bn_after = (following_batchnorm(self.student, self.calib[0][:2], [p.name for p in self.plans])
+        self.bn_after = (following_batchnorm(self.student, self.probe, [p.name for p in self.plans])
                          if cfg.em.mean_correction else {})
         done_layers = sum(1 for b in self.blocks[:blocks_done] for n in b.layers if n in self.index)
         bar = tqdm(total=len(self.plans), desc="quantize", unit="layer", disable=not self.progress,
@@ -497,12 +586,14 @@ class _BlockRun:
             w0 = self.t_modules[name].weight.detach().cpu()
             target = teacher_target_weight(w0, st, em.target_damp) if em.teacher_target else w0
             if plan.scalar_bits:        # new codes on the (reconstructed) scales
-                res = quantize_scalar(target, st.full_gram, plan.scalar_bits, em.damp,
-                                      scale=module.scale.detach().cpu(), zero=module.zero.cpu())
+                res = dist.on_main(lambda: quantize_scalar(target, st.full_gram, plan.scalar_bits, em.damp,
+                                                           scale=module.scale.detach().cpu(), zero=module.zero.cpu()),
+                                   f"the code re-assignment of {name!r}")
                 with torch.no_grad():
                     module.codes.copy_(res.codes.to(module.codes))
                 continue
-            res = assign_codes(target, module.codebook.detach().cpu(), st.block_grams, em, full_gram=st.full_gram)
+            res = dist.on_main(lambda: assign_codes(target, module.codebook.detach().cpu(), st.block_grams, em,
+                                                    full_gram=st.full_gram), f"the code re-assignment of {name!r}")
             with torch.no_grad():
                 module.codes.copy_(res.codes.reshape(module.codes.shape).to(module.codes))
 
@@ -531,6 +622,7 @@ class _BlockRun:
         finally:
             stop.remove()
             collector.remove()
+        dist.all_reduce_stats(collector.stats, f"the statistics of layer {plan.name!r}")   # sums over ranks
         if collector.stats.n_rows == 0:
             raise ValueError(f"layer {plan.name!r} received no input when its block ran")
         return collector.stats.to("cpu")                 # the EM runs on the CPU, in float64
@@ -548,22 +640,30 @@ class _BlockRun:
             shift = {"target_shift": float((target - w0).norm() / w0.norm())}
         t_stats = time.perf_counter() - t1
         row_weights = channel_weights(st) if em.channel_weighting == "variance" and em.objective != "weights" else None
-        if plan.fp16:                   # the (teacher-target) weight in fp16
-            res = quantize_fp16(target, st.full_gram)
+        owner = _shared_param(self.modules, self.plans, plan.share) if plan.share is not None else None
+        codebook = ((owner.detach().cpu() if owner is not None else self.shared[plan.share]) if plan.share is not None
+                    else None)
+
+        def em_step():
+            if plan.fp16:                   # the (teacher-target) weight in fp16
+                return quantize_fp16(target, st.full_gram)
+            if plan.scalar_bits:            # per-channel scalar codes, GPTQ feedback on the full Gram
+                return quantize_scalar(target, st.full_gram, plan.scalar_bits, em.damp)
+            if plan.share is None:
+                return kmeans(target, st.block_grams, plan.n_centroids, em, seed=cfg.seed + i,
+                              full_gram=st.full_gram, row_weights=row_weights)
+            # the group's codebook is fixed: only this layer's codes, on its own statistics
+            return assign_codes(target, codebook, st.block_grams, em, full_gram=st.full_gram, row_weights=row_weights)
+
+        res = dist.on_main(em_step, f"the EM of layer {plan.name!r}")     # rank 0 runs it, every rank gets it
+        if plan.fp16:
             quantize_module_fp16(module, res.weight16.float())
-        elif plan.scalar_bits:          # per-channel scalar codes, GPTQ feedback on the full Gram
-            res = quantize_scalar(target, st.full_gram, plan.scalar_bits, em.damp)
+        elif plan.scalar_bits:
             quantize_module_scalar(module, res.codes, res.scale, plan.scalar_bits, res.zero)
         elif plan.share is None:
-            res = kmeans(target, st.block_grams, plan.n_centroids, em, seed=cfg.seed + i,
-                         full_gram=st.full_gram, row_weights=row_weights)
             quantize_module(module, round_codebook(res.codebook, plan.codebook_bits), res.codes,  # file == memory
                             plan.codebook_bits)
-        else:           # the group's codebook is fixed: only this layer's codes, on its own statistics
-            owner = _shared_param(self.modules, self.plans, plan.share)
-            codebook = owner.detach().cpu() if owner is not None else self.shared[plan.share]
-            res = assign_codes(target, codebook, st.block_grams, em, full_gram=st.full_gram,
-                               row_weights=row_weights)
+        else:
             quantize_module(module, codebook, res.codes, plan.codebook_bits)
             if owner is not None:
                 module.codebook = owner                         # one Parameter for the whole group
@@ -675,13 +775,16 @@ def _learn_shared(teacher: nn.Module, plans: list[LayerPlan], done: int, calib: 
     layers = {p.name: (tm[p.name], p.block_size) for ms in groups.values() for p in ms}
     weights_only = config.em.objective == "weights"          # the weight-space baseline needs no data
     stats = {} if weights_only else collect_stats(teacher, layers, calib)
+    for name, st in stats.items():
+        dist.all_reduce_stats(st, f"the statistics of layer {name!r}")
     out = {}
     for g, ms in sorted(groups.items()):
         weights = [tm[p.name].weight.detach().cpu() for p in ms]
         d = ms[0].block_size
         grams = [torch.eye(d, dtype=torch.float64) if weights_only else stats[p.name].block_grams.sum(dim=(0, 1))
                  for p in ms]
-        res = kmeans_shared(weights, grams, ms[0].n_centroids, config.em, seed=seeds[g])
+        res = dist.on_main(lambda: kmeans_shared(weights, grams, ms[0].n_centroids, config.em, seed=seeds[g]),
+                           f"the EM of shared codebook {g!r}")
         log.info("shared codebook %r (%d layers, K=%d, d=%d): relative pooled error %.4f", g, len(ms),
                  ms[0].n_centroids, ms[0].block_size, res.rel_error)
         out[g] = round_codebook(res.codebook, ms[0].codebook_bits)
@@ -690,6 +793,8 @@ def _learn_shared(teacher: nn.Module, plans: list[LayerPlan], done: int, calib: 
 
 def _save(folder, student: nn.Module, plans_done: list[LayerPlan], info: CompressionInfo, fp: str, stage: str,
           step: int = 0, extra_tensors: dict[str, torch.Tensor] | None = None, extra: dict | None = None) -> None:
+    if not dist.is_main():       # under torchrun rank 0 writes (every rank holds the same state)
+        return
     tensors = dict(student.state_dict())
     tensors.update(extra_tensors or {})
     save_checkpoint(folder, tensors, {"fingerprint": fp, "stage": stage, "step": step,

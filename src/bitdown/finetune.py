@@ -56,6 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import dist
 from .modules import is_pq, round_codebook
 
 log = logging.getLogger(__name__)
@@ -177,25 +178,38 @@ def _kind(t: torch.Tensor, loss: str, path: str = "output") -> str:
     return loss
 
 
-def _tensor_loss(s: torch.Tensor, t: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
+def _tensor_loss(s: torch.Tensor, t: torch.Tensor, kind: str, temperature: float, n_total: int | None = None,
+                 norm: torch.Tensor | None = None) -> torch.Tensor:
     if kind == "kl":
         T = temperature
+        if n_total is not None:     # this rank's rows of a batch of n_total: its share of the batch mean
+            return F.kl_div(F.log_softmax(s / T, dim=1), F.log_softmax(t / T, dim=1),
+                            reduction="sum", log_target=True) / n_total * T * T
         return F.kl_div(F.log_softmax(s / T, dim=1), F.log_softmax(t / T, dim=1),
                         reduction="batchmean", log_target=True) * T * T
     s, t = s.float(), t.float()        # sums of squares of a large map: fp32 at least
-    return (s - t).pow(2).sum() / (t.pow(2).sum() + MSE_EPS)
+    return (s - t).pow(2).sum() / ((t.pow(2).sum() if norm is None else norm) + MSE_EPS)
 
 
-def distill_loss(student_out: Any, teacher_out: Any, temperature: float = 1.0, loss: str = "auto") -> torch.Tensor:
+def distill_loss(student_out: Any, teacher_out: Any, temperature: float = 1.0, loss: str = "auto",
+                 n_total: int | None = None) -> torch.Tensor:
     """Distillation loss between two model outputs (the module docstring): a scalar tensor, the sum
-    over the paired floating-point tensors of KL (class logits) or normalised MSE (anything else)."""
+    over the paired floating-point tensors of KL (class logits) or normalised MSE (anything else).
+    `n_total` (under torchrun): the outputs are this rank's rows of a batch of n_total rows spread over the
+    ranks, and the result is this rank's share of that batch's loss (the shares sum to it): KL summed over
+    the rows / n_total, MSE normalised by the teacher's energy summed over every rank's rows."""
     pairs = list(_pairs(student_out, teacher_out))
     if not pairs:
         raise TypeError(f"the model output ({type(teacher_out).__qualname__}) holds no floating-point tensor "
                         "to distil")
+    kinds = [_kind(t, loss, path) for path, _, t in pairs]
+    norms: list[torch.Tensor | None] = [None] * len(pairs)
+    if n_total is not None:
+        norms = [t.detach().float().pow(2).sum() if k == "mse" else None for (_, _, t), k in zip(pairs, kinds)]
+        dist.all_reduce_([n for n in norms if n is not None], "the distillation loss normalisers")
     total = None
-    for path, s, t in pairs:
-        term = _tensor_loss(s, t, _kind(t, loss, path), temperature)
+    for (path, s, t), kind, norm in zip(pairs, kinds, norms):
+        term = _tensor_loss(s, t, kind, temperature, n_total, norm)
         total = term if total is None else total + term
     return total
 
@@ -296,8 +310,10 @@ def split_holdout(data: Any, cfg: FinetuneConfig) -> tuple[torch.utils.data.Data
     return _Without(ds, keep), x
 
 
-def batch_at(ds: torch.utils.data.Dataset, step: int, batch_size: int, seed: int) -> torch.Tensor:
-    """Batch number `step` of the deterministic stream over `ds` (labels, if any, dropped)."""
+def batch_at(ds: torch.utils.data.Dataset, step: int, batch_size: int, seed: int,
+             rows: slice | None = None) -> torch.Tensor:
+    """Batch number `step` of the deterministic stream over `ds` (labels, if any, dropped); `rows`: only
+    those rows of it (a rank's part under torchrun: only they are read)."""
     n = len(ds)
     bs = min(batch_size, n)
     per_epoch = n // bs
@@ -305,7 +321,7 @@ def batch_at(ds: torch.utils.data.Dataset, step: int, batch_size: int, seed: int
     if hasattr(ds, "set_epoch"):
         ds.set_epoch(epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-    items = [ds[int(i)] for i in perm[b * bs:(b + 1) * bs]]
+    items = [ds[int(i)] for i in perm[b * bs:(b + 1) * bs][rows if rows is not None else slice(None)]]
     xs = [it[0] if isinstance(it, (tuple, list)) else it for it in items]
     return torch.stack(xs)
 
@@ -324,18 +340,20 @@ def mix_batch(x: torch.Tensor, alpha: float, seed: int, step: int) -> torch.Tens
     return lam * x + (1 - lam) * x[perm]                                         # (N, ...)
 
 
-def stream(ds, start: int, steps: int, batch_size: int, seed: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """(step, batch) for steps start..steps-1; the next batch is prepared in a background thread while
-    the caller trains on this one (a batch depends only on its step: the stream stays deterministic)."""
+def stream(ds, start: int, steps: int, batch_size: int, seed: int,
+           rows: slice | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(step, batch) for steps start..steps-1 (`rows` of each batch: batch_at); the next batch is prepared in
+    a background thread while the caller trains on this one (a batch depends only on its step: the stream
+    stays deterministic)."""
     if start >= steps:
         return
     pool = ThreadPoolExecutor(max_workers=1)
-    nxt = pool.submit(batch_at, ds, start, batch_size, seed)
+    nxt = pool.submit(batch_at, ds, start, batch_size, seed, rows)
     try:
         for s in range(start, steps):
             x = nxt.result()
             if s + 1 < steps:
-                nxt = pool.submit(batch_at, ds, s + 1, batch_size, seed)
+                nxt = pool.submit(batch_at, ds, s + 1, batch_size, seed, rows)
             yield s, x
     finally:        # stopped early (an error, a closed generator): the worker must not touch `ds` afterwards
         nxt.cancel()
@@ -366,21 +384,52 @@ def _optimizer(params: list[nn.Parameter], lr: float, cfg: FinetuneConfig) -> to
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum)
 
 
+def _rows(cfg: FinetuneConfig, ds: Any) -> slice | None:
+    """Under torchrun, the rows of each batch this rank reads (dist.part); all of them with mixup, which mixes
+    across the whole batch (each rank mixes it, then keeps its part)."""
+    return dist.part(min(cfg.batch_size, len(ds))) if dist.active() and cfg.mixup == 0 else None
+
+
+def _shard_kw(cfg: FinetuneConfig, ds: Any) -> dict[str, int]:
+    """_step's n_total under torchrun (the global batch's rows); nothing otherwise, so a one-process run calls
+    _step exactly as before."""
+    return {"n_total": min(cfg.batch_size, len(ds))} if dist.active() else {}
+
+
+def backward_step(loss: torch.Tensor, opt: torch.optim.Optimizer, what: str) -> float:
+    """loss.backward() and opt.step(); under torchrun `loss` is this rank's share of the global loss and the
+    gradients and losses are summed over the ranks first. A non-finite (global) loss is a FloatingPointError
+    naming `what`, raised on every rank before the step. Returns the (global) loss."""
+    if not dist.active():
+        if not torch.isfinite(loss):
+            raise FloatingPointError(what)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    total = dist.sum_grads_([p for g in opt.param_groups for p in g["params"]], loss)
+    if not torch.isfinite(total):
+        raise FloatingPointError(what)
+    opt.step()
+    return total.item()
+
+
 def _step(student: nn.Module, teacher: nn.Module, x: torch.Tensor, opt: torch.optim.Optimizer, cfg: FinetuneConfig,
-          step: int, seed: int) -> float:
+          step: int, seed: int, n_total: int | None = None) -> float:
+    """One distillation step on `x` (under torchrun: this rank's rows of a batch of `n_total`, or the whole
+    batch when mixup is on)."""
     x = x.to(next(iter(opt.param_groups[0]["params"])).device, non_blocking=True)
     x = mix_batch(x, cfg.mixup, seed, step)                 # on the device: mixing is a whole-batch op
+    if n_total is not None and cfg.mixup > 0:              # the stream gave the whole batch: this rank's rows
+        x = x[dist.part(x.shape[0])]
     if x.dim() == 4:      # NHWC: conv forward+backward ~1.3-2x faster on CPU (ResNet-20/56, EfficientNet-Lite0)
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         zt = teacher(x)
-    loss = distill_loss(student(x), zt, cfg.temperature, cfg.loss)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite distillation loss at step {step}; lower the learning rate")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss.item()
+    loss = distill_loss(student(x), zt, cfg.temperature, cfg.loss, n_total)
+    return backward_step(loss, opt, f"non-finite distillation loss at step {step}; lower the learning rate")
 
 
 def finetune_layer(student: nn.Module, teacher: nn.Module, layer: nn.Module, data: Any, cfg: FinetuneConfig,
@@ -395,10 +444,12 @@ def finetune_layer(student: nn.Module, teacher: nn.Module, layer: nn.Module, dat
     teacher.eval()
     opt = _optimizer([layer.codebook], cfg.layer_lr, cfg)
     losses = []
+    shard = _shard_kw(cfg, ds)
     with _train_only(student, [layer.codebook]):
-        with closing(stream(ds, 0, cfg.layer_steps, cfg.batch_size, cfg.seed + seed)) as steps:
-            for s, x in tqdm(steps, total=cfg.layer_steps, desc="layer ft", leave=False, disable=not progress):
-                losses.append(_step(student, teacher, x, opt, cfg, s, cfg.seed + seed))
+        with closing(stream(ds, 0, cfg.layer_steps, cfg.batch_size, cfg.seed + seed, _rows(cfg, ds))) as steps:
+            for s, x in tqdm(steps, total=cfg.layer_steps, desc="layer ft", leave=False,
+                             disable=not (progress and dist.is_main())):
+                losses.append(_step(student, teacher, x, opt, cfg, s, cfg.seed + seed, **shard))
     layer.codebook.data = round_codebook(layer.codebook.data, layer.codebook_bits)   # what the file will hold
     return {"first_loss": losses[0], "last_loss": sum(losses[-10:]) / len(losses[-10:])}
 
@@ -487,13 +538,15 @@ def finetune_global(student: nn.Module, teacher: nn.Module, data: Any, cfg: Fine
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     losses: list[float] = []
-    bar = tqdm(total=cfg.global_steps, initial=start, desc="global ft", unit="step", disable=not progress)
+    bar = tqdm(total=cfg.global_steps, initial=start, desc="global ft", unit="step",
+               disable=not (progress and dist.is_main()))
+    shard = _shard_kw(cfg, ds)
     with _train_only(student, params), bar, closing(stream(ds, start, cfg.global_steps, cfg.batch_size,
-                                                            cfg.seed + seed + 1)) as steps:
+                                                            cfg.seed + seed + 1, _rows(cfg, ds))) as steps:
         for s, x in steps:
             for group in opt.param_groups:
                 group["lr"] = _lr_at(s, cfg)
-            losses.append(_step(student, teacher, x, opt, cfg, s, cfg.seed + seed + 1))
+            losses.append(_step(student, teacher, x, opt, cfg, s, cfg.seed + seed + 1, **shard))
             bar.update(1)
             if len(losses) % 10 == 0:
                 bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.4f}")

@@ -30,8 +30,10 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from . import dist
 from .blockio import Cached, map_tensors, run_block, tensors_of
 from .config import ReconstructConfig
+from .finetune import backward_step
 from .modules import is_pq, round_codebook
 from .scalar import is_scalar, round_scale
 
@@ -53,16 +55,18 @@ def block_params(block: nn.Module, cfg: ReconstructConfig, shared: set[int] = fr
     return list(params.values())
 
 
-def output_error(out: Any, target: Any) -> torch.Tensor:
-    """sum over the tensors of the output of ||out - target||^2 / ||target||^2 (a scalar tensor)."""
+def output_error(out: Any, target: Any, norms: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """sum over the tensors of the output of ||out - target||^2 / ||target||^2 (a scalar tensor); `norms`: the
+    ||target||^2 to divide by instead (those of a whole batch of which out/target are some rows)."""
     a, b = tensors_of(out), tensors_of(target)
     if len(a) != len(b) or not a:
         raise ValueError(f"block output holds {len(a)} tensors, its target {len(b)}")
     total = a[0].new_zeros(())
-    for s, t in zip(a, b):
+    for i, (s, t) in enumerate(zip(a, b)):
         if s.shape != t.shape:
             raise ValueError(f"block output of shape {list(s.shape)} vs target {list(t.shape)}")
-        total = total + (s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-12)
+        norm = t.float().pow(2).sum().clamp_min(1e-12) if norms is None else norms[i]
+        total = total + (s.float() - t.float()).pow(2).sum() / norm
     return total
 
 
@@ -86,7 +90,7 @@ def _nearest_codes(latents: list[tuple[nn.Module, float]]) -> None:
 
 def block_error(block: nn.Module, inputs: Cached, targets: Cached) -> float:
     """The normalised output error of `block` summed over the batches' images, divided by the image count
-    (each batch's error is weighted by its size)."""
+    (each batch's error is weighted by its size; under torchrun over every rank's batches)."""
     total, n = 0.0, 0
     with torch.no_grad():
         for b in range(len(inputs)):
@@ -94,7 +98,28 @@ def block_error(block: nn.Module, inputs: Cached, targets: Cached) -> float:
             size = tensors_of(args)[0].shape[0]
             total += float(output_error(run_block(block, args), targets[b])) * size
             n += size
+    if dist.active():
+        sums = torch.tensor([total, float(n)], dtype=torch.float64)
+        dist.all_reduce_([sums], "the block output error")
+        total, n = float(sums[0]), int(sums[1])
     return total / max(1, n)
+
+
+def _step_rows(b: int, idx: torch.Tensor, inputs: Cached, targets: Cached, teacher_inputs: Cached | None,
+               what: str) -> tuple[Any, Any, Any]:
+    """(inputs, targets, teacher inputs or None) at rows `idx` of global batch `b` on every rank: under torchrun
+    batch b lives on rank b % N (dist.shard), which sends those rows to the others (through the CPU)."""
+    if not dist.active():
+        return _rows(inputs[b], idx), _rows(targets[b], idx), (
+            _rows(teacher_inputs[b], idx) if teacher_inputs is not None else None)
+    owner, local = b % dist.world_size(), b // dist.world_size()
+    rows = None
+    if dist.rank() == owner:
+        rows = map_tensors((_rows(inputs[local], idx), _rows(targets[local], idx),
+                            _rows(teacher_inputs[local], idx) if teacher_inputs is not None else None),
+                           lambda t: t.cpu())
+    rows = dist.broadcast_object(rows, owner, what)
+    return map_tensors(rows, lambda t: t.to(inputs.device))
 
 
 def reconstruct_block(name: str, block: nn.Module, inputs: Cached, targets: Cached, cfg: ReconstructConfig,
@@ -116,7 +141,9 @@ def reconstruct_block(name: str, block: nn.Module, inputs: Cached, targets: Cach
             # (n_sub, d); a plain attribute, not a Parameter: never in the state dict or the file
             m.__dict__["_ste_latent"] = w.reshape(-1, m.block_size).clone().requires_grad_(True)
             latents.append((m, float(w.pow(2).mean().sqrt()) + 1e-12))
-    sizes = [tensors_of(inputs[b])[0].shape[0] for b in range(len(inputs))]
+    # the batch sizes of every rank's batches in global order (dist.shard): the step stream is the same for any N
+    sizes = dist.interleave(dist.all_gather_object([tensors_of(inputs[b])[0].shape[0] for b in range(len(inputs))],
+                                                   "the block input sizes"))
     gen = torch.Generator().manual_seed(seed)
     flags = [(p, p.requires_grad) for p in block.parameters()]
     for p, _ in flags:
@@ -138,9 +165,10 @@ def reconstruct_block(name: str, block: nn.Module, inputs: Cached, targets: Cach
         for s in bar:
             b = int(torch.randint(len(sizes), (1,), generator=gen))          # a cached batch, then rows of it
             idx = torch.randperm(sizes[b], generator=gen)[: cfg.batch_size]
-            args = _rows(inputs[b], idx)
+            args, target, t_args = _step_rows(b, idx, inputs, targets,
+                                              teacher_inputs if cfg.drop_prob > 0 else None, f"block {name!r} step {s}")
             if cfg.drop_prob > 0 and teacher_inputs is not None:             # QDrop: some values the teacher's
-                ref = iter(tensors_of(_rows(teacher_inputs[b], idx)))
+                ref = iter(tensors_of(t_args))
 
                 def drop(t: torch.Tensor) -> torch.Tensor:
                     tt = next(ref)
@@ -153,14 +181,15 @@ def reconstruct_block(name: str, block: nn.Module, inputs: Cached, targets: Cach
             for g in opt.param_groups:
                 g["lr"] = g["scale"] * cfg.lr * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))
             _nearest_codes(latents)
-            loss = output_error(run_block(block, args), _rows(targets[b], idx))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"block {name!r}: non-finite reconstruction loss at step {s}; lower the "
-                                         "reconstruct lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
+            norms = None
+            if dist.active():       # this rank's slice of the step's rows, normalised by the whole step's targets
+                norms = [t.float().pow(2).sum().clamp_min(1e-12) for t in tensors_of(target)]
+                mine = dist.part(len(idx))
+                args, target = map_tensors((args, target), lambda t: t[mine] if t.dim() > 0 else t)
+            out = run_block(block, args)
+            loss = output_error(out, target) if norms is None else output_error(out, target, norms)
+            losses.append(backward_step(loss, opt, f"block {name!r}: non-finite reconstruction loss at step {s}; "
+                                                   "lower the reconstruct lr"))
             if s % 10 == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
         _nearest_codes(latents)

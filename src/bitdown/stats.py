@@ -79,6 +79,15 @@ class LayerStats:
         w = weight.detach().to(s.device).reshape(g, -1, r).double()             # (g, C_out/g, R)
         return torch.einsum("gor,gr->go", w, s / self.n_rows).reshape(-1)       # (C_out,)
 
+    def blocks_from_full(self) -> None:
+        """block_grams := the diagonal d x d blocks of the full Gram (when there is one)."""
+        fg = self.full_gram
+        if fg is not None:                   # block_grams[g, b] = full_gram[g, b*d:(b+1)*d, b*d:(b+1)*d]
+            g, r, _ = fg.shape
+            nb, d = r // self.block_size, self.block_size
+            diag = torch.diagonal(fg.view(g, nb, d, nb, d), dim1=1, dim2=3)     # (g, d, d, nb)
+            self.block_grams = diag.permute(0, 3, 1, 2).contiguous()            # (g, nb, d, d)
+
     @property
     def gram(self) -> torch.Tensor:
         """The pooled d x d Gram sum_b X_b^T X_b, float64."""
@@ -201,12 +210,7 @@ class StatsCollector:
 
     def remove(self) -> None:
         self._handle.remove()
-        fg = self.stats.full_gram
-        if fg is not None:                   # block_grams[g, b] = full_gram[g, b*d:(b+1)*d, b*d:(b+1)*d]
-            g, r, _ = fg.shape
-            nb, d = r // self.d, self.d
-            diag = torch.diagonal(fg.view(g, nb, d, nb, d), dim1=1, dim2=3)     # (g, d, d, nb)
-            self.stats.block_grams = diag.permute(0, 3, 1, 2).contiguous()      # (g, nb, d, d)
+        self.stats.blocks_from_full()
 
     def __enter__(self) -> "StatsCollector":
         return self
