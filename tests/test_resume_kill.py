@@ -6,37 +6,16 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
-MODEL = textwrap.dedent('''
-    import torch.nn as nn
-
-    def tiny():
-        return nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
-''')
+from _tiny import tiny_workdir
 
 
 @pytest.fixture()
 def workdir(tmp_path: Path) -> Path:
-    (tmp_path / "tinymodel.py").write_text(MODEL)
-    rng = __import__("random").Random(0)
-    for c in range(2):
-        d = tmp_path / "imgs" / f"class{c}"
-        d.mkdir(parents=True)
-        for i in range(48):
-            img = Image.new("RGB", (32, 32))
-            img.putdata([(rng.randrange(256), rng.randrange(256), rng.randrange(256)) for _ in range(32 * 32)])
-            img.save(d / f"{i}.png")
-    return tmp_path
+    return tiny_workdir(tmp_path, per_class=48, size=32)
 
 
 def _cmd(out: str, ckpt: str | None) -> list[str]:
