@@ -19,7 +19,8 @@ is byte-identical to one without this module. The scheme (docs/DESIGN.md, "Distr
   default 1800: longer than any one layer's EM, during which the other ranks wait) is a `DistError` naming
   the rank and the step, not a hang.
 
-Collectives are counted in `COUNTERS` (bytes all-reduced / broadcast), for benchmarks/distributed.py.
+All-reduces are counted in `COUNTERS` (bytes and calls in all, and bytes per "what" under "bytes:<what>"), for
+benchmarks/distributed.py.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 TIMEOUT_ENV = "BITDOWN_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0
-COUNTERS: Counter = Counter()        # "all_reduce_bytes", "broadcast_bytes", "all_reduce_calls", ...
+COUNTERS: Counter = Counter()        # "all_reduce_bytes", "all_reduce_calls", "stats_bytes", "bytes:<what>"
 
 T = TypeVar("T")
 
@@ -139,6 +140,7 @@ def all_reduce_(tensors: Sequence[torch.Tensor], what: str = "all-reduce") -> No
     _call(what, lambda: td.all_reduce(flat))
     COUNTERS["all_reduce_bytes"] += flat.numel() * flat.element_size()
     COUNTERS["all_reduce_calls"] += 1
+    COUNTERS[f"bytes:{what}"] += flat.numel() * flat.element_size()
     offset = 0
     for t in tensors:
         n = t.numel()
