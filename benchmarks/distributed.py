@@ -160,7 +160,8 @@ def report(rows: dict[str, list[dict]], r50: dict, a: argparse.Namespace) -> str
              f"calibration images (batches of 64), then {a.steps} global distillation steps of 64 images (2 ranks: "
              f"32 each). `PYTHONPATH=src python benchmarks/distributed.py --images {a.images} --steps {a.steps}`; "
              f"load average at the start {machine()['loadavg']}.", "",
-             "| setting | rank | statistics s | layer stage s | EM s (rank 0) | 300 steps s | ms/step | peak RSS MB |",
+             "| setting | rank | statistics s | layer stage s | EM s (rank 0 runs it, others wait) | 300 steps s | "
+             "ms/step | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|"]
     for s in SETTINGS:
         for r in rows[s["name"]]:
