@@ -24,10 +24,14 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 def _args(out: str, ckpt: str | None = None, global_steps: int = 30, seed: int = 3) -> list[str]:
     """The default recipe cut down: EM, block reconstruction, per-layer and global distillation (5 batches of
-    16 calibration images: 3 on rank 0, 2 on rank 1, the last one short)."""
+    16 calibration images: 3 on rank 0, 2 on rank 1, the last one short). K = 8: with the default 256 this
+    random-weight model is compressed almost losslessly, its distillation loss (~1e-6) is rounding noise that
+    Adam's first, sign-like steps of the per-layer distillation turn into other codebooks (measured: 98.6 %
+    identical codes between 1 and 2 ranks, 100 % with K = 8)."""
     args = ["compress", "--model", "tinymodel:tiny", "--data", "imgs", "--preprocess", "cifar10", "--out", out,
             "--calib-images", "72", "--seed", str(seed), "--finetune-steps", "2", "--global-steps", str(global_steps),
-            "--ft-batch-size", "15", "--checkpoint-every", "5", "--config", '{"batch_size": 16, "bn_images": 64}',
+            "--ft-batch-size", "15", "--checkpoint-every", "5",
+            "--config", '{"batch_size": 16, "bn_images": 64, "n_centroids": 8}',
             "--reconstruct", '{"steps": 10, "batch_size": 7}']
     return args + (["--checkpoint-dir", ckpt] if ckpt else [])
 
@@ -104,7 +108,7 @@ def _compare(a, b) -> dict[str, float]:
         if is_pq(m):
             same += int((m.codes == m2.codes).sum())
             total += m.codes.numel()
-            diff = max(diff, float((m.dequantize() - m2.dequantize()).abs().max()))
+            diff = max(diff, float((m.dequantize() - m2.dequantize()).detach().abs().max()))
     x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         agree = float((a(x).argmax(1) == b(x).argmax(1)).float().mean())
