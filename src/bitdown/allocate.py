@@ -267,6 +267,9 @@ def layer_sensitivity(model: nn.Module, plans: list[LayerPlan], batches: list[to
 
         s_l = E||f(x; y_l + n) - f(x)||^2 / E||f(x)||^2 / eps^2,   n ~ N(0, eps^2 mean(y_l^2)),
 
+    (summed over the output's tensors when it has several, e.g. a detector's three head maps: the same
+    normalisation as the distillation loss),
+
     white noise of relative energy eps^2 added to layer l's output y_l (its quantization error is an
     output error of that size: D_l = ||X(W - W_hat)||^2 / ||XW||^2), on `n_images` calibration images,
     seeded. One forward pass per layer. Weighting D_l by s_l makes the allocation minimise (to first
@@ -277,8 +280,8 @@ def layer_sensitivity(model: nn.Module, plans: list[LayerPlan], batches: list[to
         raise ValueError("no calibration image to measure layer sensitivities on")
     was_training = model.training
     model.eval()
-    ref = model(x).float()                                                  # (n, classes)
-    ref_energy = float(ref.pow(2).sum()) or 1.0
+    ref = _output_tensors(model(x))                                         # e.g. [(n, classes)]
+    ref_energy = [float(t.pow(2).sum()) or 1.0 for t in ref]
     modules = dict(model.named_modules())
     out: dict[str, float] = {}
     try:
@@ -290,13 +293,22 @@ def layer_sensitivity(model: nn.Module, plans: list[LayerPlan], batches: list[to
                 return y + scale * torch.randn(y.shape, generator=gen, dtype=y.dtype).to(y.device)
             handle = modules[p.name].register_forward_hook(noisy)
             try:
-                err = float((model(x).float() - ref).pow(2).sum())
+                err = sum(float((y - r).pow(2).sum()) / e
+                          for y, r, e in zip(_output_tensors(model(x)), ref, ref_energy))
             finally:
                 handle.remove()
-            out[p.name] = err / ref_energy / eps ** 2
+            out[p.name] = err / eps ** 2
     finally:
         model.train(was_training)
     return out
+
+
+def _output_tensors(out) -> list[torch.Tensor]:
+    """The floating-point tensors of a model output (a tensor, or a tuple / list / dict of them: a detector's
+    raw head maps), in float32."""
+    from .finetune import output_tensors
+
+    return [t.float() for t in output_tensors(out)]
 
 
 def capped(options: dict[str, list[Option]], max_error: float) -> dict[str, list[Option]]:

@@ -293,6 +293,21 @@ def _data(path: str, preprocess: str, labels: str, train: bool = False, seed: in
 LETTERBOX = "letterbox"       # the detectors' preprocessing (zoo yolov5n_coco)
 
 
+def _check_eval_task(path: str, detector: bool, what: str, flag: str) -> None:
+    """Labelled data of the other task is refused before any work, naming both: a detector needs YOLO box labels
+    (.txt files next to the images), a classifier class folders or WNID file names and no box labels."""
+    from .detection import has_yolo_labels
+
+    boxes = has_yolo_labels(path)
+    if detector and not boxes:
+        raise UsageError(f"{what} is a detector (task: detect, COCO mAP) but {flag} {path} holds no YOLO box labels "
+                         "(.txt files named like the images, 'class cx cy w h' per line): it looks like "
+                         "classification data")
+    if not detector and boxes:
+        raise UsageError(f"{what} is a classifier (task: classify, top-1) but {flag} {path} holds YOLO box labels "
+                         "(detection data): give class-labelled images (class folders or ImageNet WNID file names)")
+
+
 def _emit(obj: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(obj, indent=None, default=float))
@@ -315,11 +330,34 @@ def _json_object(text: str | None, flag: str) -> dict[str, Any]:
     return obj
 
 
-def _recipe(a: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The recipe under the flags: recipes.default_recipe(fast=--fast)."""
-    from .recipes import default_recipe
+def _is_detector(arch: dict[str, Any]) -> bool:
+    """A detector: a zoo entry whose task is 'detect', or any model fed letterboxed images."""
+    from .zoo import ZOO
 
-    return default_recipe(fast=bool(getattr(a, "fast", False)))
+    entry = ZOO.get(arch.get("name")) if arch.get("source") == "zoo" else None
+    return (entry is not None and entry.task == "detect") or arch.get("preprocess") == LETTERBOX
+
+
+def _recipe(a: argparse.Namespace, arch: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The recipe under the flags: recipes.detector_recipe for a detector, else recipes.default_recipe
+    (each with fast=--fast)."""
+    from .recipes import default_recipe, detector_recipe
+
+    fast = bool(getattr(a, "fast", False))
+    if arch is not None and _is_detector(arch):
+        quant, ft, _ = detector_recipe(fast=fast)
+        return quant, ft
+    return default_recipe(fast=fast)
+
+
+def _detector_data(a: argparse.Namespace) -> tuple[int, int | None]:
+    """(letterbox size of the calibration / distillation images, calibration images) of a detector run: the
+    flags, else the detector recipe's."""
+    from .recipes import detector_recipe
+
+    data = detector_recipe()[2]
+    return (a.calib_size or data["calib_size"],
+            a.calib_images if a.calib_images is not None else data["calib_images"])
 
 
 def _quant_config(a: argparse.Namespace, arch: dict[str, Any]):
@@ -328,7 +366,7 @@ def _quant_config(a: argparse.Namespace, arch: dict[str, Any]):
     from .config import EMConfig, QuantConfig
     from .recipes import zoo_config
 
-    recipe, _ = _recipe(a)
+    recipe, _ = _recipe(a, arch)
     extra = _json_object(a.config, "--config")
     em = {"n_iter": a.em_iters, "n_restarts": a.restarts}
     if a.paper_em:
@@ -337,7 +375,10 @@ def _quant_config(a: argparse.Namespace, arch: dict[str, Any]):
     recon = {**(recipe.pop("reconstruct", None) or {}),
              **_json_object(getattr(a, "reconstruct", None), "--reconstruct"),
              **_sub_object(extra.pop("reconstruct", None), "--config's \"reconstruct\"")}
-    flags: dict[str, Any] = {"seed": a.seed, "calib_images": a.calib_images}
+    flags: dict[str, Any] = {"seed": a.seed}
+    calib_images = _detector_data(a)[1] if _is_detector(arch) else a.calib_images
+    if calib_images is not None:
+        flags["calib_images"] = calib_images
     if getattr(a, "codebook_bits", None) is not None:
         flags["codebook_bits"] = a.codebook_bits
     if getattr(a, "share_same_shape", False):
@@ -358,11 +399,11 @@ def _sub_object(obj: Any, what: str) -> dict[str, Any]:
     return obj
 
 
-def _finetune_config(a: argparse.Namespace):
+def _finetune_config(a: argparse.Namespace, arch: dict[str, Any] | None = None):
     """FinetuneConfig: the recipe's keys, then the flags the user gave, then `--finetune-config` on top."""
     from .finetune import FinetuneConfig
 
-    _, recipe = _recipe(a)
+    _, recipe = _recipe(a, arch)
     given = {"layer_steps": a.finetune_steps, "global_steps": a.global_steps, "batch_size": a.ft_batch_size,
              "loss": getattr(a, "distill_loss", None)}
     return FinetuneConfig.from_dict({**recipe, "seed": a.seed, "checkpoint_every": a.checkpoint_every,
@@ -406,6 +447,9 @@ def cmd_compress(a: argparse.Namespace) -> int:
     _check_source(a.data, "--data")
     if a.eval_data:
         _check_source(a.eval_data, "--eval-data")
+        if _same_file(a.data, a.eval_data):
+            raise UsageError(f"--data and --eval-data are the same ({a.eval_data}): calibrating on the evaluation "
+                             "images makes the reported figures meaningless; give separate images")
     if a.weights and _same_file(a.weights, out_path):
         raise UsageError(f"--out {a.out} is the --weights file: it would overwrite the model being compressed")
     _check_device(a.device)
@@ -423,8 +467,12 @@ def cmd_compress(a: argparse.Namespace) -> int:
     classes = _model_classes(arch, a.classes)
     if a.classes and "classes" in _arch_keys():
         arch["classes"] = classes
+    detector = _is_detector(arch)
+    if detector and preprocess != LETTERBOX:
+        raise UsageError(f"{a.model} is a detector: it needs --preprocess {LETTERBOX} (got {preprocess!r})")
     config = _quant_config(a, arch)
-    ft = _finetune_config(a)
+    ft = _finetune_config(a, arch)
+    calib_size = _detector_data(a)[0] if detector else None
     if a.target_ratio is not None or a.target_size is not None:    # an impossible budget: refused before reading data
         from .allocate import check_budget
         check_budget(model, config, a.target_ratio, a.target_size, extra=config.alloc_menu)
@@ -432,15 +480,19 @@ def cmd_compress(a: argparse.Namespace) -> int:
         from .compress import resolve_device
         resolve_device(model, a.device)
     ev = None
-    if a.eval_data and preprocess == LETTERBOX:      # a detector: COCO mAP on YOLO-labelled images
+    if a.eval_data:
+        _check_eval_task(a.eval_data, detector, a.model, "--eval-data")
+    if a.eval_data and detector:             # a detector: COCO mAP on YOLO-labelled images
         ev = _data(a.eval_data, preprocess, "yolo", image_size=a.image_size)
     elif a.eval_data:                        # labels and the model's output checked before compressing
         ev = _eval_data(a.eval_data, preprocess, a.labels, classes)
         _check_eval_model(model, ev, classes)
-    calib = _data(a.data, preprocess, "none", image_size=a.image_size)
+    calib = _data(a.data, preprocess, "none", image_size=calib_size or a.image_size)
     _forward(model, calib[0][None], f"an image of {a.data} preprocessed as {preprocess!r}")
-    train = _data(a.data, preprocess, "none", train=True, seed=a.seed, image_size=a.image_size) if ft.enabled else None
-    log.info("recipe %s: %s; fine-tuning %s", "fast" if a.fast else "default", config.to_json(), ft.to_json())
+    train = (_data(a.data, preprocess, "none", train=True, seed=a.seed, image_size=calib_size or a.image_size)
+             if ft.enabled else None)
+    log.info("recipe %s%s: %s; fine-tuning %s", "detector " if detector else "", "fast" if a.fast else "default",
+             config.to_json(), ft.to_json())
     t0 = time.perf_counter()
     q = compress(model, make_loader(calib, config.batch_size, shuffle=True, seed=a.seed), config, arch=arch,
                  checkpoint_dir=a.checkpoint_dir, finetune=ft if ft.enabled else None, train_data=train,
@@ -452,7 +504,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
     rep = size_report(q, q.bitdown.plans)
     out = {"out": str(path), "size_mb": rep.size_mb, "ratio": rep.ratio, "bytes_on_disk": path.stat().st_size,
            "layers": len(q.bitdown.plans), "recipe": "fast" if a.fast else "default", "wall_s": wall}
-    if ev is not None and preprocess == LETTERBOX:
+    if ev is not None and detector:
         from .detection import evaluate_detection
         teacher_map = evaluate_detection(model.to(module_device(q)), ev, batch_size=8)
         res = evaluate_detection(q, ev, batch_size=8)
@@ -491,7 +543,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if preprocess is None:
         raise UsageError(("the file records no preprocessing" if a.file else f"{a.model} has no known preprocessing")
                          + "; pass --preprocess")
-    if preprocess == LETTERBOX:                  # a detector: COCO mAP (pycocotools) on YOLO-labelled images
+    detector = _is_detector({**arch, "preprocess": preprocess})
+    _check_eval_task(a.data, detector, a.file or a.model, "--data")
+    if detector:                                 # a detector: COCO mAP (pycocotools) on YOLO-labelled images
         from .cli_detect import evaluate_file_or_model
         evaluate_file_or_model(model, a.data, a.json, a.image_size)
         return 0
@@ -627,14 +681,18 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
 
 def _recipe_text() -> tuple[dict[str, Any], dict[str, Any], str]:
-    from .recipes import default_recipe
+    from .recipes import default_recipe, detector_recipe
 
     quant, ft = default_recipe()
     fast, _ = default_recipe(fast=True)
+    dq, dft, ddata = detector_recipe()
     text = (f"Defaults are the recipe (recipes.default_recipe): QuantConfig {json.dumps(quant)}, fine-tuning "
             f"{json.dumps(ft)}; --fast: {json.dumps(fast)} and no fine-tuning (the EM only). Each flag given "
             f"overrides its part of the recipe; --config / --finetune-config JSON go on top of everything.")
-    return quant, ft, textwrap.fill(text, 100)
+    det = (f"Detectors (a zoo entry with task 'detect', e.g. yolov5n_coco, or --preprocess letterbox) get "
+           f"recipes.detector_recipe instead: QuantConfig {json.dumps(dq)}, fine-tuning {json.dumps(dft)} "
+           f"(normalised MSE on the raw head maps), calibration {json.dumps(ddata)} (letterbox px, images).")
+    return quant, ft, textwrap.fill(text, 100) + "\n\n" + textwrap.fill(det, 100)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -667,7 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
                "  bitdown compress --model resnet20_cifar10 --data cifar10-train.zip --eval-data cifar10-test.zip \\\n"
                "      --out r20.bitdown    # the default recipe; prints teacher/compressed top-1, drop, agreement\n"
                "  bitdown compress --model mypkg.models:build --weights model.pth --preprocess imagenet \\\n"
-               "      --data imgs/ --fast --out m.bitdown     # your own model, EM only")
+               "      --data imgs/ --fast --out m.bitdown     # your own model, EM only\n"
+               "  bitdown compress --model yolov5n_coco --data photos.zip --target-ratio 26 --out y.bitdown \\\n"
+               "      --eval-data coco128.zip               # a detector: its recipe; prints teacher/compressed mAP")
     c.add_argument("--model", required=True, help="zoo name or module:function returning an nn.Module")
     c.add_argument("--weights", help="checkpoint (.pt/.pth/.th via weights_only, or .safetensors); default: "
                                      "a zoo model's own weights, a module:function model's initialisation")
@@ -681,7 +741,12 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--target-size", help="choose per-layer d and K to fit e.g. 100KB or 1.5MB (paper-style)")
     c.add_argument("--out", required=True, help="the .bitdown file to write (its folder must exist)")
     c.add_argument("--seed", type=int, default=0, help="seeds the image order, the EM and fine-tuning")
-    c.add_argument("--calib-images", type=int, default=1024, help="calibration images for each layer's statistics")
+    c.add_argument("--calib-images", type=int,
+                   help="calibration images for each layer's statistics (default: 1024; detectors: the detector "
+                        "recipe's 128)")
+    c.add_argument("--calib-size", type=int,
+                   help="detectors: letterbox size of the calibration and distillation images (default: the "
+                        "detector recipe's 320; --image-size is the evaluation size)")
     c.add_argument("--fast", action="store_true",
                    help="the EM only: no block reconstruction, no distillation (minutes instead of hours on a CPU)")
     c.add_argument("--codebook-bits", type=int, choices=[16, 8],

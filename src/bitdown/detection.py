@@ -182,6 +182,14 @@ def _match_labels(image_names: list[str], label_names: list[str]) -> dict[str, s
     return out
 
 
+def has_yolo_labels(source: str | Path) -> bool:
+    """Whether a folder or zip holds YOLO box labels: a ``.txt`` file whose stem is an image's (detection data,
+    e.g. COCO128), read from the listing only."""
+    names = [n for n in _Source(source).names() if not _hidden(n)]
+    stems = {PurePosixPath(n).stem for n in names if PurePosixPath(n).suffix.lower() in IMAGE_EXTENSIONS}
+    return any(PurePosixPath(n).stem in stems for n in names if n.lower().endswith(".txt"))
+
+
 class LetterboxDataset(Dataset):
     """Letterboxed images of a folder or zip, decoded lazily; with ``labels=True`` also their YOLO boxes.
 

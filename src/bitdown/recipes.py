@@ -42,3 +42,24 @@ def default_recipe(fast: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     if fast:
         return dict(FAST_QUANT), {}
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in DEFAULT_QUANT.items()}, dict(DEFAULT_FINETUNE)
+
+
+# The recipe of a detector zoo model (ZooEntry.task == "detect": YOLOv5n), picked automatically by
+# `bitdown compress`: measured on COCO128 (benchmarks/results/detection.md).
+DETECTOR_QUANT: dict[str, Any] = {
+    "codebook_bits": 8,
+    "reconstruct": {"steps": 0},
+}
+DETECTOR_FINETUNE: dict[str, Any] = {"layer_steps": 0, "global_steps": 300, "batch_size": 16}
+DETECTOR_DATA: dict[str, Any] = {"calib_size": 320, "calib_images": 128}
+
+
+def detector_recipe(fast: bool = False) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(QuantConfig keys, FinetuneConfig keys, data keys) of the detector recipe; data keys: `calib_size` (the
+    letterbox size of the calibration and distillation images) and `calib_images`. With `fast` the EM only."""
+    quant = {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
+             for k, v in DETECTOR_QUANT.items()}
+    if fast:
+        quant["reconstruct"] = {"steps": 0}
+        return quant, {}, dict(DETECTOR_DATA)
+    return quant, dict(DETECTOR_FINETUNE), dict(DETECTOR_DATA)

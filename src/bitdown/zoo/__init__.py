@@ -57,6 +57,7 @@ class ZooEntry:
     classifier_centroids: dict
     reference_top1: float | None
     label_set: str | None = None      # what its outputs index: 'cifar10' | 'imagenet1k' (class_names)
+    task: str = "classify"            # 'classify' (class logits, top-1) | 'detect' (raw head maps, COCO mAP)
 
     @property
     def classes(self) -> tuple[str, ...] | None:
@@ -127,6 +128,7 @@ ZOO: dict[str, ZooEntry] = {
             classifier="model.24",          # the Detect head; no centroid override (the paper's Mask R-CNN row)
             classifier_centroids={},
             reference_top1=None,            # a detector: COCO128 mAP@0.5:0.95 0.334 / mAP@0.5 0.497 at 640 px
+            task="detect",                  # bitdown compress picks recipes.detector_recipe
         ),
     ]
 }
