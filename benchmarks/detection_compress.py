@@ -4,8 +4,8 @@
         [--calib-images 128] [--config JSON] [--finetune JSON] [--eval-sizes 640,320] [--tag NAME]
 
 Calibration and distillation use the unlabelled ImageNet sample photos (imagenet-sample-images-256.zip,
-letterboxed to --calib-size, a seeded subset of --calib-images for the statistics, all 1,000 for the
-distillation stream); the 128 COCO val2017 images are only ever evaluated on (mAP50-95 / mAP50 with
+letterboxed to --calib-size, a seeded subset of --calib-images for the statistics, all 1,000 with random
+left-right flips for the distillation stream); the 128 COCO val2017 images are only ever evaluated on (mAP50-95 / mAP50 with
 pycocotools at each --eval-size, YOLOv5 val settings: conf 0.001, NMS IoU 0.6).
 
 - alloc:  bitdown's detector recipe (recipes.detector_recipe: the allocation's menu, kept layers, block
@@ -108,6 +108,7 @@ def main() -> None:
     Path(a.files).mkdir(parents=True, exist_ok=True)
     photos = LetterboxDataset(PHOTOS, size=calib_size)
     loader = make_loader(photos, 32, shuffle=True, seed=a.seed)
+    train = LetterboxDataset(PHOTOS, size=calib_size, train=True, seed=a.seed)     # random flips
     entry = get_entry(MODEL)
     for ratio in [float(r) for r in a.ratios.split(",")]:
         for method in a.methods.split(","):
@@ -134,7 +135,7 @@ def main() -> None:
                 ck = Path(a.checkpoint_root) / fingerprint(key)
             t0, c0 = time.perf_counter(), time.process_time()
             q = compress(teacher, loader, cfg, arch={"name": MODEL, "source": "zoo", "preprocess": entry.preprocess},
-                         finetune=ft if ft.enabled else None, train_data=photos if ft.enabled else None,
+                         finetune=ft if ft.enabled else None, train_data=train if ft.enabled else None,
                          target_ratio=target, checkpoint_dir=ck)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             name = f"y{'gptq' + str(bits) if bits else f'{ratio:g}x'}-{a.tag or 'run'}.bitdown"

@@ -178,6 +178,23 @@ def test_letterbox_pixels_and_round_trip():
     assert scale == 2.0 and pad == (10, 0)
 
 
+def test_train_stream_flips_seeded(tmp_path):
+    for k in range(16):                 # left half dark, right half bright: a flip is visible
+        img = Image.new("RGB", (32, 32), (0, 0, 0))
+        img.paste((200, 200, 200), (16, 0, 32, 32))
+        img.save(tmp_path / f"{k:02d}.png")
+    plain = LetterboxDataset(tmp_path, size=32)
+    train = LetterboxDataset(tmp_path, size=32, train=True, seed=3)
+    flips = [bool(train[i][0, 0, 0] > plain[i][0, 0, 0]) for i in range(16)]
+    assert 3 <= sum(flips) <= 13                                           # about half
+    assert all(torch.equal(train[i], plain[i].flip(-1) if f else plain[i]) for i, f in enumerate(flips))
+    assert flips == [bool(train[i][0, 0, 0] > plain[i][0, 0, 0]) for i in range(16)]      # deterministic
+    train.set_epoch(1)
+    assert flips != [bool(train[i][0, 0, 0] > plain[i][0, 0, 0]) for i in range(16)]      # another epoch
+    with pytest.raises(ValueError, match="unlabelled"):
+        LetterboxDataset(tmp_path, size=32, labels=True, train=True)
+
+
 def test_parse_yolo_labels():
     boxes, bad = parse_yolo_labels("0 0.5 0.5 0.2 0.2\n\n79 0.1 0.2 0.1 0.1\n80 0.5 0.5 0.1 0.1\n"
                                    "-1 0.5 0.5 0.1 0.1\n1.5 0.5 0.5 0.1 0.1\n3 0.5 0.5\n3 a b c d\n"

@@ -281,10 +281,10 @@ def _check_eval_model(model: nn.Module, ds, classes: Sequence[str] | None) -> No
 
 
 def _data(path: str, preprocess: str, labels: str, train: bool = False, seed: int = 0, image_size: int = 640):
-    if preprocess == LETTERBOX:                  # detectors: letterboxed photos (detection.py), no augmentation
+    if preprocess == LETTERBOX:                  # detectors: letterboxed photos (detection.py), train: random flips
         from .detection import LetterboxDataset
 
-        return LetterboxDataset(path, size=image_size, labels=labels != "none")
+        return LetterboxDataset(path, size=image_size, labels=labels != "none", train=train, seed=seed)
     from .data import ImageDataset
 
     return ImageDataset(path, preprocess, labels=labels, train=train, seed=seed)

@@ -198,12 +198,18 @@ class LetterboxDataset(Dataset):
     :class:`Letterboxed` record (scale, padding, original size) needed to map predictions back.
     Label files are ``*.txt`` files of the same source (zip or folder) whose stem is the image's; with
     ``labels=True`` a source without any ``.txt`` file is an error, an image without one has no objects.
-    ``cache=True`` keeps the letterboxed uint8 images in memory after their first read.
+    ``cache=True`` keeps the letterboxed uint8 images in memory after their first read. ``train=True`` (the
+    distillation stream of unlabelled photos; refused with labels) flips each image left-right with probability
+    1/2, seeded by (``seed``, epoch, index) as :class:`bitdown.data.ImageDataset` (:meth:`set_epoch`).
     """
 
     def __init__(self, source: str | Path, size: int = 640, labels: bool = False, nc: int = 80,
-                 color: int = 114, cache: bool = False, indices: Sequence[int] | None = None) -> None:
+                 color: int = 114, cache: bool = False, indices: Sequence[int] | None = None,
+                 train: bool = False, seed: int = 0) -> None:
+        if train and labels:
+            raise ValueError("LetterboxDataset(train=True) flips images: it is for unlabelled photos, not labels")
         self.source, self.size, self.color, self.nc = str(source), int(size), int(color), int(nc)
+        self.train, self.seed, self.epoch = bool(train), int(seed), 0
         self._src = _Source(source)
         all_files = [n for n in self._src.names() if not _hidden(n)]
         names = sorted(n for n in all_files if PurePosixPath(n).suffix.lower() in IMAGE_EXTENSIONS)
@@ -269,8 +275,17 @@ class LetterboxDataset(Dataset):
         x, scale, pad, orig = self._raw(i)
         return Letterboxed(x.float().div_(255.0), scale, pad, orig)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Select the flip stream of ``epoch`` (train mode)."""
+        self.epoch = int(epoch)
+
     def __getitem__(self, i: int) -> Tensor | tuple[Tensor, Tensor]:
         x = self.load(i).image
+        if self.train:
+            from .data import sample_generator
+
+            if torch.rand((), generator=sample_generator(self.seed, self.epoch, int(i))) < 0.5:
+                x = x.flip(-1)
         return (x, self.labels[i]) if self.with_labels else x
 
 
