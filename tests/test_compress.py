@@ -420,23 +420,26 @@ def test_layer_finetune_needs_a_pq_layer():
                        FinetuneConfig(layer_steps=1))
 
 
-@pytest.mark.parametrize("bn_affine", [True, False])
-def test_global_finetune(bn_affine):
+@pytest.mark.parametrize("bn_affine,bias", [(True, False), (False, False), (False, True)])
+def test_global_finetune(bn_affine, bias):
     teacher = make_net()
-    student = coarse_student(teacher, ("conv2", "conv3", "conv4"))
+    student = coarse_student(teacher, ("conv2", "conv3", "conv4", "fc"), k=4)
     x = images(64)
     before = copy.deepcopy(student.state_dict())
     loss0 = loss_on(student, teacher, x)
-    cfg_ft = FinetuneConfig(global_steps=30, batch_size=32, global_lr=1e-2, train_bn_affine=bn_affine)
+    cfg_ft = FinetuneConfig(global_steps=30, batch_size=32, global_lr=1e-2, train_bn_affine=bn_affine,
+                            train_bias=bias)
     res = finetune_global(student, teacher, TensorDataset(x), cfg_ft, progress=False)
     assert res["steps"] == 30 and res["images_seen"] == 30 * 32
     assert loss_on(student, teacher, x) < 0.8 * loss0
     after = student.state_dict()
     changed = {k for k in after if not torch.equal(after[k], before[k])}
-    trainable = {"conv2.codebook", "conv3.codebook", "conv4.codebook"}
+    trainable = {"conv2.codebook", "conv3.codebook", "conv4.codebook", "fc.codebook"}
     if bn_affine:
         trainable |= {f"bn{i}.{p}" for i in range(1, 5) for p in ("weight", "bias")}
-    assert changed == trainable        # running statistics, the stem, fc stay as they were
+    if bias:
+        trainable.add("fc.bias")       # the compressed layers' biases (the convs here have none)
+    assert changed == trainable        # running statistics, the stem and the biases otherwise stay as they were
 
 
 def test_compress_with_finetune():

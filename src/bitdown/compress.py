@@ -688,7 +688,7 @@ class _BlockRun:
 # config keys added after checkpoints were first written (QuantConfig / FinetuneConfig, and the "em" dict
 # inside QuantConfig) -> their defaults. FinetuneConfig.holdout is not one on purpose: a checkpoint made before
 # the holdout guard fine-tuned on the images a run now holds out.
-ADDED_KEYS = {"alloc_max_error": None, "mixup": 0.0, "loss": "auto", "alloc_menu": []}
+ADDED_KEYS = {"alloc_max_error": None, "mixup": 0.0, "loss": "auto", "alloc_menu": [], "train_bias": False}
 ADDED_EM_KEYS = {"mean_correction": False}
 
 

@@ -77,6 +77,8 @@ class FinetuneConfig:
     momentum: float = 0.9             # sgd only
     temperature: float = 1.0
     train_bn_affine: bool = True      # global stage: BatchNorm weight/bias train too
+    train_bias: bool = False          # global stage: the biases of the compressed conv / linear layers train too
+                                      # (a detector's head convs: its objectness and class offsets)
     milestones: tuple[float, ...] = (0.5, 0.8)   # fractions of global_steps where lr *= gamma
     gamma: float = 0.1
     checkpoint_every: int = 100
@@ -470,6 +472,8 @@ def global_params(student: nn.Module, cfg: FinetuneConfig) -> list[nn.Parameter]
         for m in student.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
                 params += [m.weight, m.bias]
+    if cfg.train_bias:
+        params += [m.bias for m in student.modules() if is_pq(m) and isinstance(getattr(m, "bias", None), nn.Parameter)]
     return params
 
 

@@ -48,9 +48,9 @@ def default_recipe(fast: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
 # `bitdown compress`: measured on COCO128 (benchmarks/results/detection.md).
 DETECTOR_QUANT: dict[str, Any] = {
     "codebook_bits": 8,
-    "reconstruct": {"steps": 0},
+    "reconstruct": {"steps": 100, "lr": 1e-3, "batch_size": 16},
 }
-DETECTOR_FINETUNE: dict[str, Any] = {"layer_steps": 0, "global_steps": 300, "batch_size": 16}
+DETECTOR_FINETUNE: dict[str, Any] = {"layer_steps": 0, "global_steps": 300, "batch_size": 16, "train_bias": True}
 DETECTOR_DATA: dict[str, Any] = {"calib_size": 320, "calib_images": 128}
 
 
