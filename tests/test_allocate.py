@@ -157,6 +157,29 @@ def test_layer_sensitivity_measures_what_reaches_the_output(data):
         layer_sensitivity(model, plans, [torch.zeros(0, 3, 12, 12)], progress=False)
 
 
+class TwoMaps(nn.Module):
+    """A detector-like output: two maps, `a` read by the first only, `b` by the second only; the second map is
+    1000x larger, so a plain sum of squared errors would see only `b`."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return [self.a(x), 1e3 * self.b(x)]
+
+
+def test_layer_sensitivity_on_several_output_tensors(data):
+    """Each output tensor's error is normalised by its own energy (as the distillation loss): both layers count."""
+    from bitdown.allocate import layer_sensitivity
+    model = TwoMaps().eval()
+    plans, _ = resolve_plan(model, QuantConfig(quantize_stem=True))
+    s = layer_sensitivity(model, plans, data, progress=False)
+    assert 0.5 < s["a"] / s["b"] < 2
+
+
 def test_weighted_allocation_favours_the_sensitive_layer():
     from bitdown.allocate import weighted
     opts = {n: [Option(4, 2, 10.0, 0.5), Option(4, 16, 30.0, 0.1)] for n in ("a", "b")}

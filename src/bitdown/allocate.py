@@ -306,9 +306,9 @@ def layer_sensitivity(model: nn.Module, plans: list[LayerPlan], batches: list[to
 def _output_tensors(out) -> list[torch.Tensor]:
     """The floating-point tensors of a model output (a tensor, or a tuple / list / dict of them: a detector's
     raw head maps), in float32."""
-    from .finetune import output_tensors
+    from .blockio import tensors_of
 
-    return [t.float() for t in output_tensors(out)]
+    return [t.float() for t in tensors_of(out) if t.is_floating_point()]
 
 
 def capped(options: dict[str, list[Option]], max_error: float) -> dict[str, list[Option]]:

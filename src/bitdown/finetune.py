@@ -167,12 +167,6 @@ def _pairs(s: Any, t: Any, path: str = "output") -> Iterator[tuple[str, torch.Te
                         "tensor, or a tuple / list / dict of tensors (nested)")
 
 
-def output_tensors(out: Any) -> list[torch.Tensor]:
-    """The floating-point tensors of a model output (a tensor, or nested tuples / lists / dicts of them, e.g. a
-    detector's raw head maps) in the order distillation pairs them; TypeError for an output it cannot handle."""
-    return [t for _, _, t in _pairs(out, out)]
-
-
 def _kind(t: torch.Tensor, loss: str, path: str = "output") -> str:
     """The loss ('kl' or 'mse') used for tensor `t` under the `loss` setting."""
     if loss not in LOSSES:
