@@ -232,6 +232,28 @@ def test_detector_finetune_with_auto_lowers_the_mse():
     assert same(p0, params_of(student2, cfg))
 
 
+def test_bce_is_the_bernoulli_kl_of_sigmoid_outputs():
+    torch.manual_seed(0)
+    t = [torch.randn(2, 6, 4, 4) * 4, torch.randn(2, 6, 2, 2)]
+    s = [a + 0.3 * torch.randn_like(a) for a in t]
+    assert float(distill_loss(t, t, loss="bce")) == pytest.approx(0.0, abs=1e-4)
+    p, q = [torch.sigmoid(a) for a in t], [torch.sigmoid(a) for a in s]
+    want = sum(float((pi * (pi / qi).log() + (1 - pi) * ((1 - pi) / (1 - qi)).log()).sum()) / 2 for pi, qi in zip(p, q))
+    assert float(distill_loss(s, t, loss="bce")) == pytest.approx(want, rel=1e-3)
+    # a raw error where the sigmoid saturates costs little, the same error near 0.5 costs much
+    far = torch.full((1, 1, 2, 2), -12.0)
+    assert float(distill_loss(far + 2, far, loss="bce")) < 1e-3 * float(distill_loss(far * 0 + 2, far * 0, loss="bce"))
+    teacher = make(Detector)                   # and it trains: the loss falls on a detector-shaped model
+    student = coarse_student(teacher)
+    x = images(64)
+    with torch.no_grad():
+        before = float(distill_loss(student(x), teacher(x), loss="bce"))
+    finetune_global(student, teacher, TensorDataset(x), FinetuneConfig(global_steps=30, batch_size=32, global_lr=1e-2,
+                                                                       loss="bce"), progress=False)
+    with torch.no_grad():
+        assert float(distill_loss(student(x), teacher(x), loss="bce")) < 0.7 * before
+
+
 # ----------------------------------------------------------------------------- holdout guard
 
 

@@ -771,9 +771,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"--fast: 0)")
     c.add_argument("--ft-batch-size", type=int,
                    help=f"fine-tuning batch size (default: the recipe's {ft.get('batch_size', 64)})")
-    c.add_argument("--distill-loss", choices=["auto", "kl", "mse"],
-                   help="distillation loss: kl on class logits, mse on anything else (default: auto, kl for "
-                        "(N, C) logits and mse otherwise)")
+    c.add_argument("--distill-loss", choices=["auto", "kl", "mse", "bce"],
+                   help="distillation loss: kl on class logits, mse on anything else, bce on sigmoid outputs (e.g. "
+                        "a YOLO head) (default: the recipe's; auto: kl for (N, C) logits and mse otherwise)")
     c.add_argument("--checkpoint-dir", help="save progress here; rerunning the same command resumes")
     c.add_argument("--checkpoint-every", type=int, default=100, help="global fine-tuning steps between checkpoints")
     c.add_argument("--config", help="JSON of extra QuantConfig keys, e.g. '{\"name_overrides\": {...}}'")

@@ -11,6 +11,13 @@ Loss (`FinetuneConfig.loss`), between the student's and the teacher's outputs on
 - "mse": normalised MSE, per tensor  L = sum((s - t)^2) / (sum(t^2) + eps)  (scale-free: 1 means
   "as far as predicting zero"), for any shape.
 - "auto" (default): "kl" for a 2-D (N, C >= 2) tensor, "mse" for any other tensor.
+- "bce": every element is a logit read through a sigmoid (a YOLO head: objectness, class and box maps are all
+  sigmoid(raw) in its decode); per tensor the Bernoulli KL, summed over elements and averaged over the batch,
+
+      L = (1/N) sum BCE(s, sigmoid(t)) - BCE(t, sigmoid(t))     (0 when s = t; gradient sigmoid(s) - sigmoid(t))
+
+  so an error counts by what it does to the decoded probability, not by the size of the raw value (the
+  background's very negative class logits dominate a plain MSE on the raw maps).
 
 A tuple / list / dict output (nested allowed: a detector's feature pyramid, a HuggingFace ModelOutput)
 gives the sum of the losses of the floating-point tensors it contains, paired by position (dict: by
@@ -61,7 +68,7 @@ from .modules import is_pq, round_codebook
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("auto", "kl", "mse")
+LOSSES = ("auto", "kl", "mse", "bce")
 MSE_EPS = 1e-12          # normalised MSE: sum((s - t)^2) / (sum(t^2) + MSE_EPS)
 HOLDOUT_MIN, HOLDOUT_MAX = 16, 256     # a fractional holdout: at least / at most this many images
 
@@ -84,7 +91,7 @@ class FinetuneConfig:
     checkpoint_every: int = 100
     seed: int = 0
     mixup: float = 0.0                # > 0: each image mixed with another of the batch, weight ~ Beta(a, a)
-    loss: str = "auto"                # 'auto' | 'kl' | 'mse': see the module docstring
+    loss: str = "auto"                # 'auto' | 'kl' | 'mse' | 'bce': see the module docstring
     holdout: int | float = 0.1        # images compress() keeps out of fine-tuning for the global stage's guard:
                                       # a count, or a fraction (clamped to 16..256, at most a quarter); 0: off
 
@@ -168,7 +175,7 @@ def _pairs(s: Any, t: Any, path: str = "output") -> Iterator[tuple[str, torch.Te
 
 
 def _kind(t: torch.Tensor, loss: str, path: str = "output") -> str:
-    """The loss ('kl' or 'mse') used for tensor `t` under the `loss` setting."""
+    """The loss ('kl', 'mse' or 'bce') used for tensor `t` under the `loss` setting."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(repr(k) for k in LOSSES)}, got {loss!r}")
     is_logits = t.dim() == 2 and t.shape[1] >= 2
@@ -190,6 +197,11 @@ def _tensor_loss(s: torch.Tensor, t: torch.Tensor, kind: str, temperature: float
         return F.kl_div(F.log_softmax(s / T, dim=1), F.log_softmax(t / T, dim=1),
                         reduction="batchmean", log_target=True) * T * T
     s, t = s.float(), t.float()        # sums of squares of a large map: fp32 at least
+    if kind == "bce":               # per-image mean (under torchrun: this rank's share of the batch's)
+        p = torch.sigmoid(t)
+        kl = (F.binary_cross_entropy_with_logits(s, p, reduction="sum")
+              - F.binary_cross_entropy_with_logits(t, p, reduction="sum"))
+        return kl / (n_total if n_total is not None else max(1, s.shape[0])) if s.dim() else kl
     return (s - t).pow(2).sum() / ((t.pow(2).sum() if norm is None else norm) + MSE_EPS)
 
 
