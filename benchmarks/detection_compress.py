@@ -89,6 +89,11 @@ def main() -> None:
     p.add_argument("--tag", default="", help="a label for the row (e.g. what the run tests)")
     p.add_argument("--files", default="/tmp/bitdown-det", help="folder for the compressed files")
     p.add_argument("--checkpoint-root", help="per-row checkpoints here (a killed run resumes)")
+    p.add_argument("--from-checkpoint", help="a checkpoint folder of an earlier row saved at the start of its global "
+                                              "stage (stage 'global', step 0): only the global stage runs, with "
+                                              "--finetune; the block stage it holds is what this row's settings give "
+                                              "(same QuantConfig, images and seeds), so the row is the full run's")
+    p.add_argument("--from-finetune", help="with --from-checkpoint: the FinetuneConfig JSON of the run that wrote it")
     p.add_argument("--out", default=str(RESULTS / "detection.json"))
     p.add_argument("--report-only", action="store_true", help="rebuild detection.md / .png from --out and stop")
     a = p.parse_args()
@@ -133,6 +138,8 @@ def main() -> None:
             if a.checkpoint_root:
                 from bitdown.checkpoint import fingerprint
                 ck = Path(a.checkpoint_root) / fingerprint(key)
+            if a.from_checkpoint:
+                ck, ft = _continue(Path(a.from_checkpoint), Path(a.files) / "from", ft, a.from_finetune)
             t0, c0 = time.perf_counter(), time.process_time()
             q = compress(teacher, loader, cfg, arch={"name": MODEL, "source": "zoo", "preprocess": entry.preprocess},
                          finetune=ft if ft.enabled else None, train_data=train if ft.enabled else None,
@@ -147,6 +154,8 @@ def main() -> None:
                 res = evaluate_detection(q, LetterboxDataset(COCO128, size=s, labels=True), progress=False)
                 maps[str(s)] = {"map50_95": res["map50_95"], "map50": res["map50"]}
             eval_s = time.perf_counter() - t1
+            if a.from_checkpoint:
+                key["global_stage_from"] = a.from_checkpoint
             row = dict(key, tag=a.tag, ratio=rep.ratio, size_mb=rep.size_mb, bytes_on_disk=out_file.stat().st_size,
                        maps=maps, teacher=t_maps, compress_wall_s=round(wall, 1), compress_cpu_s=round(cpu, 1),
                        eval_wall_s=round(eval_s, 1), threads=a.threads, file=str(out_file),
@@ -161,6 +170,31 @@ def main() -> None:
             path.write_text(json.dumps(doc, indent=1) + "\n")
             print(json.dumps({k: row[k] for k in ("method", "tag", "ratio", "maps", "compress_wall_s")}), flush=True)
             write_report(path, doc)
+
+
+def _continue(src: Path, dst: Path, ft: FinetuneConfig, written_by: str) -> tuple[Path, FinetuneConfig]:
+    """A copy of checkpoint folder `src` (stage 'global', step 0) and a FinetuneConfig that is `ft` but presents
+    itself to compress' resume fingerprint as the config of the run that wrote the checkpoint: compress then
+    restores the finished block stage and runs only the global stage, with `ft`'s settings."""
+    import shutil
+
+    from safetensors import safe_open
+
+    with safe_open(str(src / "state.safetensors"), "pt") as f:
+        progress = json.loads(f.metadata()["progress"])
+    if (progress["stage"], progress.get("step")) != ("global", 0):
+        raise SystemExit(f"{src}: checkpoint at stage {progress['stage']} step {progress.get('step')}, not at the "
+                         "start of the global stage")
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    shown = FinetuneConfig.from_dict(json.loads(written_by)).to_json()
+
+    class Continued(FinetuneConfig):
+        def to_json(self) -> dict:
+            return dict(shown)
+
+    return dst, Continued(**ft.to_json())
 
 
 def write_report(path: Path, doc: dict) -> None:
