@@ -207,7 +207,7 @@ def write_report(path: Path, doc: dict) -> None:
     t = doc.get("teacher", {})
     lines.append("Teacher: " + ", ".join(f"{s} px {v['map50_95']:.4f} / {v['map50']:.4f}" for s, v in t.items()))
     lines += ["", "| method | tag | ratio | calib px | calib imgs | mAP50-95 @640 | mAP50 @640 | @320 | recon steps "
-              "| global steps | compress wall s | CPU s |", "|" + "---|" * 12]
+              "| global steps | loss | compress wall s | CPU s |", "|" + "---|" * 13]
     for r in rows:
         m640, m320 = r["maps"].get("640"), r["maps"].get("320")
         lines.append(f"| {r['method']} | {r['tag']} | {r['ratio']:.1f}x | {r['calib_size']} | "
@@ -216,7 +216,7 @@ def write_report(path: Path, doc: dict) -> None:
                      f"{r['config'].get('calib_images')} | - | - | ")
         lines[-1] += (f"{m320['map50_95']:.4f} | " if m320 else "- | ") + (
             f"{r['config'].get('reconstruct', {}).get('steps', 0)} | {r['finetune'].get('global_steps', 0)} | "
-            f"{r['compress_wall_s']:.0f} | {r['compress_cpu_s']:.0f} |")
+            f"{r['finetune'].get('loss', 'auto')} | {r['compress_wall_s']:.0f} | {r['compress_cpu_s']:.0f} |")
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(path.with_suffix(".png"), rows, t)
 
