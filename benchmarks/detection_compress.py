@@ -209,6 +209,8 @@ def write_report(path: Path, doc: dict) -> None:
     lines += ["", "| method | tag | ratio | calib px | calib imgs | mAP50-95 @640 | mAP50 @640 | @320 | recon steps "
               "| global steps | loss | compress wall s | CPU s |", "|" + "---|" * 13]
     for r in rows:
+        if r.get("global_stage_from"):
+            r = dict(r, tag=r["tag"] + " (times: global stage only, block stage from a checkpoint)")
         m640, m320 = r["maps"].get("640"), r["maps"].get("320")
         lines.append(f"| {r['method']} | {r['tag']} | {r['ratio']:.1f}x | {r['calib_size']} | "
                      f"{r['config'].get('calib_images')} | {m640['map50_95']:.4f} | {m640['map50']:.4f} | "
@@ -226,17 +228,17 @@ def _plot(png: Path, rows: list[dict], teacher: dict) -> None:
         from matplotlib.figure import Figure
     except ImportError:
         return
-    pts = [(r["ratio"], r["maps"]["640"]["map50_95"], r["method"], r.get("final", False)) for r in rows
-           if "640" in r["maps"]]
+    pts = [r for r in rows if "640" in r["maps"]]
     if not pts:
         return
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.subplots()
-    for method, color in (("alloc", "tab:blue"), ("gptq", "tab:orange")):
-        sel = sorted((x, y) for x, y, m, f in pts if m.startswith(method) and (f or method == "gptq"))
-        if sel:
-            ax.plot(*zip(*sel), "o-", color=color, label="bitdown PQ (detector recipe)" if method == "alloc"
-                    else "GPTQ-style per-channel scalar")
+    for r in pts:
+        gptq = r["method"].startswith("gptq")
+        steps = r["finetune"].get("global_steps", 0)
+        label = (f"{r['method']}" if gptq else "PQ, EM only" if not steps
+                 else f"PQ, recon + {steps} steps {r['finetune'].get('loss', 'auto')}")
+        ax.plot(r["ratio"], r["maps"]["640"]["map50_95"], "s" if gptq else "o", label=label)
     if "640" in teacher:
         ax.axhline(teacher["640"]["map50_95"], color="gray", ls="--", label="teacher fp32")
         ax.axhline(0.75 * teacher["640"]["map50_95"], color="gray", ls=":", label="75 % of the teacher")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -363,3 +364,32 @@ def test_detect_draws_real_objects(assets_root, tmp_path):
     found = cmd_detect(build_model("yolov5n_coco"), tmp_path / "img.jpg", tmp_path / "det.png", image_size=320)
     truth = {COCO_CLASSES[int(c)] for c in ds.labels[0][:, 0]}
     assert found and {f["name"] for f in found} & truth
+
+
+@pytest.mark.slow
+def test_cli_compresses_the_detector(assets_root, tmp_path, capsys):
+    """The detector recipe through `bitdown compress` (EM only, small preset) on 16 unlabelled ImageNet photos at
+    320 px, then COCO mAP on 8 COCO128 images the calibration never saw; the file loads and detects."""
+    from bitdown.cli import main
+
+    photos, coco = tmp_path / "photos", tmp_path / "coco"
+    with zipfile.ZipFile(assets_root / "imagenet" / "imagenet-sample-images-256.zip") as zf:
+        for name in sorted(n for n in zf.namelist() if n.lower().endswith(".jpeg"))[:16]:
+            (photos / Path(name).name).parent.mkdir(parents=True, exist_ok=True)
+            (photos / Path(name).name).write_bytes(zf.read(name))
+    ds = LetterboxDataset(assets_root / COCO128, size=320, labels=True, indices=range(8))
+    with zipfile.ZipFile(assets_root / COCO128) as zf:
+        for name in ds.names:
+            stem = Path(name).stem
+            (coco / "images" / f"{stem}.jpg").parent.mkdir(parents=True, exist_ok=True)
+            (coco / "images" / f"{stem}.jpg").write_bytes(zf.read(name))
+            (coco / "labels").mkdir(exist_ok=True)
+            label = next((n for n in zf.namelist() if n.endswith(f"labels/val2017/{stem}.txt")), None)
+            (coco / "labels" / f"{stem}.txt").write_bytes(zf.read(label) if label else b"")
+    out = tmp_path / "y.bitdown"
+    rc = main(["compress", "--model", "yolov5n_coco", "--data", str(photos), "--calib-images", "16", "--fast",
+               "--eval-data", str(coco), "--image-size", "320", "--out", str(out), "--json"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and out.is_file() and res["ratio"] == pytest.approx(17.7, abs=0.1)
+    assert res["teacher_map50_95"] == pytest.approx(TEACHER_320_8["map50_95"], abs=0.01)
+    assert 0 < res["map50_95"] < res["teacher_map50_95"] and res["eval_images"] == 8
