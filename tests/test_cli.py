@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +54,8 @@ def not_a_model():
 
 
 def write_workspace(root: Path) -> Path:
-    """The model module and a labelled image folder (2 classes x 8 noisy 32x32 PNGs) under `root`."""
+    """The model module and a labelled image folder (2 classes x 8 noisy 32x32 PNGs) under `root`, and a copy
+    of it as `eval_imgs` (compress refuses the same folder as --data and --eval-data)."""
     (root / f"{MODULE}.py").write_text(MODEL_SOURCE)
     rng = np.random.default_rng(0)
     for label, base in (("cat", 60), ("dog", 180)):
@@ -62,6 +64,7 @@ def write_workspace(root: Path) -> Path:
             path = root / "imgs" / label / f"{i}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(arr).save(path)
+    shutil.copytree(root / "imgs", root / "eval_imgs")     # the same images under another path: --eval-data
     return root
 
 
@@ -146,7 +149,7 @@ def test_info_text_output(compressed, capsys):
 
 
 def test_compress_with_eval_data_and_config(ws, capsys):
-    rc, out, err = run(capsys, *COMPRESS, "--out", "n.bitdown", "--eval-data", "imgs",
+    rc, out, err = run(capsys, *COMPRESS, "--out", "n.bitdown", "--eval-data", "eval_imgs",
                        "--config", json.dumps({"name_overrides": {"fc": {"skip": True}}}))
     assert rc == 0, err
     res = json.loads(out.strip().splitlines()[-1])

@@ -91,7 +91,7 @@ def test_eval_model_without_logits(ws, capsys, fn, words):  # noqa: F811
     assert_error(rc, err, "(N, C) class logits", *words)
     # compress --eval-data: refused before compressing
     rc, out, err = run(capsys, "compress", "--model", f"{OUTPUTS_MODULE}:{fn}", "--preprocess", "cifar10", "--fast",
-                       "--data", "imgs", "--eval-data", "imgs", "--out", "o.bitdown")
+                       "--data", "imgs", "--eval-data", "eval_imgs", "--out", "o.bitdown")
     assert_error(rc, err, "(N, C) class logits")
     assert not (ws / "o.bitdown").exists()
     sys.modules.pop(OUTPUTS_MODULE, None)

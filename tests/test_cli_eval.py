@@ -68,7 +68,7 @@ def test_eval_file_with_architecture_flag_still_works(compressed, capsys):  # no
 # ----------------------------------------------------------------------------- compress summary
 
 def test_compress_summary_judges_the_result(ws, capsys):  # noqa: F811
-    rc, out, err = run(capsys, *COMPRESS, "--out", "j.bitdown", "--eval-data", "imgs")
+    rc, out, err = run(capsys, *COMPRESS, "--out", "j.bitdown", "--eval-data", "eval_imgs")
     assert rc == 0, err
     res = json.loads(out.strip().splitlines()[-1])
     teacher = _ref(_build())["top1"]
@@ -79,7 +79,7 @@ def test_compress_summary_judges_the_result(ws, capsys):  # noqa: F811
     ref = evaluate(q, make_loader(ImageDataset("imgs", "cifar10", labels="parent"), 4), teacher=_build())
     assert res["agreement"] == pytest.approx(ref["agreement"]) and res["eval_images"] == 16
 
-    rc, out, err = run(capsys, *[a for a in COMPRESS if a != "--json"], "--out", "t.bitdown", "--eval-data", "imgs")
+    rc, out, err = run(capsys, *[a for a in COMPRESS if a != "--json"], "--out", "t.bitdown", "--eval-data", "eval_imgs")
     assert rc == 0, err
     for key in ("teacher_top1", "top1", "drop", "agreement"):
         assert f"{key}:" in out, out
