@@ -18,9 +18,10 @@ from .config import EMConfig, LayerPlan, QuantConfig
 from .modules import PQConv2d, PQLinear
 from .serialize import BitdownFileError, save
 from .size import size_report
+from .synthesize import SynthConfig, synthesize
 
 __all__ = ["compress", "save", "load", "QuantConfig", "EMConfig", "LayerPlan", "PQConv2d", "PQLinear",
-           "BitdownFileError", "CompressionInfo", "size_report", "recalibrate_bn"]
+           "BitdownFileError", "CompressionInfo", "size_report", "recalibrate_bn", "synthesize", "SynthConfig"]
 __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

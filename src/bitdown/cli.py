@@ -291,6 +291,68 @@ def _data(path: str, preprocess: str, labels: str, train: bool = False, seed: in
 
 
 LETTERBOX = "letterbox"       # the detectors' preprocessing (zoo yolov5n_coco)
+SYNTHETIC = "synthetic:"      # --data synthetic:N: images synthesised from the model (bitdown.synthesize)
+
+
+def _synthetic_count(spec: str | None, flag: str) -> int | None:
+    """N of `synthetic:N` (None for a path); a count that is not a positive integer is a clear error."""
+    if spec is None or not spec.startswith(SYNTHETIC):
+        return None
+    text = spec[len(SYNTHETIC):]
+    try:
+        n = int(text)
+    except ValueError:
+        raise UsageError(f"{flag} {spec!r}: give synthetic:N with N a number of images, e.g. synthetic:2048") from None
+    if n < 1:
+        raise UsageError(f"{flag} {spec!r}: the number of synthetic images must be at least 1")
+    return n
+
+
+def _synth_config(a: argparse.Namespace, extra: dict[str, Any] | None = None):
+    """SynthConfig from --synth-config / --config JSON, then the flags given (seed, steps, batch size)."""
+    from .synthesize import SynthConfig
+
+    given = {"seed": a.seed, "steps": getattr(a, "steps", None), "batch_size": getattr(a, "batch_size", None)}
+    return SynthConfig.from_dict({**(extra or {}), **{k: v for k, v in given.items() if v is not None}})
+
+
+def _synthetic_data(a: argparse.Namespace, model: nn.Module, preprocess: str, n: int, train: bool):
+    """(calibration, fine-tuning or None) datasets of `n` images synthesised from `model`: in memory, or in
+    --synth-cache (PNGs, resumed when rerun with the same settings)."""
+    from .data import PixelDataset
+    from .synthesize import synthesize
+
+    if preprocess == LETTERBOX:
+        raise UsageError("synthetic data needs a classification preprocessing preset (cifar10, imagenet, "
+                         "efficientnet); detectors take real images")
+    cfg = _synth_config(a, _json_object(a.synth_config, "--synth-config"))
+    res = synthesize(model, n, preprocess, cfg, out=a.synth_cache, device=a.device)
+    log.info("synthesised %d images in %.1f s", n, res.seconds)
+    src = f"synthetic:{n}"
+    calib = PixelDataset(res.images, preprocess, source=src)
+    return calib, (PixelDataset(res.images, preprocess, train=True, seed=a.seed, source=src) if train else None)
+
+
+def _compress_data(a: argparse.Namespace, model: nn.Module, preprocess: str, train: bool, image_size: int):
+    """(calibration, fine-tuning or None) datasets of --data plus --extra-data, each a folder / zip of images
+    or synthetic:N."""
+    from .data import ConcatImages
+
+    calibs, trains = [], []
+    for spec, flag in ((a.data, "--data"), (a.extra_data, "--extra-data")):
+        if spec is None:
+            continue
+        n = _synthetic_count(spec, flag)
+        if n is not None:
+            c, t = _synthetic_data(a, model, preprocess, n, train)
+        else:
+            c = _data(spec, preprocess, "none", image_size=image_size)
+            t = _data(spec, preprocess, "none", train=True, seed=a.seed, image_size=image_size) if train else None
+        calibs.append(c)
+        trains.append(t)
+    if len(calibs) == 1:
+        return calibs[0], trains[0]
+    return ConcatImages(calibs), (ConcatImages(trains) if train else None)
 
 
 def _check_eval_task(path: str, detector: bool, what: str, flag: str) -> None:
@@ -444,7 +506,12 @@ def cmd_compress(a: argparse.Namespace) -> int:
 
     # paths and device first: nothing is built or read before they are known to be usable
     out_path = _check_out_path(a.out, "--out")
-    _check_source(a.data, "--data")
+    for spec, flag in ((a.data, "--data"), (a.extra_data, "--extra-data")):
+        if spec is not None and _synthetic_count(spec, flag) is None:
+            _check_source(spec, flag)
+    if a.synth_cache is not None and Path(a.synth_cache).expanduser().exists() \
+            and not Path(a.synth_cache).expanduser().is_dir():
+        raise UsageError(f"--synth-cache {a.synth_cache}: exists and is not a folder")
     if a.eval_data:
         _check_source(a.eval_data, "--eval-data")
         if _same_file(a.data, a.eval_data):
@@ -487,10 +554,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
     elif a.eval_data:                        # labels and the model's output checked before compressing
         ev = _eval_data(a.eval_data, preprocess, a.labels, classes)
         _check_eval_model(model, ev, classes)
-    calib = _data(a.data, preprocess, "none", image_size=calib_size or a.image_size)
+    calib, train = _compress_data(a, model, preprocess, ft.enabled, calib_size or a.image_size)
     _forward(model, calib[0][None], f"an image of {a.data} preprocessed as {preprocess!r}")
-    train = (_data(a.data, preprocess, "none", train=True, seed=a.seed, image_size=calib_size or a.image_size)
-             if ft.enabled else None)
     log.info("recipe %s%s: %s; fine-tuning %s", "detector " if detector else "", "fast" if a.fast else "default",
              config.to_json(), ft.to_json())
     t0 = time.perf_counter()
@@ -731,7 +796,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True, help="zoo name or module:function returning an nn.Module")
     c.add_argument("--weights", help="checkpoint (.pt/.pth/.th via weights_only, or .safetensors); default: "
                                      "a zoo model's own weights, a module:function model's initialisation")
-    c.add_argument("--data", required=True, help="folder or zip of unlabelled calibration images")
+    c.add_argument("--data", required=True, help="folder or zip of unlabelled calibration images, or synthetic:N: N "
+                                                 "images synthesised from the model's BatchNorm statistics (no data; "
+                                                 "see bitdown synthesize)")
+    c.add_argument("--extra-data", metavar="DATA", help="more images mixed with --data for calibration and "
+                                                        "fine-tuning: a folder / zip, or synthetic:N")
+    c.add_argument("--synth-config", metavar="JSON", help="synthesis options for synthetic:N (synthesize.SynthConfig: "
+                                                          "steps, batch_size, lr, w_div, w_tv, jitter, ...)")
+    c.add_argument("--synth-cache", metavar="DIR", help="synthetic:N: write the images to this folder as PNGs (a "
+                                                        "rerun with the same settings reads them back); default: "
+                                                        "in memory")
     c.add_argument("--preprocess", help="data preset (cifar10|imagenet|efficientnet); default: a zoo model's own "
                                         "(required for a module:function model)")
     c.add_argument("--preset", default="small", choices=["small", "large"],
@@ -841,6 +915,33 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the whole metadata as one JSON object")
     i.set_defaults(fn=cmd_info)
 
+    y = sub.add_parser(
+        "synthesize", formatter_class=_Help,
+        help="images synthesised from a model's own BatchNorm statistics (compress without data)",
+        description="Write N images synthesised from a trained model alone (DeepInversion / ZeroQ): each batch is "
+                    "optimised\nfrom noise with Adam to match every BatchNorm layer's input mean and variance to its "
+                    "running\nstatistics, plus class-balanced cross-entropy (a classifier; entropy otherwise), a small "
+                    "total-\nvariation prior and random jitter / flips. PNGs in the model's input space: read them back "
+                    "with\n--data FOLDER and the same preprocessing. Seeded; identical at one thread; a rerun into the "
+                    "same\nfolder resumes.",
+        epilog="example:\n  bitdown synthesize --model resnet20_cifar10 --n 2048 --out synth/\n"
+               "  bitdown compress --model resnet20_cifar10 --data synth/ --out r20.bitdown   # or --data synthetic:2048")
+    y.add_argument("--model", required=True, help="zoo name or module:function returning an nn.Module")
+    y.add_argument("--weights", help="checkpoint for the model (default: a zoo model's own)")
+    y.add_argument("--preprocess", help="data preset (cifar10|imagenet|efficientnet); default: a zoo model's own "
+                                        "(required for a module:function model)")
+    y.add_argument("--n", type=int, default=2048, help="number of images")
+    y.add_argument("--out", required=True, help="folder for the PNGs (created; one holding other files is refused)")
+    y.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files or another "
+                                                            "synthesis (that synthesis's images are removed)")
+    y.add_argument("--seed", type=int, default=0, help="seeds the noise, jitter and class assignment")
+    y.add_argument("--steps", type=int, help="Adam steps per batch (default: SynthConfig's 100)")
+    y.add_argument("--batch-size", type=int, help="images optimised together (default: SynthConfig's 256)")
+    y.add_argument("--config", help="JSON of SynthConfig keys, e.g. '{\"lr\": 0.1, \"w_tv\": 0.001}'")
+    y.add_argument("--device", help="where the model runs, e.g. cuda (default: cpu)")
+    y.add_argument("--json", action="store_true", help="print one JSON object")
+    y.set_defaults(fn=cmd_synthesize)
+
     d = sub.add_parser(
         "detect", formatter_class=_Help, help="draw a detector's boxes on one image",
         description="Detect objects in one image with a detector (a .bitdown file or a zoo name such as "
@@ -855,6 +956,36 @@ def build_parser() -> argparse.ArgumentParser:
     for sp in (c, e, x, d):
         sp.add_argument("--image-size", type=int, default=640, help="detectors: letterbox size in pixels")
     return p
+
+
+def cmd_synthesize(a: argparse.Namespace) -> int:
+    from .synthesize import synthesize
+
+    if a.n < 1:
+        raise UsageError(f"--n {a.n}: give a positive number of images")
+    out = Path(a.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {a.out}: exists and is not a folder (give a folder for the images)")
+    if not out.exists() and not out.parent.is_dir():
+        raise UsageError(f"--out {a.out}: folder {str(out.parent)!r} does not exist (create it first)")
+    for flag in ("steps", "batch_size"):
+        if getattr(a, flag) is not None and getattr(a, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1")
+    cfg = _synth_config(a, _json_object(a.config, "--config"))
+    _check_device(a.device)
+    model, arch = resolve_model(a.model, a.weights)
+    preprocess = a.preprocess or arch.get("preprocess")
+    if preprocess is None:
+        raise UsageError("--preprocess is required for a module:function model")
+    if preprocess == LETTERBOX:
+        raise UsageError("synthesis needs a classification preprocessing preset (cifar10, imagenet, efficientnet)")
+    res = synthesize(model, a.n, preprocess, cfg, out=out, overwrite=a.overwrite, device=a.device)
+    last = res.batches[-1]
+    _emit({"out": str(a.out), "images": a.n, "batches": len(res.batches), "steps": cfg.steps,
+           "batch_size": cfg.batch_size, "seconds": res.seconds, "seconds_per_image": res.seconds / a.n,
+           "resumed_batches": sum(1 for b in res.batches if b.get("resumed")), "final_loss": last["loss"],
+           "final_bn_loss": last["bn"]}, a.json)
+    return 0
 
 
 def cmd_detect(a: argparse.Namespace) -> int:

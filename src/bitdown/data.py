@@ -773,3 +773,60 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: 
     pass (a rerun, a second `compress` on the same loader, or a resumed run read the same images)."""
     sampler = SeededPermutation(len(dataset), seed) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0, drop_last=drop_last)
+
+
+class PixelDataset(Dataset):
+    """Images held in memory as uint8 (N, 3, H, W) pixels (e.g. synthesised ones, :mod:`bitdown.synthesize`),
+    served exactly as :class:`ImageDataset` serves the same pixels read from PNG files with ``preset``:
+    centre crop for a resize preset (eval), seeded augmentation by (seed, epoch, index) with ``train``, then
+    normalisation. Items are float (C, H, W) tensors (no labels)."""
+
+    def __init__(self, pixels: Tensor, preset: str | Preset, train: bool = False, seed: int = 0,
+                 source: str = "pixels") -> None:
+        if not isinstance(pixels, Tensor) or pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"pixels must be a uint8 (N, 3, H, W) tensor, got "
+                             f"{getattr(pixels, 'dtype', type(pixels).__name__)} {tuple(getattr(pixels, 'shape', ()))}")
+        if len(pixels) == 0:
+            raise ValueError("no images: pixels is empty")
+        self.pixels, self.preset = pixels, get_preset(preset)
+        self.train, self.seed, self.epoch, self.source = train, seed, 0, source
+        self.names = None
+        self.n_skipped = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, i: int) -> Tensor:
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} images")
+        x = self.pixels[i]
+        if self.train:
+            x = augment(x, self.preset, sample_generator(self.seed, self.epoch, i))
+        elif self.preset.resize is not None:
+            x = center_crop(x, self.preset.crop)
+        return normalize(x, self.preset)
+
+
+class ConcatImages(torch.utils.data.ConcatDataset):
+    """Several image datasets as one (e.g. real and synthetic images); ``set_epoch`` reaches each part."""
+
+    def __init__(self, parts: Sequence[Dataset]) -> None:
+        super().__init__(parts)
+        self.source = " + ".join(str(getattr(p, "source", type(p).__name__)) for p in parts)
+        self.train = getattr(parts[0], "train", None)
+        self.seed = getattr(parts[0], "seed", None)
+
+    @property
+    def names(self) -> list | None:
+        return [getattr(p, "names", None) for p in self.datasets]
+
+    def set_epoch(self, epoch: int) -> None:
+        for p in self.datasets:
+            if hasattr(p, "set_epoch"):
+                p.set_epoch(epoch)
