@@ -935,7 +935,7 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files or another "
                                                             "synthesis (that synthesis's images are removed)")
     y.add_argument("--seed", type=int, default=0, help="seeds the noise, jitter and class assignment")
-    y.add_argument("--steps", type=int, help="Adam steps per batch (default: SynthConfig's 100)")
+    y.add_argument("--steps", type=int, help="Adam steps per batch (default: SynthConfig's 50)")
     y.add_argument("--batch-size", type=int, help="images optimised together (default: SynthConfig's 256)")
     y.add_argument("--config", help="JSON of SynthConfig keys, e.g. '{\"lr\": 0.1, \"w_tv\": 0.001}'")
     y.add_argument("--device", help="where the model runs, e.g. cuda (default: cpu)")
