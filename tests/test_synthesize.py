@@ -158,8 +158,9 @@ def test_cli_compress_on_synthetic_and_mixed_data(ws, capsys):  # noqa: F811
                        "--out", "m.bitdown")
     assert rc == 0, err
     assert len(list((ws / "cache").glob("synth_*.png"))) == 8
-    for bad in ("synthetic:0", "synthetic:-2", "synthetic:many"):
-        rc, _, err = run(capsys, *base, "--data", bad, "--out", "x.bitdown")
+    for bad in (["--data", "synthetic:0"], ["--data", "synthetic:-2"], ["--data", "synthetic:many"],
+                ["--data", "synthetic:4", "--extra-data", "synthetic:4"], ["--data", "imgs", "--synth-cache", "c"]):
+        rc, _, err = run(capsys, *base, *bad, "--out", "x.bitdown")
         assert rc == 2 and "synthetic" in err and "Traceback" not in err
 
 

@@ -509,6 +509,14 @@ def cmd_compress(a: argparse.Namespace) -> int:
     for spec, flag in ((a.data, "--data"), (a.extra_data, "--extra-data")):
         if spec is not None and _synthetic_count(spec, flag) is None:
             _check_source(spec, flag)
+    n_synthetic = sum(_synthetic_count(spec, flag) is not None for spec, flag in ((a.data, "--data"),
+                                                                                  (a.extra_data, "--extra-data")))
+    if n_synthetic > 1:
+        raise UsageError("synthetic:N is given to both --data and --extra-data: give it once (the two would be the "
+                         "same images)")
+    for flag, value in (("--synth-cache", a.synth_cache), ("--synth-config", a.synth_config)):
+        if value is not None and not n_synthetic:
+            raise UsageError(f"{flag} is for synthetic data: give --data or --extra-data synthetic:N")
     if a.synth_cache is not None and Path(a.synth_cache).expanduser().exists() \
             and not Path(a.synth_cache).expanduser().is_dir():
         raise UsageError(f"--synth-cache {a.synth_cache}: exists and is not a folder")
