@@ -2,7 +2,7 @@
 the teacher's BatchNorm statistics, against the same recipe on real training images.
 
     python benchmarks/synthetic.py main        # 2,048 synthetic images, the default recipe, all 10,000 test JPEGs
-    python benchmarks/synthetic.py ablation    # loss terms at a cheaper setting: EM only (--fast), 512 images
+    python benchmarks/synthetic.py ablation    # loss terms at a cheaper setting: EM only (--fast), 256 images
     python benchmarks/synthetic.py report      # rewrite synthetic.md (and the grid) from synthetic.json
 
 Every run goes through the CLI, in a child process at one thread (OMP_NUM_THREADS=1, as the README's figures):
@@ -71,10 +71,12 @@ def _synth(folder: Path, n: int, config: dict, log: Path) -> dict:
     return res
 
 
-def _compress(folder: Path, out: Path, fast: bool, log: Path) -> dict:
+def _compress(folder: Path, out: Path, fast: bool, log: Path, calib_images: int | None = None) -> dict:
     args = ["compress", "--model", "resnet20_cifar10", "--data", str(folder), "--target-ratio", "20",
             "--out", str(out), "--eval-data", str(TEST), "--json"]
-    return _bitdown(*(args + (["--fast"] if fast else [])), log=log)
+    args += ["--fast"] if fast else []
+    args += ["--calib-images", str(calib_images)] if calib_images else []
+    return _bitdown(*args, log=log)
 
 
 def _load() -> dict:
@@ -86,7 +88,7 @@ def _save(results: dict) -> None:
     report(results)
 
 
-def grid(folder: Path, path: Path, per_class: int = 10, classes: int = 10, scale: int = 2) -> None:
+def grid(folder: Path, path: Path, per_class: int = 10, classes: int = 10, scale: int = 1) -> None:
     """The first `per_class` images of each assigned class (image i has class perm[i mod C]), one row each."""
     import numpy as np
     from PIL import Image
@@ -104,10 +106,35 @@ def grid(folder: Path, path: Path, per_class: int = 10, classes: int = 10, scale
     img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path, optimize=True)
 
 
+def reference_bn(n: int = 256) -> dict:
+    """The BatchNorm term of the synthesis objective (w_bn = 1) on `n` real training images (every 97th of the
+    zip, as calibration would see them) and on `n` Gaussian-noise inputs: the scale the synthetic figures are
+    read against."""
+    import torch
+
+    from bitdown.data import ImageDataset
+    from bitdown.synthesize import _BNLoss, batchnorms
+    from bitdown.zoo import build_model
+
+    torch.set_num_threads(1)
+    model = build_model("resnet20_cifar10")
+    hooks = _BNLoss(batchnorms(model), 1.0)
+    ds = ImageDataset(ASSETS / "cifar10" / "cifar10-train-jpeg.zip", "cifar10")
+    out = {}
+    with torch.no_grad():
+        model(torch.stack([ds[i * 97] for i in range(n)]))
+        out["real"] = float(hooks.take())
+        model(torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+        out["noise"] = float(hooks.take())
+    hooks.remove()
+    return {"images": n, **out}
+
+
 def run_main(work: Path, n: int) -> None:
     log = work / "main.log"
     folder = work / "main"
     results = _load()
+    results["reference_bn"] = reference_bn()
     syn = _synth(folder, n, {}, log)
     results["main"] = {"synthesis": syn}
     _save(results)
@@ -121,12 +148,17 @@ def run_ablation(work: Path, n: int) -> None:
     log = work / "ablation.log"
     results = _load()
     rows = results.setdefault("ablation", {})
+    real = f"{n} real training images (reference)"
+    if real not in rows:
+        rows[real] = {"compress": _compress(ASSETS / "cifar10" / "cifar10-train-jpeg.zip", work / "ablation_real.bitdown",
+                                            fast=True, log=log, calib_images=n)}
+        _save(results)
     for k, (name, cfg) in enumerate(ABLATION.items()):
         if name in rows:
             continue
         folder = work / f"ablation{k}"
         syn = _synth(folder, n, cfg, log)
-        comp = _compress(folder, work / f"ablation{k}.bitdown", fast=True, log=log)
+        comp = _compress(folder, work / f"ablation{k}.bitdown", fast=True, log=log, calib_images=n)
         rows[name] = {"synthesis": syn, "compress": comp}
         _save(results)
 
@@ -148,14 +180,16 @@ def report(results: dict) -> None:
                   f"- synthesis: `{syn['command']}`", f"- config: `{json.dumps(syn['config'])}`",
                   f"- {len(pb)} batches of {syn['batch_size']}, {syn['steps']} Adam steps each: "
                   f"{syn['seconds']:.0f} s in all, {syn['seconds_per_image'] * 1000:.0f} ms per image; "
-                  f"a batch of 256 took {min(b['seconds'] for b in fresh):.0f}-{max(b['seconds'] for b in fresh):.0f} s"
+                  f"a batch of 256 took {min(b['seconds'] for b in fresh):.0f}-{max(b['seconds'] for b in fresh):.0f} s "
+                  f"(1-, 5-, 15-min loadavg at the end: {syn.get('loadavg_after')})"
                   if fresh else "- (all batches read back from an earlier run)",
                   f"- final loss terms per batch (BatchNorm / diversity CE / TV): "
                   + ", ".join(f"{b['bn']:.1f} / {b['div']:.2f} / {b['tv']:.3f}" for b in pb)
-                  + " (BatchNorm term of 256 real training images: 72.8; of Gaussian noise: 455.7)", ""]
+                  + (" (BatchNorm term of {images} real training images: {real:.1f}; of Gaussian noise: {noise:.1f})"
+                     .format(**results["reference_bn"]) if "reference_bn" in results else ""), ""]
         comp = main.get("compress")
         if comp:
-            lines += [f"- compression: `{comp['command']}`", "",
+            lines += [f"- compression: `{comp['command']}` (loadavg at the end: {comp.get('loadavg_after')})", "",
                       "| calibration + fine-tuning data | ratio | top-1 % | teacher % | drop | agreement % | "
                       "compress wall s |", "|---|---|---|---|---|---|---|",
                       f"| {syn['images']:,} synthetic images (no real image) | {comp['ratio']:.1f}x | {comp['top1']:.2f} | "
@@ -168,16 +202,23 @@ def report(results: dict) -> None:
                       f"({comp['top1'] - REAL_20X:+.2f} pt).", ""]
         lines += ["![synthetic images](synthetic_grid.png)", "",
                   "`synthetic_grid.png`: the first ten images of each assigned class (rows: airplane, automobile, "
-                  "bird, cat, deer, dog, frog, horse, ship, truck), 2x nearest-neighbour.", ""]
+                  "bird, cat, deer, dog, frog, horse, ship, truck), 32 px each.", ""]
     abl = results.get("ablation")
     if abl:
-        lines += ["## Loss-term ablation (EM only, --fast, 20x)", "",
+        lines += ["## Loss-term ablation (EM only, --fast, 20x, calibration on the same number of images)", "",
+                  "Each row: `bitdown synthesize --n 256 --config JSON` (SynthConfig keys switched off as named), "
+                  "then `bitdown compress --fast --target-ratio 20 --calib-images 256` on those images; the "
+                  "reference row calibrates on 256 real training images instead. BN term: the final BatchNorm term "
+                  "of the synthesis.", "",
                   "| synthesis objective | BN term | top-1 % (EM only) | agreement % | synthesis s |",
                   "|---|---|---|---|---|"]
         for name, r in abl.items():
+            c = r["compress"]
+            if "synthesis" not in r:
+                lines.append(f"| {name} | - | {c['top1']:.2f} | {c['agreement']:.2f} | - |")
+                continue
             pb = r["synthesis"]["per_batch"]
             bn = sum(b["bn"] for b in pb) / len(pb)
-            c = r["compress"]
             lines.append(f"| {name} | {bn:.1f} | {c['top1']:.2f} | {c['agreement']:.2f} | "
                          f"{r['synthesis']['seconds']:.0f} |")
         lines.append("")
@@ -186,16 +227,20 @@ def report(results: dict) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["main", "ablation", "report"])
+    p.add_argument("what", choices=["main", "ablation", "report", "reference"])
     p.add_argument("--work", default="/tmp/bitdown-synthetic", help="folder for the images, files and logs")
-    p.add_argument("--n", type=int, help="images (default: 2048 for main, 512 for the ablation)")
+    p.add_argument("--n", type=int, help="images (default: 2048 for main, 256 for the ablation)")
     a = p.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     if a.what == "main":
         run_main(work, a.n or 2048)
     elif a.what == "ablation":
-        run_ablation(work, a.n or 512)
+        run_ablation(work, a.n or 256)
+    elif a.what == "reference":                  # the BatchNorm-term scale alone (seconds)
+        results = _load()
+        results["reference_bn"] = reference_bn()
+        _save(results)
     else:
         report(_load())
 
