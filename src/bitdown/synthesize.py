@@ -67,12 +67,14 @@ Diversity = Literal["auto", "classes", "entropy", "none"]
 class SynthConfig:
     """Options of :func:`synthesize` (the objective is in the module docstring).
 
-    Defaults: 50 Adam steps of batches of 256 (a ResNet-20 batch: about a minute on one thread of the 2-core
+    Defaults: 50 Adam steps of batches of 256 (a ResNet-20 batch: 107-225 s on one thread of the loaded 2-core
     dev CPU, benchmarks/results/synthetic.md), lr 0.25 with a cosine decay, Adam betas (0.5, 0.9); BatchNorm
     1 : cross-entropy 0.1 as DeepInversion's CIFAR ratio (10 : 1), TV (mean squared form) 1e-3, and its 2 px
     jitter on a 32 px canvas (``jitter=None``: ``(resize - crop) // 2`` for resize presets, else
     ``crop // 16``, at least 1). DeepInversion runs 2,000 steps at lr 0.1; here the step count is what a CPU
-    affords (the BatchNorm term reached against real images: benchmarks/results/synthetic.md)."""
+    affords (the BatchNorm term reached against real images: benchmarks/results/synthetic.md). Measured there at
+    50 steps: the BatchNorm term alone (``w_div=0, w_tv=0, jitter=0, flip=False``) calibrated ResNet-20 best;
+    the defaults stay DeepInversion's terms until a full run says otherwise."""
 
     batch_size: int = 256
     steps: int = 50
