@@ -402,7 +402,8 @@ def prepare_folder(out: str | os.PathLike, settings: dict[str, Any], overwrite: 
         folder.mkdir()
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: folder is not writable")
-    entries = sorted(os.listdir(folder))
+    entries = sorted(e for e in os.listdir(folder)           # our own temporary files (another process) ignored
+                     if not (e.endswith(".tmp") and (e.startswith(".synth_") or e.startswith(f".{MANIFEST}"))))
     ours = [e for e in entries if _NAME_RE.match(e)]
     others = [e for e in entries if e != MANIFEST and not _NAME_RE.match(e)]
     old: dict[str, Any] = {}
@@ -430,7 +431,7 @@ def prepare_folder(out: str | os.PathLike, settings: dict[str, Any], overwrite: 
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    tmp = folder / f".{MANIFEST}.tmp"
+    tmp = folder / f".{MANIFEST}.{os.getpid()}.tmp"          # per process: torchrun ranks write the same folder
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, folder / MANIFEST)
 
@@ -438,7 +439,7 @@ def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 def _save_pngs(folder: Path, pixels: torch.Tensor, start: int) -> None:
     arr = pixels.permute(0, 2, 3, 1).numpy()                     # (n, S, S, 3) uint8
     for k in range(arr.shape[0]):
-        tmp = folder / f".{image_name(start + k)}.tmp"
+        tmp = folder / f".{image_name(start + k)}.{os.getpid()}.tmp"
         Image.fromarray(arr[k]).save(tmp, format="PNG")
         os.replace(tmp, folder / image_name(start + k))
 
