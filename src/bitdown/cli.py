@@ -522,9 +522,10 @@ def cmd_compress(a: argparse.Namespace) -> int:
         raise UsageError(f"--synth-cache {a.synth_cache}: exists and is not a folder")
     if a.eval_data:
         _check_source(a.eval_data, "--eval-data")
-        if _same_file(a.data, a.eval_data):
-            raise UsageError(f"--data and --eval-data are the same ({a.eval_data}): calibrating on the evaluation "
-                             "images makes the reported figures meaningless; give separate images")
+        for spec, flag in ((a.data, "--data"), (a.extra_data, "--extra-data")):
+            if spec is not None and _same_file(spec, a.eval_data):
+                raise UsageError(f"{flag} and --eval-data are the same ({a.eval_data}): calibrating on the "
+                                 "evaluation images makes the reported figures meaningless; give separate images")
     if a.weights and _same_file(a.weights, out_path):
         raise UsageError(f"--out {a.out} is the --weights file: it would overwrite the model being compressed")
     _check_device(a.device)
