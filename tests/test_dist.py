@@ -256,40 +256,55 @@ def test_nccl_one_rank_on_cuda(workdir: Path) -> None:
 
 @pytest.mark.slow
 def test_real_resnet20_two_ranks_match_one(tmp_path: Path) -> None:
-    """The real CIFAR-10 ResNet-20 (the default recipe on 512 calibration images: small preset, int8, teacher
-    targets, 10 per-layer + 300 global distillation steps): torchrun with 2 ranks vs one process, one thread per
-    process in both (2 threads vs 1 change the float sums of the convolutions; Adam's first, sign-like steps of
-    the per-layer distillation turn that into other codebooks and then other codes downstream: measured 20.7 %
-    identical codes, top-1 80.0 vs 80.3, against 100 % identical codes and codebooks at equal threads): the same
-    ratio, >= 99 % identical codes, top-1 on 2,000 held-out test images within 0.3 pt."""
+    """The real CIFAR-10 ResNet-20, torchrun with 2 ranks vs one process, one thread per process in both.
+
+    What is rank-count-independent, and asserted: the EM (float64 statistics summed over the ranks): 100 %
+    identical codes and codebooks; the ratio. What is not: the per-layer distillation. Its gradient under 2
+    ranks is g(rows 0..31) + g(rows 32..63) in fp32, in one process one backward over 64 rows: other float
+    sums (~1e-7 relative), which Adam's first, sign-like steps keep, and which now and then put a codeword on
+    the other side of an int8 rounding boundary; every later layer's EM then starts from other inputs and, its
+    codeword labels being arbitrary, ends with other codes (measured, 256 images, 10 per-layer steps: 100 %
+    identical without the holdout, with it the first codebook difference is one quantum (0.00256) at layer
+    2.1.conv2, then 55 %, 6 %, ~1 % identical codes downstream, 20 % overall; a one-process run computing the
+    gradient as that same sum of the two half-batch slices reproduces the 2-rank file). So for the default
+    recipe (10 per-layer + 300 global steps, 512 images): the same ratio and top-1 on 2,000 held-out test
+    images within 0.5 pt (measured 80.55 vs 80.45; 1 vs 2 threads in one process: 80.3 vs 80.0), not
+    identical codes (measured 5.97 %)."""
     import bitdown
     from bitdown.assets import assets_dir
     from bitdown.data import ImageDataset, make_loader, split_indices
     from bitdown.evaluate import evaluate
+    from bitdown.modules import is_pq
+    from bitdown.size import size_report
 
     root = assets_dir() / "cifar10"
     if not (root / "cifar10-train-jpeg.zip").exists():
         pytest.skip(f"CIFAR-10 assets not found under {root}")
-    args = ["compress", "--model", "resnet20_cifar10", "--data", str(root / "cifar10-train-jpeg.zip"),
-            "--calib-images", "512", "--finetune-steps", "10", "--global-steps", "300", "--seed", "0"]
     env = _env(OMP_WAIT_POLICY="PASSIVE")
-    one = subprocess.run([sys.executable, "-m", "bitdown", *args, "--out", "one.bitdown"], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=3600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "bitdown", *args, "--out", "two.bitdown"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=3600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = bitdown.load(tmp_path / "one.bitdown"), bitdown.load(tmp_path / "two.bitdown")
-    from bitdown.modules import is_pq
-    from bitdown.size import size_report
 
-    pairs = [(m.codes, m2.codes) for (_, m), (_, m2) in zip(a.named_modules(), b.named_modules()) if is_pq(m)]
-    same = sum(int((x == y).sum()) for x, y in pairs) / sum(x.numel() for x, _ in pairs)
+    def both(tag: str, *extra: str):
+        args = ["compress", "--model", "resnet20_cifar10", "--data", str(root / "cifar10-train-jpeg.zip"),
+                "--calib-images", "512", "--seed", "0", *extra]
+        one = subprocess.run([sys.executable, "-m", "bitdown", *args, "--out", f"{tag}-one.bitdown"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=3600)
+        assert one.returncode == 0, one.stderr[-3000:]
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                              "2", "-m", "bitdown", *args, "--out", f"{tag}-two.bitdown"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=3600)
+        assert two.returncode == 0, two.stderr[-3000:]
+        a, b = bitdown.load(tmp_path / f"{tag}-one.bitdown"), bitdown.load(tmp_path / f"{tag}-two.bitdown")
+        pairs = [(m, m2) for (_, m), (_, m2) in zip(a.named_modules(), b.named_modules()) if is_pq(m)]
+        same = sum(int((x.codes == y.codes).sum()) for x, y in pairs) / sum(x.codes.numel() for x, _ in pairs)
+        cb = all(torch.equal(x.codebook, y.codebook) for x, y in pairs)
+        assert size_report(a, a.bitdown.plans).ratio == size_report(b, b.bitdown.plans).ratio
+        return a, b, same, cb
+
+    a, b, same, cb = both("em", "--finetune-steps", "0", "--global-steps", "0")
+    print(f"EM only: codes identical {same:.4f}, codebooks identical {cb}")
+    assert same == 1.0 and cb
+    a, b, same, _ = both("ft", "--finetune-steps", "10", "--global-steps", "300")
     test = ImageDataset(root / "cifar10-test-jpeg.zip", "cifar10", labels="parent",
                         indices=split_indices(10000, [2000], 0)[0])
     top_a, top_b = evaluate(a, make_loader(test, 500))["top1"], evaluate(b, make_loader(test, 500))["top1"]
-    print(f"codes identical {same:.4f}, top-1 one process {top_a:.2f} / two ranks {top_b:.2f}")
-    assert size_report(a, a.bitdown.plans).ratio == size_report(b, b.bitdown.plans).ratio
-    assert same >= 0.99
-    assert abs(top_a - top_b) <= 0.3, (top_a, top_b)
+    print(f"default recipe: codes identical {same:.4f}, top-1 one process {top_a:.2f} / two ranks {top_b:.2f}")
+    assert abs(top_a - top_b) <= 0.5, (top_a, top_b)
