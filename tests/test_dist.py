@@ -268,7 +268,7 @@ def test_real_resnet20_two_ranks_match_one(tmp_path: Path) -> None:
     2.1.conv2, then 55 %, 6 %, ~1 % identical codes downstream, 20 % overall; a one-process run computing the
     gradient as that same sum of the two half-batch slices reproduces the 2-rank file). So for the default
     recipe (10 per-layer + 300 global steps, 512 images): the same ratio and top-1 on 2,000 held-out test
-    images within 0.5 pt (measured 80.55 vs 80.45; 1 vs 2 threads in one process: 80.3 vs 80.0), not
+    images within 0.3 pt (the issue's bound) (measured 80.55 vs 80.45; 1 vs 2 threads in one process: 80.3 vs 80.0), not
     identical codes (measured 5.97 %)."""
     import bitdown
     from bitdown.assets import assets_dir
@@ -307,4 +307,4 @@ def test_real_resnet20_two_ranks_match_one(tmp_path: Path) -> None:
                         indices=split_indices(10000, [2000], 0)[0])
     top_a, top_b = evaluate(a, make_loader(test, 500))["top1"], evaluate(b, make_loader(test, 500))["top1"]
     print(f"default recipe: codes identical {same:.4f}, top-1 one process {top_a:.2f} / two ranks {top_b:.2f}")
-    assert abs(top_a - top_b) <= 0.5, (top_a, top_b)
+    assert abs(top_a - top_b) <= 0.3, (top_a, top_b)
