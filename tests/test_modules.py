@@ -36,6 +36,15 @@ def random_pq(layer, d, k=8, seed=0):
     return codebook, codes
 
 
+def eval_pq_conv():
+    """A PQ Conv2d(4, 6, 3) in eval mode (seeded), with its codebook and codes."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(4, 6, 3)
+    cb, codes = random_pq(layer, 9)
+    quantize_module(layer, cb, codes).eval()
+    return layer, cb, codes
+
+
 def dense_forward(layer, weight, x):
     if isinstance(layer, nn.Linear):
         return F.linear(x, weight, layer.bias)
@@ -140,10 +149,7 @@ def test_to_dense_of_subclass():
 
 
 def test_eval_cache_is_reused_and_invalidated_on_codebook_change():
-    torch.manual_seed(0)
-    layer = nn.Conv2d(4, 6, 3)
-    cb, codes = random_pq(layer, 9)
-    quantize_module(layer, cb, codes).eval()
+    layer, cb, codes = eval_pq_conv()
     x = torch.randn(2, 4, 5, 5)
     with torch.no_grad():
         w1 = layer.weight
@@ -208,10 +214,7 @@ def _decodes(layer, monkeypatch):
 
 
 def test_eval_cache_hot_path_decodes_once(monkeypatch):
-    torch.manual_seed(0)
-    layer = nn.Conv2d(4, 6, 3)
-    cb, codes = random_pq(layer, 9)
-    quantize_module(layer, cb, codes).eval()
+    layer, cb, codes = eval_pq_conv()
     calls = _decodes(layer, monkeypatch)
     with torch.no_grad():
         w = layer.weight
@@ -272,10 +275,7 @@ def test_eval_cache_shared_codebook():
 
 
 def test_copies_and_pickles_drop_the_cache():
-    torch.manual_seed(0)
-    layer = nn.Conv2d(4, 6, 3)
-    cb, codes = random_pq(layer, 9)
-    quantize_module(layer, cb, codes).eval()
+    layer, cb, codes = eval_pq_conv()
     x = torch.randn(2, 4, 5, 5)
     with torch.no_grad():
         y = layer(x)
