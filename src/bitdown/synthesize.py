@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .blockio import tensors_of
 from .checkpoint import fingerprint
 from .config import _checked
 from .data import Preset, get_preset
@@ -212,21 +213,12 @@ class _BNLoss:
 
 
 def _first_tensor(out: Any) -> torch.Tensor | None:
-    if isinstance(out, torch.Tensor):
-        return out
-    values = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else ()
-    for v in values:
-        t = _first_tensor(v)
-        if t is not None:
-            return t
-    return None
+    ts = tensors_of(out)
+    return ts[0] if ts else None
 
 
 def _all_finite(out: Any) -> bool:
-    if isinstance(out, torch.Tensor):
-        return bool(torch.isfinite(out).all()) if out.is_floating_point() else True
-    values = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else ()
-    return all(_all_finite(v) for v in values)
+    return all(bool(torch.isfinite(t).all()) for t in tensors_of(out) if t.is_floating_point())
 
 
 def _diversity_kind(out: Any, mode: str) -> str:
