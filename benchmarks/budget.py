@@ -114,6 +114,8 @@ def main() -> None:
     p.add_argument("--allocation", help="alloc: an allocation report (compress's allocation.json 'allocation', or "
                                         "its bare report) computed on the same calibration images, e.g. on another "
                                         "machine; its ratio, weighting and error cap must match the flags")
+    p.add_argument("--alloc-menu", default="", help="alloc: options beyond PQ the allocator may pick "
+                                                    "(QuantConfig.alloc_menu), comma-separated: int8,int4,int3,int2,fp16")
     p.add_argument("--em", default="{}", help='EM options on top of the default EMConfig, JSON')
     p.add_argument("--reconstruct", default="{}", help='block reconstruction options (QuantConfig.reconstruct, '
                                                         'config.ReconstructConfig), JSON, e.g. \'{"steps": 200}\'')
@@ -137,6 +139,7 @@ def main() -> None:
     em_key = _em_key(em)
     rc = json.loads(a.reconstruct)
     rc_key = _rc_key(rc)
+    menu = [m for m in a.alloc_menu.split(",") if m]
     for r in rows:
         _row_defaults(r)
     for name in a.models.split(","):
@@ -159,6 +162,7 @@ def main() -> None:
                                target_ratio=None if scalar_bits else ratio, em=em_key,
                                reconstruct=rc_key,
                                alloc_weighting=weighting, alloc_max_error=cap, mixup=a.mixup,
+                               alloc_menu=menu if method == "alloc" else [],
                                layer_steps=a.layer_steps, global_steps=a.global_steps, calib_images=a.calib_images,
                                batch_size=a.batch_size, seed=a.seed, train_pool=a.train_pool)
                     if any(all(r.get(k) == v for k, v in key.items()) for r in rows):
@@ -167,7 +171,7 @@ def main() -> None:
                         continue
                     cfg = zoo_config(name, "small", calib_images=a.calib_images, seed=a.seed, codebook_bits=bits,
                                      em=EMConfig(**em), alloc_weighting=weighting, alloc_max_error=cap,
-                                     reconstruct=rc)
+                                     reconstruct=rc, alloc_menu=menu if method == "alloc" else [])
                     extra, target, given = {}, ratio, None
                     if method == "alloc" and a.allocation:
                         given = _given_allocation(Path(a.allocation), ratio, weighting, cap, teacher, cfg)
@@ -267,7 +271,7 @@ def _row_defaults(row: dict) -> None:
     """Fill the settings rows written before they existed, with the values those runs used, and drop EM
     options equal to EMConfig's defaults (a row asking teacher_target=True ran the default EM)."""
     for k, v in (("em", {}), ("alloc_weighting", "none"), ("mixup", 0.0), ("alloc_max_error", None),
-                 ("train_pool", None), ("reconstruct", {})):
+                 ("train_pool", None), ("reconstruct", {}), ("alloc_menu", [])):
         row.setdefault(k, v)
     row["em"] = _em_key(row["em"])
     row["reconstruct"] = _rc_key(row["reconstruct"])
@@ -317,7 +321,7 @@ def merge(path: Path, others: list[Path]) -> None:
     for r in doc["rows"]:
         _row_defaults(r)
     settings = ("model", "method", "codebook_bits", "target_ratio", "em", "reconstruct", "alloc_weighting",
-                "alloc_max_error",
+                "alloc_max_error", "alloc_menu",
                 "mixup", "layer_steps",
                 "global_steps", "calib_images", "batch_size", "seed", "train_pool")
     for other in others:
@@ -379,6 +383,7 @@ def write_report(path: Path) -> None:
         meth += (", block reconstruction " + ",".join(f"{k}={v}" for k, v in r["reconstruct"].items())
                  if r.get("reconstruct") else "")
         meth += f", max error {r['alloc_max_error']:g}" if r.get("alloc_max_error") else ""
+        meth += f", menu {'/'.join(r['alloc_menu'])}" if r.get("alloc_menu") else ""
         meth += f", mixup {r['mixup']:g}" if r.get("mixup") else ""
         meth += f", {r['train_pool']} training images" if r.get("train_pool") else ""
         seen = f"{r['train_top1']:.1f}" if r.get("train_top1") is not None else "-"
