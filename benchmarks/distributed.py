@@ -5,7 +5,8 @@ images from the CIFAR-10 training zip; for each setting:
 - the layer stage of `compress` (block inputs, per-layer statistics with their all-reduce, EM on rank 0):
   `stats_s` (sum over layers of the statistics, all-reduce included), `quantize_s` (the whole stage);
 - 300 global distillation steps (batch 64 global: 32 per rank with 2 ranks) on the compressed model;
-- peak RSS per rank (VmHWM), bytes all-reduced per layer (statistics) and per distillation step (gradients).
+- peak RSS per rank (VmHWM), bytes all-reduced per layer (statistics) and gathered per distillation step (the
+  gradient slices: every rank receives the gradient and loss of all S slices, float32).
 Also the statistics bytes each ResNet-50 layer would all-reduce (the same formula, checked against the
 ResNet-20 measurement), for the 8-GPU estimate in docs/DESIGN.md.
 
@@ -80,7 +81,7 @@ def worker(a: argparse.Namespace) -> None:
                    if k.startswith("bytes:the statistics of layer ")}
     train = ImageDataset(zips / "cifar10-train-jpeg.zip", "cifar10", train=True, seed=0)
     ft = FinetuneConfig(global_steps=a.steps, batch_size=64, checkpoint_every=10 ** 9)
-    before = dist.COUNTERS["bytes:gradient all-reduce"]
+    before = dist.COUNTERS["bytes:gradient slices"]
     dist.barrier()
     t0 = time.perf_counter()
     res = finetune_global(q, teacher, train, ft, progress=False)
@@ -93,8 +94,8 @@ def worker(a: argparse.Namespace) -> None:
            "finetune_s": ft_s, "finetune_step_ms": 1000 * ft_s / a.steps, "last_loss": res["last_loss"],
            "peak_rss_mb": _peak_rss_mb(), "stats_bytes_per_layer": layer_bytes,
            "stats_bytes_formula": stats_bytes(teacher, q.bitdown.plans),
-           "grad_bytes_per_step": (dist.COUNTERS["bytes:gradient all-reduce"] - before) / a.steps,
-           "trainable_params": grad_numel,
+           "grad_bytes_per_step": (dist.COUNTERS["bytes:gradient slices"] - before) / a.steps,
+           "trainable_params": grad_numel, "grad_slices": ft.grad_slices,
            "codes": {n: m.codes.flatten().tolist() for n, m in q.named_modules() if hasattr(m, "codes")}}
     rows = dist.all_gather_object(row, "the benchmark rows")
     if dist.is_main():
@@ -173,14 +174,15 @@ def report(rows: dict[str, list[dict]], r50: dict, a: argparse.Namespace) -> str
               f"cross Gram + column sums + counts; per layer {min(sb.values()) / 1024:.1f} to "
               f"{max(sb.values()) / 1024:.1f} KiB; the formula in `stats_bytes` gives the same bytes: "
               f"{sb == {k: v for k, v in main['stats_bytes_formula'].items() if k in sb}}).",
-              f"Gradients all-reduced per distillation step: {main['grad_bytes_per_step'] / 1024:.1f} KiB "
-              f"({main['trainable_params']} codebook and BatchNorm parameters + the loss, float32).", "",
+              f"Gradient slices gathered per distillation step: {main['grad_bytes_per_step'] / 1024:.1f} KiB "
+              f"({main['grad_slices']} slices x ({main['trainable_params']} codebook and BatchNorm parameters + the "
+              "loss), float32).", "",
               "| layer | statistics bytes |", "|---|---|"]
     lines += [f"| {k} | {v:,} |" for k, v in sb.items()]
     lines += ["", f"ResNet-50 (small preset, same formula): {r50['layers']} layers, "
               f"{r50['stats_bytes_total'] / 2**30:.2f} GiB of statistics in all, at most "
               f"{r50['stats_bytes_max'] / 2**20:.0f} MiB for one layer ({r50['stats_bytes_max_layer']}); "
-              f"{r50['grad_bytes_per_step'] / 2**20:.2f} MiB of gradients per distillation step."]
+              f"{r50['grad_bytes_per_step'] / 2**20:.2f} MiB of gradients per gradient slice (x S per step)."]
     return "\n".join(lines) + "\n"
 
 

@@ -473,11 +473,11 @@ def fail_at_global_step(monkeypatch, fail_step: int) -> list[int]:
     real_step = bf._step
     seen = []
 
-    def failing(student, teacher, xb, opt, ft_cfg, step, seed):
+    def failing(student, teacher, xb, opt, ft_cfg, step, seed, n):
         seen.append(step)
         if step == fail_step:
             raise RuntimeError("interrupted")
-        return real_step(student, teacher, xb, opt, ft_cfg, step, seed)
+        return real_step(student, teacher, xb, opt, ft_cfg, step, seed, n)
 
     monkeypatch.setattr(bf, "_step", failing)
     return seen
@@ -496,7 +496,7 @@ def test_global_finetune_resume_is_identical(monkeypatch, tmp_path):
         bitdown.compress(make_net(), data, cfg(), progress=False, finetune=ft, train_data=TensorDataset(x),
                          checkpoint_dir=tmp_path / "b")
     seen.clear()
-    monkeypatch.setattr(bf, "_step", lambda *a: seen.append(a[-2]) or real_step(*a))
+    monkeypatch.setattr(bf, "_step", lambda *a: seen.append(a[5]) or real_step(*a))      # a[5]: the step
     resumed = bitdown.compress(make_net(), data, cfg(), progress=False, finetune=ft, train_data=TensorDataset(x),
                                checkpoint_dir=tmp_path / "b")
     assert seen == [6, 7]                                  # resumed from the step-6 checkpoint

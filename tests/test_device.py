@@ -154,14 +154,14 @@ def interrupted_then_resumed(tmp_path, monkeypatch, stop_at: int, **kw):
     bf = importlib.import_module("bitdown.finetune")
     real, seen = bf._step, []
 
-    def failing(*a):
-        if a[-2] == stop_at:
+    def failing(*a):            # _step(student, teacher, x, opt, cfg, step, seed, n)
+        if a[5] == stop_at:
             raise RuntimeError("interrupted")
         return real(*a)
     monkeypatch.setattr(bf, "_step", failing)
     with pytest.raises(RuntimeError, match="interrupted"):
         bitdown.compress(make_net(), batches(), cfg(), checkpoint_dir=tmp_path, **kw)
-    monkeypatch.setattr(bf, "_step", lambda *a: seen.append(a[-2]) or real(*a))
+    monkeypatch.setattr(bf, "_step", lambda *a: seen.append(a[5]) or real(*a))
     resumed = bitdown.compress(make_net(), batches(), cfg(), checkpoint_dir=tmp_path, **kw)
     monkeypatch.setattr(bf, "_step", real)
     return seen, resumed

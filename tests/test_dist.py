@@ -24,14 +24,15 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 def _args(out: str, ckpt: str | None = None, global_steps: int = 30, seed: int = 3) -> list[str]:
     """The default recipe cut down: EM, block reconstruction, per-layer and global distillation (5 batches of
-    16 calibration images: 3 on rank 0, 2 on rank 1, the last one short). K = 8: with the default 256 this
-    random-weight model is compressed almost losslessly, its distillation loss (~1e-6) is rounding noise that
-    Adam's first, sign-like steps of the per-layer distillation turn into other codebooks (measured: 98.6 %
-    identical codes between 1 and 2 ranks, 100 % with K = 8)."""
+    16 calibration images: 3 on rank 0, 2 on rank 1, the last one short), with the default 4 gradient slices
+    (batches of 15 and 7 rows: slices of unequal sizes). With the default K = 256 this random-weight model is
+    compressed almost losslessly and its distillation loss (~1e-6) is rounding noise, which Adam's first,
+    sign-like steps turn into other codebooks at the slightest float difference: the strictest case for equal
+    results (before gradient slices: 98.6 % identical codes between 1 and 2 ranks)."""
     args = ["compress", "--model", "tinymodel:tiny", "--data", "imgs", "--preprocess", "cifar10", "--out", out,
             "--calib-images", "72", "--seed", str(seed), "--finetune-steps", "2", "--global-steps", str(global_steps),
             "--ft-batch-size", "15", "--checkpoint-every", "5",
-            "--config", '{"batch_size": 16, "bn_images": 64, "n_centroids": 8}',
+            "--config", '{"batch_size": 16, "bn_images": 64}',
             "--reconstruct", '{"steps": 10, "batch_size": 7}']
     return args + (["--checkpoint-dir", ckpt] if ckpt else [])
 
@@ -98,7 +99,8 @@ def _load(path: Path):
 
 
 def _compare(a, b) -> dict[str, float]:
-    """Fraction of identical codes over all layers, largest codebook difference, prediction agreement."""
+    """Fraction of identical codes over all layers, largest difference of the decoded weights and of any other
+    tensor of the state (codebooks, BatchNorm), prediction agreement."""
     from bitdown.modules import is_pq
     from bitdown.size import size_report
 
@@ -109,10 +111,12 @@ def _compare(a, b) -> dict[str, float]:
             same += int((m.codes == m2.codes).sum())
             total += m.codes.numel()
             diff = max(diff, float((m.dequantize() - m2.dequantize()).detach().abs().max()))
+    sb = b.state_dict()
+    state = max(float((v.double() - sb[k].double()).abs().max()) for k, v in a.state_dict().items() if v.numel())
     x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         agree = float((a(x).argmax(1) == b(x).argmax(1)).float().mean())
-    return {"codes": same / total, "weight_diff": diff, "agreement": agree,
+    return {"codes": same / total, "weight_diff": diff, "state_diff": state, "agreement": agree,
             "ratio_a": size_report(a, a.bitdown.plans).ratio, "ratio_b": size_report(b, b.bitdown.plans).ratio}
 
 
@@ -127,8 +131,11 @@ def test_torchrun_two_ranks_match_one_process_and_resume_with_one(workdir: Path)
     ref, two = _load(workdir / "ref.bitdown"), _load(workdir / "two.bitdown")
     c = _compare(ref, two)
     assert c["ratio_a"] == c["ratio_b"]
-    assert c["codes"] >= 0.99, c
-    assert c["weight_diff"] < 0.05 and c["agreement"] >= 0.95, c
+    # gradient slices: every float of the 2-rank file is the one-process file's (the issue asks >= 99 % codes)
+    assert c["codes"] == 1.0 and c["weight_diff"] == 0 and c["state_diff"] == 0, c
+    for stage in ("global_finetune", "reconstruct"):        # the losses and errors the stages reported too
+        assert ref.bitdown.extra[stage] == two.bitdown.extra[stage], stage
+    assert all(ref.bitdown.layers[k]["finetune"] == two.bitdown.layers[k]["finetune"] for k in ref.bitdown.layers)
     assert ref.bitdown.extra["calib_images"] == two.bitdown.extra["calib_images"] == 72
     # the finished 2-rank checkpoint, rerun by one process: nothing left to do, the same file
     _one_process(_args("two_again.bitdown", "ck2"), workdir)
@@ -197,21 +204,52 @@ def test_without_torchrun_every_hook_is_a_no_op(monkeypatch) -> None:
     assert t.tolist() == [0, 1, 2, 3]
     obj = {"a": 1}
     assert dist.broadcast_object(obj) is obj and dist.on_main(lambda: obj, "x") is obj
-    assert dist.shard([1, 2, 3]) == [1, 2, 3] and dist.part(7) == slice(0, 7)
+    assert dist.shard([1, 2, 3]) == [1, 2, 3] and dist.my_rows(7, 4) == slice(0, 7)
+    assert dist.sum_slices(torch.tensor([[1.0, 2.0], [3.0, 4.0]])).tolist() == [4, 6]
     dist.check_same("k", "options")
 
 
-def test_shard_part_interleave(monkeypatch) -> None:
+def test_shard_interleave_and_gradient_slices(monkeypatch) -> None:
     items = list(range(11))
     monkeypatch.setattr(dist, "world_size", lambda: 3)
-    shards, parts = [], []
+    shards, mine = [], []
     for r in range(3):
         monkeypatch.setattr(dist, "rank", lambda r=r: r)
         shards.append(dist.shard(items))
-        parts.append(dist.part(11))
+        mine.append(dist.my_slices(11, 6))
     assert shards == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]
     assert dist.interleave(shards) == items
-    assert [list(range(11))[p] for p in parts] == [list(c) for c in torch.arange(11).tensor_split(3)]
+    # the 6 slices of 11 rows are tensor_split's, whatever N; rank r holds slices 2r, 2r + 1
+    assert [list(range(11))[s] for m in mine for s in m] == [c.tolist() for c in torch.arange(11).tensor_split(6)]
+    assert dist.my_rows(11, 6) == slice(8, 11) and dist.slices(2, 4)[2:] == [slice(2, 2), slice(2, 2)]
+
+
+def test_gradient_slices_the_processes_cannot_share_are_refused_before_any_work(monkeypatch) -> None:
+    import importlib
+
+    from bitdown.config import QuantConfig, ReconstructConfig
+    from bitdown.finetune import FinetuneConfig
+
+    def no_work(*a, **k):
+        raise AssertionError("calibration started")
+    C = importlib.import_module("bitdown.compress")       # the module (bitdown.compress is also the function)
+    monkeypatch.setattr(C, "take_shard", no_work)
+    monkeypatch.setattr(dist, "world_size", lambda: 3)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+    with pytest.raises(ValueError, match=r"fine-tuning: grad_slices=4 cannot be shared by 3 processes .* use a "
+                                         r"multiple of 3, e\.g\. --grad-slices 12"):
+        C.compress(model, [torch.rand(8, 3, 8, 8)], QuantConfig(), finetune=FinetuneConfig(global_steps=5))
+    with pytest.raises(ValueError, match=r"block reconstruction: grad_slices=4 cannot be shared by 3 processes"):
+        C.compress(model, [torch.rand(8, 3, 8, 8)], QuantConfig(reconstruct=ReconstructConfig(steps=5)))
+    with pytest.raises(ValueError, match="grad_slices must be >= 1, got 0"):
+        FinetuneConfig(grad_slices=0)
+    with pytest.raises(ValueError, match="reconstruct grad_slices must be an integer >= 1, got 0"):
+        ReconstructConfig(grad_slices=0)
+    # a batch smaller than its slices: refused when the fine-tuning data is known, before the EM
+    from bitdown.finetune import batch_rows
+    monkeypatch.setattr(dist, "world_size", lambda: 1)
+    with pytest.raises(ValueError, match=r"a batch of 3 images cannot be cut into grad_slices=4 gradient slices"):
+        batch_rows(FinetuneConfig(layer_steps=1), torch.utils.data.TensorDataset(torch.rand(3, 3, 8, 8)))
 
 
 def test_more_processes_than_calibration_batches_is_a_clear_error(monkeypatch) -> None:
@@ -256,20 +294,14 @@ def test_nccl_one_rank_on_cuda(workdir: Path) -> None:
 
 @pytest.mark.slow
 def test_real_resnet20_two_ranks_match_one(tmp_path: Path) -> None:
-    """The real CIFAR-10 ResNet-20, torchrun with 2 ranks vs one process, one thread per process in both.
+    """The real CIFAR-10 ResNet-20, the default recipe (10 per-layer + 300 global distillation steps, the holdout
+    guard, 512 calibration images), torchrun with 2 ranks vs one process, one thread per process in both.
 
-    What is rank-count-independent, and asserted: the EM (float64 statistics summed over the ranks): 100 %
-    identical codes and codebooks; the ratio. What is not: the per-layer distillation. Its gradient under 2
-    ranks is g(rows 0..31) + g(rows 32..63) in fp32, in one process one backward over 64 rows: other float
-    sums (~1e-7 relative), which Adam's first, sign-like steps keep, and which now and then put a codeword on
-    the other side of an int8 rounding boundary; every later layer's EM then starts from other inputs and, its
-    codeword labels being arbitrary, ends with other codes (measured, 256 images, 10 per-layer steps: 100 %
-    identical without the holdout, with it the first codebook difference is one quantum (0.00256) at layer
-    2.1.conv2, then 55 %, 6 %, ~1 % identical codes downstream, 20 % overall; a one-process run computing the
-    gradient as that same sum of the two half-batch slices reproduces the 2-rank file). So for the default
-    recipe (10 per-layer + 300 global steps, 512 images): the same ratio and top-1 on 2,000 held-out test
-    images within 0.3 pt (the issue's bound) (measured 80.55 vs 80.45; 1 vs 2 threads in one process: 80.3 vs 80.0), not
-    identical codes (measured 5.97 %)."""
+    With the default gradient slices every distillation gradient is the same fixed sum of 4 slice gradients
+    whatever the number of processes, so the issue's >= 99 % identical codes hold with fine-tuning (before:
+    5.97 %, the fp32 sum of two half-batch gradients vs one full-batch backward, kept by Adam's sign-like first
+    steps; docs/DESIGN.md, session 9), with the same ratio and top-1 on 2,000 held-out test images within 0.3 pt.
+    1 vs 2 *threads* is another matter (other float sums inside the convolutions): not compared here."""
     import bitdown
     from bitdown.assets import assets_dir
     from bitdown.data import ImageDataset, make_loader, split_indices
@@ -281,30 +313,24 @@ def test_real_resnet20_two_ranks_match_one(tmp_path: Path) -> None:
     if not (root / "cifar10-train-jpeg.zip").exists():
         pytest.skip(f"CIFAR-10 assets not found under {root}")
     env = _env(OMP_WAIT_POLICY="PASSIVE")
-
-    def both(tag: str, *extra: str):
-        args = ["compress", "--model", "resnet20_cifar10", "--data", str(root / "cifar10-train-jpeg.zip"),
-                "--calib-images", "512", "--seed", "0", *extra]
-        one = subprocess.run([sys.executable, "-m", "bitdown", *args, "--out", f"{tag}-one.bitdown"],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=3600)
-        assert one.returncode == 0, one.stderr[-3000:]
-        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                              "2", "-m", "bitdown", *args, "--out", f"{tag}-two.bitdown"], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=3600)
-        assert two.returncode == 0, two.stderr[-3000:]
-        a, b = bitdown.load(tmp_path / f"{tag}-one.bitdown"), bitdown.load(tmp_path / f"{tag}-two.bitdown")
-        pairs = [(m, m2) for (_, m), (_, m2) in zip(a.named_modules(), b.named_modules()) if is_pq(m)]
-        same = sum(int((x.codes == y.codes).sum()) for x, y in pairs) / sum(x.codes.numel() for x, _ in pairs)
-        cb = all(torch.equal(x.codebook, y.codebook) for x, y in pairs)
-        assert size_report(a, a.bitdown.plans).ratio == size_report(b, b.bitdown.plans).ratio
-        return a, b, same, cb
-
-    a, b, same, cb = both("em", "--finetune-steps", "0", "--global-steps", "0")
-    print(f"EM only: codes identical {same:.4f}, codebooks identical {cb}")
-    assert same == 1.0 and cb
-    a, b, same, _ = both("ft", "--finetune-steps", "10", "--global-steps", "300")
+    args = ["compress", "--model", "resnet20_cifar10", "--data", str(root / "cifar10-train-jpeg.zip"),
+            "--calib-images", "512", "--seed", "0", "--finetune-steps", "10", "--global-steps", "300"]
+    one = subprocess.run([sys.executable, "-m", "bitdown", *args, "--out", "one.bitdown"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=3600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "bitdown", *args, "--out", "two.bitdown"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=3600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = bitdown.load(tmp_path / "one.bitdown"), bitdown.load(tmp_path / "two.bitdown")
+    pairs = [(m, m2) for (_, m), (_, m2) in zip(a.named_modules(), b.named_modules()) if is_pq(m)]
+    same = sum(int((x.codes == y.codes).sum()) for x, y in pairs) / sum(x.codes.numel() for x, _ in pairs)
+    cb = sum(torch.equal(x.codebook, y.codebook) for x, y in pairs)
     test = ImageDataset(root / "cifar10-test-jpeg.zip", "cifar10", labels="parent",
                         indices=split_indices(10000, [2000], 0)[0])
     top_a, top_b = evaluate(a, make_loader(test, 500))["top1"], evaluate(b, make_loader(test, 500))["top1"]
-    print(f"default recipe: codes identical {same:.4f}, top-1 one process {top_a:.2f} / two ranks {top_b:.2f}")
+    print(f"default recipe: codes identical {same:.4f}, codebooks identical {cb}/{len(pairs)}, top-1 one process "
+          f"{top_a:.2f} / two ranks {top_b:.2f}")
+    assert size_report(a, a.bitdown.plans).ratio == size_report(b, b.bitdown.plans).ratio
+    assert same >= 0.99, same
     assert abs(top_a - top_b) <= 0.3, (top_a, top_b)

@@ -435,6 +435,7 @@ def _quant_config(a: argparse.Namespace, arch: dict[str, Any]):
         em.update(error_feedback=False, code_reopt=0, codebook_refit=False, teacher_target=False)
     em.update(_sub_object(extra.pop("em", None), "--config's \"em\""))
     recon = {**(recipe.pop("reconstruct", None) or {}),
+             **({"grad_slices": a.grad_slices} if getattr(a, "grad_slices", None) is not None else {}),
              **_json_object(getattr(a, "reconstruct", None), "--reconstruct"),
              **_sub_object(extra.pop("reconstruct", None), "--config's \"reconstruct\"")}
     flags: dict[str, Any] = {"seed": a.seed}
@@ -467,7 +468,7 @@ def _finetune_config(a: argparse.Namespace, arch: dict[str, Any] | None = None):
 
     _, recipe = _recipe(a, arch)
     given = {"layer_steps": a.finetune_steps, "global_steps": a.global_steps, "batch_size": a.ft_batch_size,
-             "loss": getattr(a, "distill_loss", None)}
+             "loss": getattr(a, "distill_loss", None), "grad_slices": getattr(a, "grad_slices", None)}
     return FinetuneConfig.from_dict({**recipe, "seed": a.seed, "checkpoint_every": a.checkpoint_every,
                                      **{k: v for k, v in given.items() if v is not None},
                                      **_json_object(a.finetune_config, "--finetune-config")})
@@ -770,6 +771,8 @@ def _recipe_text() -> tuple[dict[str, Any], dict[str, Any], str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import GRAD_SLICES
+
     quant, ft, recipe_text = _recipe_text()
     recon = quant.get("reconstruct", {})
     p = argparse.ArgumentParser(
@@ -854,6 +857,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"--fast: 0)")
     c.add_argument("--ft-batch-size", type=int,
                    help=f"fine-tuning batch size (default: the recipe's {ft.get('batch_size', 64)})")
+    c.add_argument("--grad-slices", type=int, metavar="S",
+                   help="distillation and block reconstruction: each step's gradient is the sum of S fixed slices of "
+                        "its batch, added in order, so N processes (torchrun; N must divide S) write the same file "
+                        f"as one (default: {GRAD_SLICES}; a run differs from one with another S by float rounding)")
     c.add_argument("--distill-loss", choices=["auto", "kl", "mse", "bce"],
                    help="distillation loss: kl on class logits, mse on anything else, bce on sigmoid outputs (e.g. "
                         "a YOLO head) (default: the recipe's; auto: kl for (N, C) logits and mse otherwise)")

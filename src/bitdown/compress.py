@@ -344,6 +344,10 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
         dist.check_same(fingerprint(_fp_json(config.to_json()), ft.to_json() if ft is not None else None,
                                     arch, weights_key, target_ratio, target_size),
                         "configuration, fine-tuning configuration, size target or model weights")
+    if ft is not None and ft.enabled:      # N processes must share the gradient slices: refused before any work
+        dist.check_slices(ft.grad_slices, "fine-tuning")
+    if config.reconstruct.steps > 0:
+        dist.check_slices(config.reconstruct.grad_slices, "block reconstruction")
     calib, n_calib = take_shard(data, config.calib_images, config.batch_size)
     calib = [x.to(dev) for x in calib]
     # the first 2 images, the same on every rank: the probe forwards (layer order, blocks, counts) see them
@@ -381,6 +385,9 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     if ft is not None and ft.global_steps > 0:
         from .finetune import split_holdout
         ft_data, holdout = split_holdout(ft_data, ft)
+    if ft is not None and ft.enabled:      # a batch too small for its gradient slices: refused before the EM
+        from .finetune import batch_rows
+        batch_rows(ft, ft_data)
     done, resume = 0, {}
     if checkpoint_dir is not None:
         ck = dist.on_main(lambda: load_checkpoint(checkpoint_dir, fp), "reading the checkpoint")   # then sent

@@ -101,6 +101,12 @@ class EMConfig:
         return cls(**_checked(d, {f.name for f in fields(cls)}, "EM option"))
 
 
+# Gradient slices per step of the distillation and block reconstruction (FinetuneConfig / ReconstructConfig
+# grad_slices): measured cost and why this default in docs/DESIGN.md, "Session 10: rank-count-independent
+# fine-tuning".
+GRAD_SLICES = 4
+
+
 @dataclass
 class ReconstructConfig:
     """Block output reconstruction (reconstruct.py), run after each block's layers are quantized."""
@@ -116,6 +122,8 @@ class ReconstructConfig:
     latent_lr: float = 1e-2     # 'ste': the latent weights' Adam lr, relative to each layer's weight RMS
     reassign: int = 0           # rounds of: new codes for the block's layers under the reconstructed codebooks
                                 # (GPTQ assignment on their new input statistics), then `steps` more steps
+    grad_slices: int = GRAD_SLICES  # each step's gradient: the sum of this many slices of its rows, in order
+                                    # (the same file for any number of processes that divides it)
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -132,6 +140,8 @@ class ReconstructConfig:
             raise ValueError(f"reconstruct latent_lr must be a finite number > 0, got {self.latent_lr}")
         if self.reassign < 0:
             raise ValueError(f"reconstruct reassign must be >= 0, got {self.reassign}")
+        if isinstance(self.grad_slices, bool) or not isinstance(self.grad_slices, int) or self.grad_slices < 1:
+            raise ValueError(f"reconstruct grad_slices must be an integer >= 1, got {self.grad_slices!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ReconstructConfig":

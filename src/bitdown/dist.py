@@ -12,20 +12,23 @@ is byte-identical to one without this module. The scheme (docs/DESIGN.md, "Distr
   is the same whatever N, so the per-layer statistics, summed over ranks in float64 (`all_reduce_stats`),
   differ from a one-process run only by the order of the float sums;
 - EM: run once per layer on rank 0 on those statistics, its result broadcast (`on_main`);
-- distillation and block reconstruction: every rank takes its slice (`part`) of the same (seed, step)
-  batch, the codebook / BatchNorm gradients and the loss are summed over ranks (`sum_grads_`);
+- distillation and block reconstruction: every step's (seed, step) batch is cut into S fixed gradient slices
+  (`slices`, S a config value that N must divide: `check_slices`); rank r holds S/N of them (`my_slices`), each
+  slice's gradient comes from its own backward, and `sum_slices` gathers every slice's gradient and loss and
+  adds them in slice order, so the step's gradient has the same bits for any N (1 included);
 - checkpoints: rank 0 writes them, rank 0 reads them and broadcasts (`on_main`), so any N resumes;
 - a peer that died or stopped answering within the process-group timeout (BITDOWN_DIST_TIMEOUT seconds,
   default 1800: longer than any one layer's EM, during which the other ranks wait) is a `DistError` naming
   the rank and the step, not a hang.
 
-All-reduces are counted in `COUNTERS` (bytes and calls in all, and bytes per "what" under "bytes:<what>"), for
-benchmarks/distributed.py.
+All-reduces and slice gathers are counted in `COUNTERS` (bytes and calls in all, and bytes per "what" under
+"bytes:<what>"; a gather counts the bytes every rank receives), for benchmarks/distributed.py.
 """
 from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
 import pickle
 from collections import Counter
@@ -38,7 +41,7 @@ log = logging.getLogger(__name__)
 
 TIMEOUT_ENV = "BITDOWN_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0
-COUNTERS: Counter = Counter()        # "all_reduce_bytes", "all_reduce_calls", "stats_bytes", "bytes:<what>"
+COUNTERS: Counter = Counter()   # "all_reduce_bytes", "all_reduce_calls", "all_gather_bytes", "stats_bytes", "bytes:<what>"
 
 T = TypeVar("T")
 
@@ -166,22 +169,6 @@ def all_reduce_stats(stats: Any, what: str = "statistics") -> Any:
     return stats
 
 
-def sum_grads_(params: Sequence[torch.Tensor], loss: torch.Tensor, what: str = "gradient all-reduce") -> torch.Tensor:
-    """Sum the gradients of `params` (a missing one counts as zero) and the scalar `loss` over ranks;
-    returns the summed loss. Each rank's loss must already be its share of the global loss."""
-    if not active():
-        return loss.detach()
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    total = loss.detach().float().reshape(1).clone()
-    grads = [p.grad for p in params]
-    if grads and any(g.dtype != torch.float32 for g in grads):
-        raise TypeError("sum_grads_ needs float32 gradients")
-    all_reduce_(grads + [total], what)
-    return total[0]
-
-
 def broadcast_object(obj: T, src: int = 0, what: str = "broadcast") -> T:
     """`obj` of rank `src` on every rank (pickled; tensors must be on the CPU)."""
     if not active():
@@ -250,12 +237,57 @@ def interleave(per_rank: Sequence[Sequence[T]]) -> list[T]:
     return [per_rank[i % w][i // w] for i in range(n)]
 
 
-def part(n: int) -> slice:
-    """This rank's contiguous slice of n rows (sizes as torch.tensor_split: the first n % N ranks get one more)."""
-    w, r = world_size(), rank()
-    q, extra = divmod(n, w)
-    lo = r * q + min(r, extra)
-    return slice(lo, lo + q + (1 if r < extra else 0))
+# ----------------------------------------------------------------------------- gradient slices
+
+def check_slices(count: int, what: str = "the gradient slices") -> None:
+    """Refuse a slice count the processes cannot share: every rank holds count / N slices, so the number of
+    processes N must divide `count` (a ValueError naming both numbers)."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"{what}: grad_slices must be an integer >= 1, got {count!r}")
+    n = world_size()
+    if count % n:
+        raise ValueError(f"{what}: grad_slices={count} cannot be shared by {n} processes (each holds the same "
+                         f"number of slices): use a multiple of {n}, e.g. --grad-slices {count * n // math.gcd(count, n)}, "
+                         "the same in every run whose files should be identical")
+
+
+def slices(n: int, count: int) -> list[slice]:
+    """The `count` gradient slices of a batch of n rows, in order (sizes as torch.tensor_split: the first
+    n % count get one row more; some are empty when n < count)."""
+    q, extra = divmod(n, count)
+    bounds = [i * q + min(i, extra) for i in range(count + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(count)]
+
+
+def my_slices(n: int, count: int) -> list[slice]:
+    """This rank's gradient slices of a batch of n rows (row positions in the batch): of `slices(n, count)`, rank
+    r of N holds the contiguous run r * count/N .. (r + 1) * count/N - 1. `check_slices` first."""
+    check_slices(count)
+    k = count // world_size()
+    return slices(n, count)[rank() * k:(rank() + 1) * k]
+
+
+def my_rows(n: int, count: int) -> slice:
+    """The rows of a batch of n that this rank's gradient slices cover (one contiguous run)."""
+    mine = my_slices(n, count)
+    return slice(mine[0].start, mine[-1].stop)
+
+
+def sum_slices(rows: torch.Tensor, what: str = "gradient slices") -> torch.Tensor:
+    """The sum over every rank's slices of a per-slice quantity. `rows` (S/N, m): one row per slice this rank
+    holds (my_slices order). Every rank's rows are gathered (all_gather, in rank order: slice order), then added
+    one after another in slice order, so the result has the same bits whatever the number of processes."""
+    if active():
+        local = rows.detach().to(_comm_device()).contiguous()
+        parts = [torch.empty_like(local) for _ in range(world_size())]
+        _call(what, lambda: td.all_gather(parts, local))
+        rows = torch.cat(parts).to(rows.device)
+        COUNTERS["all_gather_bytes"] += rows.numel() * rows.element_size()
+        COUNTERS[f"bytes:{what}"] += rows.numel() * rows.element_size()
+    total = rows[0].clone()
+    for row in rows[1:]:          # a fixed left-to-right order (S is small): not a reduction kernel's
+        total += row
+    return total
 
 
 # ----------------------------------------------------------------------------- logging

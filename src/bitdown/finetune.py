@@ -46,6 +46,15 @@ Adam the question disappears: Adam's update is invariant to a per-parameter grad
 The training stream is the augmented, unlabelled calibration data, deterministic in (seed, step):
 batch s of a run is batch (s mod B) of the permutation of epoch s // B, so a resumed run sees the
 same images as an uninterrupted one.
+
+Gradient slices (`grad_slices` S, here and in block reconstruction): every step's batch is cut into S fixed
+slices (`dist.slices`); each slice gets its own teacher forward and student forward / backward, and the step's
+gradient (and loss) is the sum of the S slice gradients added in slice order (`slice_step`, `dist.sum_slices`).
+Under torchrun with N processes each holds S/N slices (N must divide S), so the gradient has the same bits for
+any N that divides S: the same file from 1 or N processes (docs/DESIGN.md, "Session 10"). Nothing else depends
+on how the batch is cut: the models stay in eval mode (BatchNorm uses its running statistics), mixup mixes the
+whole batch before it is cut, KL / BCE are divided by the whole batch's image count and the normalised MSE by
+the whole batch's teacher energy (summed over the slices in slice order).
 """
 from __future__ import annotations
 
@@ -64,6 +73,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import dist
+from .config import GRAD_SLICES
 from .modules import is_pq, round_codebook
 
 log = logging.getLogger(__name__)
@@ -94,6 +104,8 @@ class FinetuneConfig:
     loss: str = "auto"                # 'auto' | 'kl' | 'mse' | 'bce': see the module docstring
     holdout: int | float = 0.1        # images compress() keeps out of fine-tuning for the global stage's guard:
                                       # a count, or a fraction (clamped to 16..256, at most a quarter); 0: off
+    grad_slices: int = GRAD_SLICES    # each step's gradient: the sum of this many slices of the batch, in order
+                                      # (the same file for any number of processes that divides it)
 
     def __post_init__(self) -> None:
         h = self.holdout
@@ -106,7 +118,7 @@ class FinetuneConfig:
         for k in ("layer_steps", "global_steps"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
-        for k in ("batch_size", "checkpoint_every"):
+        for k in ("batch_size", "checkpoint_every", "grad_slices"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         if not (self.mixup >= 0 and math.isfinite(self.mixup)):
@@ -191,13 +203,13 @@ def _tensor_loss(s: torch.Tensor, t: torch.Tensor, kind: str, temperature: float
                  norm: torch.Tensor | None = None) -> torch.Tensor:
     if kind == "kl":
         T = temperature
-        if n_total is not None:     # this rank's rows of a batch of n_total: its share of the batch mean
+        if n_total is not None:     # some rows of a batch of n_total: their share of the batch mean
             return F.kl_div(F.log_softmax(s / T, dim=1), F.log_softmax(t / T, dim=1),
                             reduction="sum", log_target=True) / n_total * T * T
         return F.kl_div(F.log_softmax(s / T, dim=1), F.log_softmax(t / T, dim=1),
                         reduction="batchmean", log_target=True) * T * T
     s, t = s.float(), t.float()        # sums of squares of a large map: fp32 at least
-    if kind == "bce":               # per-image mean (under torchrun: this rank's share of the batch's)
+    if kind == "bce":               # per-image mean (of a slice: its share of the batch's)
         p = torch.sigmoid(t)
         kl = (F.binary_cross_entropy_with_logits(s, p, reduction="sum")
               - F.binary_cross_entropy_with_logits(t, p, reduction="sum"))
@@ -206,26 +218,30 @@ def _tensor_loss(s: torch.Tensor, t: torch.Tensor, kind: str, temperature: float
 
 
 def distill_loss(student_out: Any, teacher_out: Any, temperature: float = 1.0, loss: str = "auto",
-                 n_total: int | None = None) -> torch.Tensor:
+                 n_total: int | None = None, norms: torch.Tensor | None = None) -> torch.Tensor:
     """Distillation loss between two model outputs (the module docstring): a scalar tensor, the sum
     over the paired floating-point tensors of KL (class logits) or normalised MSE (anything else).
-    `n_total` (under torchrun): the outputs are this rank's rows of a batch of n_total rows spread over the
-    ranks, and the result is this rank's share of that batch's loss (the shares sum to it): KL summed over
-    the rows / n_total, MSE normalised by the teacher's energy summed over every rank's rows."""
+    A gradient slice's share of its batch's loss (the shares sum to it): `n_total`, the batch's rows (KL and BCE
+    summed over the slice's rows / n_total), `norms`, the batch's teacher energy of each MSE tensor in order
+    (`mse_energies` summed over the slices), else each MSE tensor is normalised by its own teacher energy."""
     pairs = list(_pairs(student_out, teacher_out))
     if not pairs:
         raise TypeError(f"the model output ({type(teacher_out).__qualname__}) holds no floating-point tensor "
                         "to distil")
     kinds = [_kind(t, loss, path) for path, _, t in pairs]
-    norms: list[torch.Tensor | None] = [None] * len(pairs)
-    if n_total is not None:
-        norms = [t.detach().float().pow(2).sum() if k == "mse" else None for (_, _, t), k in zip(pairs, kinds)]
-        dist.all_reduce_([n for n in norms if n is not None], "the distillation loss normalisers")
+    mse = iter(norms if norms is not None else [])
     total = None
-    for (path, s, t), kind, norm in zip(pairs, kinds, norms):
-        term = _tensor_loss(s, t, kind, temperature, n_total, norm)
+    for (path, s, t), kind in zip(pairs, kinds):
+        term = _tensor_loss(s, t, kind, temperature, n_total, next(mse, None) if kind == "mse" else None)
         total = term if total is None else total + term
     return total
+
+
+def mse_energies(teacher_out: Any, loss: str = "auto") -> torch.Tensor:
+    """(m,) float32: sum(t^2) of each of the m tensors of `teacher_out` that `loss` distils by normalised MSE, in
+    `distill_loss` order (m = 0: none)."""
+    ts = [t for path, _, t in _pairs(teacher_out, teacher_out) if _kind(t, loss, path) == "mse"]
+    return torch.stack([t.detach().float().pow(2).sum() for t in ts]) if ts else torch.zeros(0)
 
 
 def describe_output(out: Any, loss: str = "auto") -> str:
@@ -398,52 +414,77 @@ def _optimizer(params: list[nn.Parameter], lr: float, cfg: FinetuneConfig) -> to
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum)
 
 
-def _rows(cfg: FinetuneConfig, ds: Any) -> slice | None:
-    """Under torchrun, the rows of each batch this rank reads (dist.part); all of them with mixup, which mixes
-    across the whole batch (each rank mixes it, then keeps its part)."""
-    return dist.part(min(cfg.batch_size, len(ds))) if dist.active() and cfg.mixup == 0 else None
+def batch_rows(cfg: FinetuneConfig, data: Any) -> int:
+    """The images of every fine-tuning step's batch (`data`: a map-style dataset or a DataLoader over one),
+    checked against the gradient slices before any step (N processes must divide cfg.grad_slices; a batch
+    smaller than grad_slices is refused)."""
+    dist.check_slices(cfg.grad_slices, "fine-tuning")
+    n = min(cfg.batch_size, len(_as_dataset(data)))
+    if n < cfg.grad_slices:
+        raise ValueError(f"fine-tuning: a batch of {n} images cannot be cut into grad_slices={cfg.grad_slices} "
+                         "gradient slices; lower grad_slices (--grad-slices) or use more images")
+    return n
 
 
-def _shard_kw(cfg: FinetuneConfig, ds: Any) -> dict[str, int]:
-    """_step's n_total under torchrun (the global batch's rows); nothing otherwise, so a one-process run calls
-    _step exactly as before."""
-    return {"n_total": min(cfg.batch_size, len(ds))} if dist.active() else {}
+def _rows(cfg: FinetuneConfig, n: int) -> slice | None:
+    """The rows of each batch (of n) this process reads: those of its gradient slices (dist.my_rows), all of them
+    with mixup, which mixes across the whole batch (then cut)."""
+    return dist.my_rows(n, cfg.grad_slices) if cfg.mixup == 0 else None
 
 
-def backward_step(loss: torch.Tensor, opt: torch.optim.Optimizer, what: str) -> float:
-    """loss.backward() and opt.step(); under torchrun `loss` is this rank's share of the global loss and the
-    gradients and losses are summed over the ranks first. A non-finite (global) loss is a FloatingPointError
-    naming `what`, raised on every rank before the step. Returns the (global) loss."""
-    if not dist.active():
-        if not torch.isfinite(loss):
-            raise FloatingPointError(what)
-        opt.zero_grad(set_to_none=True)
+def slice_step(slice_losses: list[Any], opt: torch.optim.Optimizer, what: str) -> float:
+    """One optimizer step whose gradient is a fixed sum of gradient slices. `slice_losses`: one per slice this
+    process holds (dist.my_slices order), a function computing that slice's share of the step's loss (None: an
+    empty slice, zero). Each slice's gradient comes from its own backward; `dist.sum_slices` adds every slice's
+    gradient and loss in slice order (the same bits for any number of processes), then opt.step(). A non-finite
+    loss is a FloatingPointError naming `what`, raised on every rank before the step. Returns the step's loss."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if any(p.dtype != torch.float32 for p in params):
+        raise TypeError("gradient slices need float32 parameters")
+    rows = []
+    for fn in slice_losses:
+        for p in params:
+            p.grad = None
+        if fn is None:
+            rows.append(params[0].new_zeros(sum(p.numel() for p in params) + 1))
+            continue
+        loss = fn()
         loss.backward()
-        opt.step()
-        return loss.item()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    total = dist.sum_grads_([p for g in opt.param_groups for p in g["params"]], loss)
-    if not torch.isfinite(total):
+        rows.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+                              + [loss.detach().float().reshape(1)]))
+    total = dist.sum_slices(torch.stack(rows), "gradient slices")
+    if not torch.isfinite(total[-1]):
         raise FloatingPointError(what)
+    offset = 0
+    for p in params:
+        p.grad = total[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
     opt.step()
-    return total.item()
+    return float(total[-1])
+
+
+def nhwc(x: torch.Tensor) -> torch.Tensor:
+    """NHWC: conv forward+backward ~1.3-2x faster on CPU (ResNet-20/56, EfficientNet-Lite0)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 def _step(student: nn.Module, teacher: nn.Module, x: torch.Tensor, opt: torch.optim.Optimizer, cfg: FinetuneConfig,
-          step: int, seed: int, n_total: int | None = None) -> float:
-    """One distillation step on `x` (under torchrun: this rank's rows of a batch of `n_total`, or the whole
-    batch when mixup is on)."""
+          step: int, seed: int, n: int) -> float:
+    """One distillation step of a batch of `n` images: `x` holds this process's rows of it (`_rows`: all of them
+    with mixup, mixed here, then cut), one teacher forward and one student forward / backward per gradient slice
+    (the same slices, shapes and sums whatever the number of processes)."""
     x = x.to(next(iter(opt.param_groups[0]["params"])).device, non_blocking=True)
     x = mix_batch(x, cfg.mixup, seed, step)                 # on the device: mixing is a whole-batch op
-    if n_total is not None and cfg.mixup > 0:              # the stream gave the whole batch: this rank's rows
-        x = x[dist.part(x.shape[0])]
-    if x.dim() == 4:      # NHWC: conv forward+backward ~1.3-2x faster on CPU (ResNet-20/56, EfficientNet-Lite0)
-        x = x.contiguous(memory_format=torch.channels_last)
+    mine = dist.my_slices(n, cfg.grad_slices)
+    first = 0 if cfg.mixup > 0 else mine[0].start           # the batch row that x's row 0 holds
+    parts = [nhwc(x[s.start - first:s.stop - first]) for s in mine]
     with torch.no_grad():
-        zt = teacher(x)
-    loss = distill_loss(student(x), zt, cfg.temperature, cfg.loss, n_total)
-    return backward_step(loss, opt, f"non-finite distillation loss at step {step}; lower the learning rate")
+        zts = [teacher(xs) for xs in parts]
+    energies = torch.stack([mse_energies(zt, cfg.loss).to(x.device) for zt in zts])      # (S/N, m)
+    norms = dist.sum_slices(energies, "the distillation loss normalisers") if energies.shape[1] else None
+    return slice_step([lambda xs=xs, zt=zt: distill_loss(student(xs), zt, cfg.temperature, cfg.loss, n, norms)
+                       for xs, zt in zip(parts, zts)], opt,
+                      f"non-finite distillation loss at step {step}; lower the learning rate")
 
 
 def finetune_layer(student: nn.Module, teacher: nn.Module, layer: nn.Module, data: Any, cfg: FinetuneConfig,
@@ -456,14 +497,14 @@ def finetune_layer(student: nn.Module, teacher: nn.Module, layer: nn.Module, dat
     ds = _as_dataset(data)
     student.eval()
     teacher.eval()
+    n = batch_rows(cfg, ds)
     opt = _optimizer([layer.codebook], cfg.layer_lr, cfg)
     losses = []
-    shard = _shard_kw(cfg, ds)
     with _train_only(student, [layer.codebook]):
-        with closing(stream(ds, 0, cfg.layer_steps, cfg.batch_size, cfg.seed + seed, _rows(cfg, ds))) as steps:
+        with closing(stream(ds, 0, cfg.layer_steps, cfg.batch_size, cfg.seed + seed, _rows(cfg, n))) as steps:
             for s, x in tqdm(steps, total=cfg.layer_steps, desc="layer ft", leave=False,
                              disable=not (progress and dist.is_main())):
-                losses.append(_step(student, teacher, x, opt, cfg, s, cfg.seed + seed, **shard))
+                losses.append(_step(student, teacher, x, opt, cfg, s, cfg.seed + seed, n))
     layer.codebook.data = round_codebook(layer.codebook.data, layer.codebook_bits)   # what the file will hold
     return {"first_loss": losses[0], "last_loss": sum(losses[-10:]) / len(losses[-10:])}
 
@@ -541,6 +582,7 @@ def finetune_global(student: nn.Module, teacher: nn.Module, data: Any, cfg: Fine
     if teacher is None:
         raise ValueError("fine-tuning needs the uncompressed teacher model")
     ds = _as_dataset(data)
+    n = batch_rows(cfg, ds)
     params = global_params(student, cfg)
     student.eval()
     teacher.eval()
@@ -556,19 +598,18 @@ def finetune_global(student: nn.Module, teacher: nn.Module, data: Any, cfg: Fine
     losses: list[float] = []
     bar = tqdm(total=cfg.global_steps, initial=start, desc="global ft", unit="step",
                disable=not (progress and dist.is_main()))
-    shard = _shard_kw(cfg, ds)
     with _train_only(student, params), bar, closing(stream(ds, start, cfg.global_steps, cfg.batch_size,
-                                                            cfg.seed + seed + 1, _rows(cfg, ds))) as steps:
+                                                            cfg.seed + seed + 1, _rows(cfg, n))) as steps:
         for s, x in steps:
             for group in opt.param_groups:
                 group["lr"] = _lr_at(s, cfg)
-            losses.append(_step(student, teacher, x, opt, cfg, s, cfg.seed + seed + 1, **shard))
+            losses.append(_step(student, teacher, x, opt, cfg, s, cfg.seed + seed + 1, n))
             bar.update(1)
             if len(losses) % 10 == 0:
                 bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.4f}")
             if on_checkpoint is not None and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < cfg.global_steps:
                 on_checkpoint(s + 1, opt)
-    n_images = cfg.global_steps * min(cfg.batch_size, len(ds))
+    n_images = cfg.global_steps * n
     out: dict[str, Any] = {"steps": cfg.global_steps, "images_seen": n_images,
                            "last_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else last_loss}
     if holdout is not None:
