@@ -142,6 +142,25 @@ def test_torchrun_two_ranks_match_one_process_and_resume_with_one(workdir: Path)
     assert (workdir / "two_again.bitdown").read_bytes() == (workdir / "two.bitdown").read_bytes()
 
 
+def test_torchrun_two_ranks_match_one_process_with_mixup_mse_qdrop_and_learned_codes(workdir: Path) -> None:
+    """The paths the default recipe does not take: mixup (the whole batch mixed on every rank, then cut), the
+    normalised MSE (the teacher energy gathered per slice), QDrop masks and learned (STE) codes in the block
+    reconstruction: the 2-rank file still holds every tensor of the one-process file."""
+    args = _args("OUT")
+    args[args.index("--reconstruct") + 1] = '{"steps": 10, "batch_size": 7, "drop_prob": 0.5, "codes": "ste"}'
+    args += ["--finetune-config", '{"mixup": 0.4}', "--distill-loss", "mse"]
+    _one_process([a.replace("OUT", "one_x.bitdown") for a in args], workdir)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "bitdown", *[a.replace("OUT", "two_x.bitdown") for a in args]], cwd=workdir,
+                         env=_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = _load(workdir / "one_x.bitdown"), _load(workdir / "two_x.bitdown")
+    c = _compare(one, two)
+    assert c["codes"] == 1.0 and c["state_diff"] == 0 and c["ratio_a"] == c["ratio_b"], c
+    assert one.bitdown.extra["reconstruct"] == two.bitdown.extra["reconstruct"]
+    assert one.bitdown.extra["global_finetune"] == two.bitdown.extra["global_finetune"]
+
+
 def _progress(ckpt: Path) -> dict | None:
     from safetensors import safe_open
 
