@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from bitdown.config import ReconstructConfig
+from bitdown.config import GRAD_SLICES, ReconstructConfig
 
 import pytest
 
@@ -73,6 +73,11 @@ def test_flags_override_their_part_of_the_recipe(captured):
 
     config, finetune = captured("--fast", "--global-steps", "3")      # an explicit flag wins over --fast too
     assert finetune.global_steps == 3 and config.reconstruct.steps == 0
+
+    config, finetune = captured("--grad-slices", "8")              # one flag: both stages' gradient slices
+    assert finetune.grad_slices == 8 and config.reconstruct.grad_slices == 8
+    config, finetune = captured()
+    assert finetune.grad_slices == config.reconstruct.grad_slices == GRAD_SLICES
 
 
 def test_json_configs_go_on_top(captured):
