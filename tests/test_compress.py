@@ -566,6 +566,58 @@ def test_holdout_guard_restores_after_a_resume_and_the_file_is_identical(monkeyp
             == bitdown.save(ref, tmp_path / "ref.bitdown").read_bytes())
 
 
+# per-layer guard: a good EM (2 centroids, teacher targets) that large per-layer steps spoil; normalised MSE
+LAYER_FT = dict(layer_steps=6, batch_size=16, holdout=16, loss="mse")
+
+
+def layer_run(lr: float, **kw):
+    x = images(96)
+    ft = FinetuneConfig(**{**LAYER_FT, "layer_lr": lr, **kw.pop("ft", {})})
+    return bitdown.compress(make_net(), list(x[:64].split(32)), cfg(n_centroids=2), progress=False, finetune=ft,
+                            train_data=TensorDataset(x), **kw)
+
+
+def test_layer_guard_undoes_harmful_per_layer_steps_exactly(tmp_path, caplog):
+    plain = bitdown.compress(make_net(), list(images(96)[:64].split(32)), cfg(n_centroids=2), progress=False)
+    with caplog.at_level(logging.WARNING, logger="bitdown.finetune"):
+        q = layer_run(0.3)
+    assert q.bitdown.extra["layer_finetune"]["holdout"] == {"n": 16, "n_layers": 4, "n_layers_undone": 4,
+                                                            "undone": LAYERS}
+    for name in LAYERS:
+        h = q.bitdown.layers[name]["finetune"]["holdout"]
+        assert h["kept"] == "before" and h["loss_after"] > h["loss_before"]
+    assert_same_state(q, plain)            # every layer's steps undone: exactly the EM-only model, bit for bit
+    warn = [r.message for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warn) == 4 and all(f"layer '{n}'" in w and "restored" in w for n, w in zip(LAYERS, warn))
+    back = bitdown.load(bitdown.save(q, tmp_path / "q.bitdown"), make_net())
+    assert back.bitdown.extra["layer_finetune"] == q.bitdown.extra["layer_finetune"]
+
+
+def test_layer_guard_keeps_helpful_steps_and_changes_nothing_then():
+    q = layer_run(1e-3)
+    assert q.bitdown.extra["layer_finetune"]["holdout"]["n_layers_undone"] == 0
+    assert all(q.bitdown.layers[n]["finetune"]["holdout"]["loss_after"] < q.bitdown.layers[n]["finetune"]["holdout"]
+               ["loss_before"] for n in LAYERS)
+    off = layer_run(1e-3, ft={"layer_guard": False})         # the same streams, no guard
+    assert_same_state(q, off)
+    assert "layer_finetune" not in off.bitdown.extra
+    assert all(set(off.bitdown.layers[n]["finetune"]) == {"first_loss", "last_loss"} for n in LAYERS)
+
+
+def test_layer_guard_resume_is_identical(monkeypatch, tmp_path):
+    ref = layer_run(1e-2)
+    assert ref.bitdown.extra["layer_finetune"]["holdout"]["undone"] == ["conv3", "fc"]    # both sides of the stop
+    record_kmeans(monkeypatch, fail_on=3)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        layer_run(1e-2, checkpoint_dir=tmp_path / "ck")
+    monkeypatch.undo()
+    resumed = layer_run(1e-2, checkpoint_dir=tmp_path / "ck")
+    assert resumed.bitdown.extra["resumed"]["layers"] == 2
+    assert resumed.bitdown.extra["layer_finetune"] == ref.bitdown.extra["layer_finetune"]
+    assert (bitdown.save(resumed, tmp_path / "r.bitdown").read_bytes()
+            == bitdown.save(ref, tmp_path / "ref.bitdown").read_bytes())
+
+
 def test_holdout_setting_is_checked():
     for bad in (-1, 1.0, 1.5, -0.1, True, "10", float("nan")):
         with pytest.raises(ValueError, match="holdout"):

@@ -1,5 +1,6 @@
 """Distillation loss for any model output (KL on class logits, normalised MSE on anything else, sums over
-tuple / list / dict outputs), the up-front output check, and the holdout guard of the global stage."""
+tuple / list / dict outputs), the up-front output check, and the holdout guards of the global and per-layer
+stages."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from bitdown.finetune import (FinetuneConfig, check_outputs, distill_loss, evaluate_holdout, finetune_global,
-                              global_params)
+                              finetune_layer, global_params, teacher_outputs)
 from bitdown.modules import quantize_module
 
 
@@ -315,6 +316,53 @@ def test_holdout_guard_on_a_resumed_run_compares_but_cannot_restore(caplog):
     with pytest.raises(ValueError, match="holdout_before"):
         finetune_global(student, teacher, TensorDataset(x), cfg, start=3, progress=False, holdout=hold,
                         holdout_before={"loss_before": 1.0})
+
+
+def test_layer_guard_restores_the_codebook_when_the_steps_hurt(caplog):
+    teacher = make(Classifier)
+    student = coarse_student(teacher, k=64)                        # close to the teacher: large steps hurt
+    x, hold = images(64), images(48, seed=2)
+    cfg = FinetuneConfig(layer_steps=4, batch_size=16, layer_lr=0.3)
+    cb0 = student.conv3.codebook.detach().clone()
+    ref = evaluate_holdout(student, teacher, hold, cfg)
+    with caplog.at_level(logging.WARNING, logger="bitdown.finetune"):
+        res = finetune_layer(student, teacher, student.conv3, TensorDataset(x), cfg, holdout=hold, name="layer 'conv3'")
+    h = res["holdout"]
+    assert h["kept"] == "before" and h["loss_after"] > h["loss_before"] == pytest.approx(ref["loss"])
+    assert torch.equal(student.conv3.codebook, cb0)                 # exactly the codebook from before the steps
+    assert evaluate_holdout(student, teacher, hold, cfg)["loss"] == ref["loss"]
+    warn = [r.message for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warn) == 1 and "'conv3'" in warn[0] and "restored" in warn[0]
+    assert f"{h['loss_before']:.4g} -> {h['loss_after']:.4g}" in warn[0]      # both figures
+
+
+def test_layer_guard_keeps_steps_that_help_and_can_be_turned_off():
+    teacher = make(Classifier)
+    x, hold = images(64), images(48, seed=2)
+    cfg = FinetuneConfig(layer_steps=30, batch_size=32, layer_lr=1e-2)
+    student = coarse_student(teacher)
+    targets = teacher_outputs(teacher, hold, cfg)
+    assert len(targets) == 2 and torch.allclose(targets[0], teacher(hold[:32]), atol=1e-5)
+    assert evaluate_holdout(student, teacher, hold, cfg, targets) == evaluate_holdout(student, teacher, hold, cfg)
+    res = finetune_layer(student, teacher, student.conv3, TensorDataset(x), cfg, holdout=hold, targets=targets)
+    h = res["holdout"]
+    assert h["kept"] == "finetuned" and h["loss_after"] < h["loss_before"]
+    assert evaluate_holdout(student, teacher, hold, cfg)["loss"] == pytest.approx(h["loss_after"])
+    off = coarse_student(teacher)                                   # no guard: the same steps, nothing measured
+    res_off = finetune_layer(off, teacher, off.conv3, TensorDataset(x), FinetuneConfig(**{**cfg.to_json(),
+                             "layer_guard": False}), holdout=hold)
+    assert "holdout" not in res_off and torch.equal(off.conv3.codebook, student.conv3.codebook)
+    with pytest.raises(ValueError, match="teacher_outputs"):
+        evaluate_holdout(student, teacher, hold, cfg, targets[:1])
+    with pytest.raises(ValueError, match="layer_guard"):
+        FinetuneConfig(layer_guard=1)
+    estimate = 2 * 32 * 10 * 4                  # bytes: the first batch's output times the number of batches
+    assert teacher_outputs(teacher, hold, cfg, max_bytes=estimate - 1) is None     # too large: not kept
+    assert len(teacher_outputs(teacher, hold, cfg, max_bytes=estimate)) == 2
+    det = make(Detector)                                            # nested outputs: kept as they are
+    d_t = teacher_outputs(det, hold, cfg)
+    assert evaluate_holdout(coarse_student(det), det, hold, cfg, d_t) == evaluate_holdout(coarse_student(det), det,
+                                                                                          hold, cfg)
 
 
 def test_finished_run_rerun_keeps_last_loss():

@@ -313,8 +313,9 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     With `checkpoint_dir`, progress is saved after every layer and a rerun resumes from it.
     `finetune` (finetune.FinetuneConfig) adds per-layer and global distillation from the original
     model on `train_data` (a map-style dataset of augmented unlabelled images; default: `data`'s). With global
-    steps, `finetune.holdout` of those images are kept out of fine-tuning: the global stage is measured on them
-    before and after and undone if it made their distillation loss worse (`extra["global_finetune"]["holdout"]`).
+    steps, `finetune.holdout` of those images are kept out of fine-tuning: the global stage, and each layer's
+    per-layer steps (`finetune.layer_guard`), are measured on them before and after and undone if they made
+    their distillation loss worse (`extra["global_finetune"]["holdout"]`, `extra["layer_finetune"]["holdout"]`).
     `target_ratio` / `target_size` ('100KB', '1.5MB', bytes) choose every layer's block size and
     number of centroids by rate-distortion to fit that paper-style size (allocate.py).
     `device` ('cuda', 'cpu', ...; default: where the model's parameters are) runs the forward passes
@@ -381,8 +382,8 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     # what identifies the run, the same for any number of processes (the calibration batches by their hashes)
     fp = fingerprint(_fp_json(config.to_json()), _fp_json(ft.to_json()) if ft is not None else None, info.arch,
                      weights_key, batch_digests(calib), _describe(ft_data))
-    holdout = None                   # images kept out of fine-tuning: the global stage's guard (finetune.py)
-    if ft is not None and ft.global_steps > 0:
+    holdout = None                   # images kept out of fine-tuning: both stages' guards (finetune.py)
+    if ft is not None and ft.enabled:
         from .finetune import split_holdout
         ft_data, holdout = split_holdout(ft_data, ft)
     if ft is not None and ft.enabled:      # a batch too small for its gradient slices: refused before the EM
@@ -398,10 +399,12 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
 
     shared = _learn_shared(teacher, plans, done, calib, config)   # group -> initial codebook
     run = _BlockRun(student, teacher if needs_teacher else None, blocks, plans, calib, probe, n_calib, config, ft,
-                    ft_data, info, shared, checkpoint_dir, fp, progress)
+                    ft_data, info, shared, checkpoint_dir, fp, progress, holdout)
     blocks_done = len(blocks) if resume.get("stage") == "global" else resume.get("blocks_done", 0)
     if blocks_done < len(blocks):
         run.run(blocks_done)
+    if holdout is not None and ft.layer_steps > 0 and ft.layer_guard:
+        info.extra["layer_finetune"] = {"holdout": layer_guard_summary(info.layers, holdout.shape[0])}
     info.timings["quantize_s"] = time.perf_counter() - t0
 
     if resume.get("stage") != "global":
@@ -458,6 +461,14 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     return student.eval()
 
 
+def layer_guard_summary(layers: dict[str, dict[str, Any]], n: int) -> dict[str, Any]:
+    """extra.layer_finetune.holdout: how many layers the per-layer guard checked on the `n` holdout images and
+    which it undid, from the per-layer records (kept in the checkpoints, so a resumed run counts the same)."""
+    recs = {name: d["finetune"]["holdout"] for name, d in layers.items() if "holdout" in d.get("finetune", {})}
+    undone = [name for name, r in recs.items() if r["kept"] == "before"]
+    return {"n": n, "n_layers": len(recs), "n_layers_undone": len(undone), "undone": undone}
+
+
 def _block_order(plans: list[LayerPlan], blocks: list[Block]) -> list[LayerPlan]:
     """The plans in the order the block loop quantizes them (block by block, forward order inside)."""
     by_name = {p.name: p for p in plans}
@@ -480,7 +491,7 @@ class _BlockRun:
     def __init__(self, student: nn.Module, teacher: nn.Module | None, blocks: list[Block], plans: list[LayerPlan],
                  calib: list[torch.Tensor], probe: torch.Tensor, n_calib: int, config: QuantConfig, ft, ft_data,
                  info: CompressionInfo, shared: dict[str, torch.Tensor], checkpoint_dir, fp: str,
-                 progress: bool) -> None:
+                 progress: bool, holdout: torch.Tensor | None = None) -> None:
         self.student, self.teacher, self.blocks, self.plans = student, teacher, blocks, plans
         self.calib, self.probe, self.n_calib = calib, probe, n_calib    # this rank's batches; all ranks' count
         self.config, self.ft, self.ft_data, self.info = config, ft, ft_data, info
@@ -488,6 +499,8 @@ class _BlockRun:
         self.modules = dict(student.named_modules())
         self.t_modules = dict(teacher.named_modules()) if teacher is not None else {}
         self.index = {p.name: i for i, p in enumerate(plans)}
+        self.holdout = holdout if ft is not None and ft.layer_guard else None   # the per-layer guard's images
+        self.targets = None                     # the teacher's outputs on them (finetune.teacher_outputs), once
 
     def run(self, blocks_done: int) -> None:
         cfg = self.config
@@ -683,10 +696,13 @@ class _BlockRun:
                                        "em_s": time.perf_counter() - t1 - t_stats}
         ft = self.ft
         if ft is not None and ft.layer_steps > 0 and is_pq(module):    # per-layer fine-tuning trains codebooks
-            from .finetune import finetune_layer
+            from .finetune import finetune_layer, teacher_outputs
+            if self.holdout is not None and self.targets is None:
+                self.targets = teacher_outputs(self.teacher, self.holdout, ft)
             try:
-                self.info.layers[plan.name]["finetune"] = finetune_layer(self.student, self.teacher, module,
-                                                                         self.ft_data, ft, seed=cfg.seed + i)
+                self.info.layers[plan.name]["finetune"] = finetune_layer(
+                    self.student, self.teacher, module, self.ft_data, ft, seed=cfg.seed + i, holdout=self.holdout,
+                    targets=self.targets, name=f"layer {plan.name!r}")
             except FloatingPointError as e:
                 raise FloatingPointError(_kept(e, self.checkpoint_dir if i else None,
                                                f"{i} of {len(self.plans)} layers done")) from e
@@ -694,7 +710,9 @@ class _BlockRun:
 
 # config keys added after checkpoints were first written (QuantConfig / FinetuneConfig, and the "em" dict
 # inside QuantConfig) -> their defaults. FinetuneConfig.holdout is not one on purpose: a checkpoint made before
-# the holdout guard fine-tuned on the images a run now holds out.
+# the holdout guard fine-tuned on the images a run now holds out; nor is FinetuneConfig.layer_guard: a checkpoint
+# made before the per-layer guard kept per-layer steps the guard would undo (and, without global steps, trained
+# on the holdout).
 ADDED_KEYS = {"alloc_max_error": None, "mixup": 0.0, "loss": "auto", "alloc_menu": [], "train_bias": False}
 ADDED_EM_KEYS = {"mean_correction": False}
 

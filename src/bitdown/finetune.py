@@ -26,7 +26,11 @@ must be equal in both outputs. Any other output (a string, a custom object, no f
 is a TypeError; `check_outputs` runs the model once so that this is known before any work.
 
 - per layer (`finetune_layer`): right after a layer's EM, only its codebook trains; the model is in
-  eval mode, so BatchNorm is frozen (running statistics and affine);
+  eval mode, so BatchNorm is frozen (running statistics and affine). With a `holdout` tensor (and
+  `layer_guard`, default on) the same distillation loss is measured on the holdout before and after the
+  layer's steps and the layer's codebook is put back (its EM result) when the loss got worse. The teacher's
+  outputs on the holdout are computed once per run (`teacher_outputs`), so the guard costs two student
+  forwards of the holdout per layer;
 - global (`finetune_global`): every codebook together, optionally the BatchNorm affine parameters,
   still in eval mode (running statistics fixed; compress() re-estimates them first when
   QuantConfig.recalibrates_bn, by default only without teacher targets: docs/DESIGN.md), with a step
@@ -36,7 +40,7 @@ is a TypeError; `check_outputs` runs the model once so that this is known before
   trains are put back as they were (a resumed run needs `holdout_state`, which compress keeps in its
   checkpoints). compress() draws the holdout with `split_holdout`: `FinetuneConfig.holdout` images (10 %,
   16..256, at most a quarter, by default) at seeded positions of the fine-tuning dataset, removed from the
-  stream of both fine-tuning stages.
+  stream of both fine-tuning stages; both guards use it.
 
 Gradients reach a codeword through the decode W = codebook[codes]: its gradient is the *sum* of the
 gradients of the subvectors assigned to it. The original CentroidSGD used the *mean*, so a plain-SGD
@@ -81,6 +85,7 @@ log = logging.getLogger(__name__)
 LOSSES = ("auto", "kl", "mse", "bce")
 MSE_EPS = 1e-12          # normalised MSE: sum((s - t)^2) / (sum(t^2) + MSE_EPS)
 HOLDOUT_MIN, HOLDOUT_MAX = 16, 256     # a fractional holdout: at least / at most this many images
+TARGETS_MAX_BYTES = 256 * 2**20        # the teacher's outputs on the holdout are kept when at most this large
 
 
 @dataclass
@@ -102,10 +107,11 @@ class FinetuneConfig:
     seed: int = 0
     mixup: float = 0.0                # > 0: each image mixed with another of the batch, weight ~ Beta(a, a)
     loss: str = "auto"                # 'auto' | 'kl' | 'mse' | 'bce': see the module docstring
-    holdout: int | float = 0.1        # images compress() keeps out of fine-tuning for the global stage's guard:
+    holdout: int | float = 0.1        # images compress() keeps out of fine-tuning for the guards of both stages:
                                       # a count, or a fraction (clamped to 16..256, at most a quarter); 0: off
     grad_slices: int = GRAD_SLICES    # each step's gradient: the sum of this many slices of the batch, in order
                                       # (the same file for any number of processes that divides it)
+    layer_guard: bool = True          # per-layer stage: undo a layer's steps that made the holdout loss worse
 
     def __post_init__(self) -> None:
         h = self.holdout
@@ -115,6 +121,8 @@ class FinetuneConfig:
             raise ValueError(f"holdout must be a fraction in [0, 1) or an image count (int >= 0), got {h!r}")
         if isinstance(h, int) and h < 0:
             raise ValueError(f"holdout must be an image count >= 0 (0: off) or a fraction in [0, 1), got {h}")
+        if not isinstance(self.layer_guard, bool):
+            raise ValueError(f"layer_guard must be true or false, got {self.layer_guard!r}")
         for k in ("layer_steps", "global_steps"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
@@ -335,8 +343,7 @@ def split_holdout(data: Any, cfg: FinetuneConfig) -> tuple[torch.utils.data.Data
         ds.set_epoch(0)
     items = [ds[int(i)] for i in held]
     x = torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items])
-    log.info("holdout: %d of the %d fine-tuning images kept out of fine-tuning to check the global stage",
-             n, len(ds))
+    log.info("holdout: %d of the %d fine-tuning images kept out of fine-tuning to check it", n, len(ds))
     return _Without(ds, keep), x
 
 
@@ -488,8 +495,15 @@ def _step(student: nn.Module, teacher: nn.Module, x: torch.Tensor, opt: torch.op
 
 
 def finetune_layer(student: nn.Module, teacher: nn.Module, layer: nn.Module, data: Any, cfg: FinetuneConfig,
-                   seed: int = 0, progress: bool = False) -> dict[str, float]:
-    """Train only `layer.codebook` by distillation, BatchNorm frozen (eval mode). Returns loss figures."""
+                   seed: int = 0, progress: bool = False, holdout: torch.Tensor | None = None,
+                   targets: list[Any] | None = None, name: str = "the layer") -> dict[str, Any]:
+    """Train only `layer.codebook` by distillation, BatchNorm frozen (eval mode). Returns loss figures.
+
+    Guard (with `holdout`, images never trained on, and cfg.layer_guard): the distillation loss on the holdout
+    is measured before and after the steps (`evaluate_holdout`; `targets`: the teacher's outputs on it from
+    `teacher_outputs`, else the teacher runs each time); when it got worse the codebook is put back exactly as
+    it was before the steps and a WARNING names the layer (`name`) and both figures. result["holdout"]:
+    {"loss_before", "loss_after", "kept": "finetuned" | "before"}."""
     if teacher is None:
         raise ValueError("fine-tuning needs the uncompressed teacher model")
     if not is_pq(layer):
@@ -498,6 +512,11 @@ def finetune_layer(student: nn.Module, teacher: nn.Module, layer: nn.Module, dat
     student.eval()
     teacher.eval()
     n = batch_rows(cfg, ds)
+    guard = holdout is not None and cfg.layer_guard
+    before, saved = None, None
+    if guard:
+        before = _layer_figures(student, teacher, holdout, cfg, targets, name)
+        saved = layer.codebook.detach().clone()
     opt = _optimizer([layer.codebook], cfg.layer_lr, cfg)
     losses = []
     with _train_only(student, [layer.codebook]):
@@ -506,7 +525,34 @@ def finetune_layer(student: nn.Module, teacher: nn.Module, layer: nn.Module, dat
                              disable=not (progress and dist.is_main())):
                 losses.append(_step(student, teacher, x, opt, cfg, s, cfg.seed + seed, n))
     layer.codebook.data = round_codebook(layer.codebook.data, layer.codebook_bits)   # what the file will hold
-    return {"first_loss": losses[0], "last_loss": sum(losses[-10:]) / len(losses[-10:])}
+    out: dict[str, Any] = {"first_loss": losses[0], "last_loss": sum(losses[-10:]) / len(losses[-10:])}
+    if guard:
+        after = _layer_figures(student, teacher, holdout, cfg, targets, name)
+        out["holdout"] = {"loss_before": before["loss"], "loss_after": after["loss"], "kept": "finetuned"}
+        if _worse(before, after):
+            with torch.no_grad():
+                layer.codebook.copy_(saved)
+            out["holdout"]["kept"] = "before"
+            log.warning("holdout: the per-layer fine-tuning of %s made the distillation loss worse (%s -> %s, "
+                        "agreement %s -> %s): its codebook from before it is restored; try a lower layer_lr", name,
+                        _fmt(before["loss"]), _fmt(after["loss"]), _fmt(before["agreement"], pct=True),
+                        _fmt(after["agreement"], pct=True))
+        else:
+            log.info("holdout: the per-layer fine-tuning of %s: distillation loss %s -> %s", name,
+                     _fmt(before["loss"]), _fmt(after["loss"]))
+    return out
+
+
+def _layer_figures(student: nn.Module, teacher: nn.Module, holdout: torch.Tensor, cfg: FinetuneConfig,
+                   targets: list[Any] | None, name: str) -> dict[str, Any]:
+    """evaluate_holdout on rank 0, sent to every rank (under torchrun every rank then takes the same decision)."""
+    return dist.on_main(lambda: evaluate_holdout(student, teacher, holdout, cfg, targets),
+                        f"the holdout figures of {name}")
+
+
+def _worse(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """The guards' rule: the distillation loss on the holdout went up (a NaN after counts as worse)."""
+    return not after["loss"] <= before["loss"]
 
 
 def _lr_at(step: int, cfg: FinetuneConfig) -> float:
@@ -524,17 +570,45 @@ def global_params(student: nn.Module, cfg: FinetuneConfig) -> list[nn.Parameter]
     return params
 
 
+def teacher_outputs(teacher: nn.Module, holdout: torch.Tensor, cfg: FinetuneConfig,
+                    max_bytes: int = TARGETS_MAX_BYTES) -> list[Any] | None:
+    """The teacher's outputs on `holdout` in batches of cfg.batch_size (eval mode, no grad): the `targets` of
+    `evaluate_holdout`, so that a run evaluating the holdout many times (the per-layer guard) runs the teacher
+    on it once; None when they would take more than `max_bytes` (estimated from the first batch)."""
+    from .blockio import tensors_of
+
+    dev = next(iter(teacher.parameters()), torch.empty(0)).device
+    batches = holdout.split(cfg.batch_size)
+    out: list[Any] = []
+    mode = teacher.training
+    teacher.eval()
+    try:
+        with torch.no_grad():
+            for xb in batches:
+                out.append(teacher(nhwc(xb.to(dev, non_blocking=True))))
+                if len(out) == 1 and sum(t.nbytes for t in tensors_of(out[0])) * len(batches) > max_bytes:
+                    return None
+    finally:
+        teacher.train(mode)
+    return out
+
+
 def evaluate_holdout(student: nn.Module, teacher: nn.Module, holdout: torch.Tensor,
-                     cfg: FinetuneConfig) -> dict[str, Any]:
+                     cfg: FinetuneConfig, targets: list[Any] | None = None) -> dict[str, Any]:
     """Distillation loss (cfg.loss, cfg.temperature) of `student` against `teacher` on the `holdout` images,
     in batches of cfg.batch_size, eval mode, no grad; the mean over images (each batch's loss weighted by its
     size). "agreement": the fraction of images whose top-1 class is the teacher's, when the output is one
-    (N, C >= 2) tensor, else None. Returns {"n", "loss", "agreement"}."""
+    (N, C >= 2) tensor, else None. `targets`: the teacher's outputs from `teacher_outputs` (not recomputed).
+    Returns {"n", "loss", "agreement"}."""
     if not isinstance(holdout, torch.Tensor):
         raise TypeError(f"the holdout must be a tensor of images, got {type(holdout).__qualname__}")
     n = holdout.shape[0] if holdout.dim() else 0
     if n == 0:
         raise ValueError("the holdout is empty")
+    batches = holdout.split(cfg.batch_size)
+    if targets is not None and len(targets) != len(batches):
+        raise ValueError(f"targets holds {len(targets)} batches of teacher outputs for the holdout's "
+                         f"{len(batches)}; make them with teacher_outputs()")
     dev = next(iter(student.parameters()), torch.empty(0)).device
     modes = (student.training, teacher.training)
     student.eval()
@@ -542,9 +616,10 @@ def evaluate_holdout(student: nn.Module, teacher: nn.Module, holdout: torch.Tens
     total, agree, classes = 0.0, 0, True
     try:
         with torch.no_grad():
-            for xb in holdout.split(cfg.batch_size):
-                xb = xb.to(dev, non_blocking=True)
-                zs, zt = student(xb), teacher(xb)
+            for b, xb in enumerate(batches):
+                xb = nhwc(xb.to(dev, non_blocking=True))
+                zs = student(xb)
+                zt = targets[b] if targets is not None else teacher(xb)
                 total += float(distill_loss(zs, zt, cfg.temperature, cfg.loss)) * xb.shape[0]
                 classes = classes and isinstance(zt, torch.Tensor) and zt.dim() == 2 and zt.shape[1] >= 2
                 if classes:
@@ -660,8 +735,7 @@ def _guard(student: nn.Module, teacher: nn.Module, holdout: torch.Tensor, cfg: F
                     "resumed run without holdout_before): not compared", _fmt(after["loss"]),
                     _fmt(after["agreement"], pct=True))
         return rec
-    worse = not after["loss"] <= before["loss"]          # a NaN after counts as worse
-    if not worse:
+    if not _worse(before, after):
         log.info("holdout: global fine-tuning lowered the distillation loss %s -> %s (agreement %s -> %s)",
                  _fmt(before["loss"]), _fmt(after["loss"]), _fmt(before.get("agreement"), pct=True),
                  _fmt(after["agreement"], pct=True))
