@@ -194,6 +194,40 @@ def test_eval_cache_invalidated_by_data_write():
         torch.testing.assert_close(layer(x), F.linear(x, new[codes].reshape(4, 8), layer.bias))
 
 
+def test_eval_cache_sees_every_write_to_the_codes_and_the_codebook():
+    """In-place writes that no version counter sees (through `.data`, numpy views, for the codes as for the
+    codebook), load_state_dict, an optimizer step and to(dtype): the weight always follows."""
+    layer, cb, codes = eval_pq_conv()
+
+    def expect():
+        return layer.codebook.detach()[layer.codes.long()].reshape(6, 4, 3, 3)
+
+    with torch.no_grad():
+        layer.weight
+        layer.codes.data[0, 0] = (int(layer.codes[0, 0]) + 1) % 8
+        torch.testing.assert_close(layer.weight, expect())
+        layer.codes.numpy()[1, 2] = (int(layer.codes[1, 2]) + 3) % 8
+        torch.testing.assert_close(layer.weight, expect())
+        layer.codebook.detach().numpy()[2, 1] += 1.0
+        torch.testing.assert_close(layer.weight, expect())
+        layer.codebook.data[3].zero_()
+        torch.testing.assert_close(layer.weight, expect())
+        layer.load_state_dict({"codebook": cb, "codes": codes.to(torch.uint8), "bias": layer.bias.clone()})
+        torch.testing.assert_close(layer.weight, cb[codes].reshape(6, 4, 3, 3))
+    opt = torch.optim.Adam([layer.codebook], lr=0.1)
+    layer(torch.randn(2, 4, 5, 5)).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(layer.weight, expect())
+        assert not torch.equal(layer.weight, cb[codes].reshape(6, 4, 3, 3))
+        layer.to(torch.float64)
+        assert layer.weight.dtype == torch.float64
+        torch.testing.assert_close(layer.weight, expect())
+    with torch.inference_mode():
+        layer.codes.data[0, 1] = (int(layer.codes[0, 1]) + 1) % 8
+        torch.testing.assert_close(layer.weight, expect())
+
+
 def test_dtype_change_invalidates_cache():
     layer = nn.Linear(8, 4)
     quantize_module(layer, *random_pq(layer, 4)).eval()

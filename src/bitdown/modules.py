@@ -10,7 +10,8 @@ A layer of a subclass `Foo(nn.Conv2d)` becomes an instance of a generated `PQFoo
     codes     (C_out, nb)   uint8 buffer (int16 when K > 256)
     bias      unchanged
 
-In eval mode the decoded weight is cached until the codebook or the codes change.
+In eval mode the decoded weight is cached until the codebook or the codes change (their bytes are compared
+with a snapshot at every access, so no write path can leave a stale weight).
 """
 from __future__ import annotations
 
@@ -62,55 +63,45 @@ def _no_cache() -> None:
 
 
 class _WeightCache:
-    """The decoded weight of a PQ layer in eval mode, valid while the codebook holds the same *values*
-    (K x d, compared byte for byte: writes through `.data`, a new Parameter, an optimizer step, a
-    dtype change are all seen) and the codes are the same tensor, storage and version.
+    """The decoded weight of a PQ layer in eval mode, valid while the codebook and the codes hold the same
+    *values* at the same place: each is compared byte for byte with a snapshot taken when the weight was
+    decoded (in-place writes, through `.data` and numpy views too, optimizer steps, load_state_dict: all
+    seen), and its data pointer, dtype, shape and contiguity must be the snapshot's (`.data = ...`,
+    `.to(dtype)`, a new Parameter or buffer, a view with other strides: decode again).
 
     It keeps aliases of both tensors' storages, so a storage freed after a `.data = ...` cannot be
     reused at the same address and pass for the old one. Copies and pickles of a layer drop it (the
     copy decodes its own weight on first use)."""
 
-    __slots__ = ("weight", "snapshot", "nbytes", "dtype", "shape", "cb_alias", "cb_ptr", "fast", "args",
-                 "codes", "codes_alias", "codes_ptr", "codes_version", "hot_codes", "hot_ptr")
+    __slots__ = ("weight", "aliases", "snapshots", "cb_ptr", "cb_dtype", "cb_shape", "codes_ptr", "codes_dtype",
+                 "codes_shape", "fast", "cb_args", "codes_args", "hot_ptr")
 
     def __init__(self, codebook: torch.Tensor, codes: torch.Tensor, weight: torch.Tensor) -> None:
         self.weight = weight
-        self.cb_alias = codebook.detach()
-        self.snapshot = self.cb_alias.clone(memory_format=torch.contiguous_format)
-        self.nbytes, self.dtype, self.shape = self.snapshot.nbytes, codebook.dtype, codebook.shape
-        self.cb_ptr = codebook.data_ptr()
-        # bytes compared with memcmp for a contiguous CPU codebook (else torch.equal); its arguments
-        # are made once: they stay right while the codebook's data pointer is the cached one
-        self.fast = _MEMCMP is not None and codebook.is_cpu and codebook.is_contiguous()
-        self.args = (ctypes.c_void_p(self.cb_ptr), ctypes.c_void_p(self.snapshot.data_ptr()),
-                     ctypes.c_size_t(self.nbytes)) if self.fast else ()
-        self.codes, self.codes_alias, self.codes_ptr = codes, codes.detach(), codes.data_ptr()
-        try:
-            self.codes_version = codes._version
-        except RuntimeError:        # an inference-mode tensor has no version counter (nor can it change)
-            self.codes_version = None
-        # the weight property's hot path (memcmp, version) applies only to a contiguous CPU codebook and
-        # codes with a version counter: otherwise these are None, which no tensor matches
-        hot = self.fast and self.codes_version is not None
-        self.hot_codes, self.hot_ptr = (codes, self.cb_ptr) if hot else (None, None)
+        self.aliases = (codebook.detach(), codes.detach())
+        self.snapshots = tuple(t.clone(memory_format=torch.contiguous_format) for t in self.aliases)
+        self.cb_ptr, self.cb_dtype, self.cb_shape = codebook.data_ptr(), codebook.dtype, codebook.shape
+        self.codes_ptr, self.codes_dtype, self.codes_shape = codes.data_ptr(), codes.dtype, codes.shape
+        # bytes compared with memcmp for contiguous CPU tensors (else torch.equal); its arguments are made
+        # once: they stay right while the data pointers are the cached ones
+        self.fast = _MEMCMP is not None and all(t.is_cpu and t.is_contiguous() for t in self.aliases)
+        self.cb_args, self.codes_args = (
+            tuple((ctypes.c_void_p(t.data_ptr()), ctypes.c_void_p(v.data_ptr()), ctypes.c_size_t(v.nbytes))
+                  for t, v in zip(self.aliases, self.snapshots)) if self.fast else ((), ()))
+        # the weight property's hot path takes only a memcmp cache: None matches no data pointer
+        self.hot_ptr = self.cb_ptr if self.fast else None
 
     def valid(self, codebook: torch.Tensor, codes: torch.Tensor) -> bool:
         """Whether the cached weight is still codebook[codes]."""
-        if codes is not self.codes or codes.data_ptr() != self.codes_ptr:
+        if (codebook.data_ptr() != self.cb_ptr or codes.data_ptr() != self.codes_ptr
+                or codebook.dtype is not self.cb_dtype or codes.dtype is not self.codes_dtype
+                or codebook.shape != self.cb_shape or codes.shape != self.codes_shape
+                or codebook.device != self.aliases[0].device or codes.device != self.aliases[1].device):
             return False
-        try:
-            if codes._version != self.codes_version:
-                return False
-        except RuntimeError:
-            if self.codes_version is not None:
-                return False
-        # another storage (`.data = ...`, `.to(dtype)`) or another shape: decode again
-        if (codebook.data_ptr() != self.cb_ptr or codebook.dtype is not self.dtype
-                or codebook.shape != self.shape):
-            return False
-        if self.fast and codebook.is_cpu and codebook.is_contiguous():
-            return _MEMCMP(*self.args) == 0          # the values: in-place writes, through `.data` too
-        return torch.equal(self.snapshot, codebook.detach())
+        if self.fast and codebook.is_contiguous() and codes.is_contiguous():
+            return _MEMCMP(*self.cb_args) == 0 and _MEMCMP(*self.codes_args) == 0
+        return (torch.equal(self.snapshots[0], codebook.detach())
+                and torch.equal(self.snapshots[1], codes.detach()))
 
     def __reduce__(self):
         return _no_cache, ()
@@ -144,20 +135,19 @@ class PQMixin:
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
-        # Hot path (eval, no grad, a CPU cache): `_WeightCache.valid` inlined. In a loop it costs 1 us more
-        # than a dense layer's `weight` lookup (torch.equal and a key tuple cost 7 us); inside a forward,
-        # where the codebook, its snapshot and the codes' metadata are out of the CPU caches, the
-        # byte comparison the `.data` guarantee needs dominates (benchmarks/results/pq_speed.md).
-        # The same data pointer as the cache's alias (which keeps that CPU storage alive) means the same
-        # memory, so memcmp's ready-made arguments are right. Anything else (another device,
-        # inference-mode codes, a change) goes to `_decoded_weight`.
+        # Hot path (eval, no grad, a CPU cache): `_WeightCache.valid` inlined (benchmarks/results/pq_speed.md
+        # has its cost). The same data pointers as the cache's aliases (which keep those CPU storages alive)
+        # mean the same memory, so memcmp's ready-made arguments are right; the byte comparisons are what
+        # catch writes through `.data` or numpy views, which no version counter sees. Anything else
+        # (another device, a change) goes to `_decoded_weight`.
         c = self.__dict__.get("_pq_cache")
         if c is not None and not self.training and not torch.is_grad_enabled():
             buffers = self._buffers
             codes, cb = buffers["codes"], self._parameters["codebook"]
-            if (codes is c.hot_codes and cb.data_ptr() == c.hot_ptr and codes.data_ptr() == c.codes_ptr
-                    and codes._version == c.codes_version and cb.dtype is c.dtype and cb.shape == c.shape
-                    and cb.is_contiguous() and "export_codebook" not in buffers and _MEMCMP(*c.args) == 0):
+            if (cb.data_ptr() == c.hot_ptr and codes.data_ptr() == c.codes_ptr and cb.dtype is c.cb_dtype
+                    and codes.dtype is c.codes_dtype and cb.shape == c.cb_shape and codes.shape == c.codes_shape
+                    and cb.is_contiguous() and codes.is_contiguous() and "export_codebook" not in buffers
+                    and _MEMCMP(*c.cb_args) == 0 and _MEMCMP(*c.codes_args) == 0):
                 return c.weight
         return self._decoded_weight()
 
