@@ -312,8 +312,8 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     Returns the compressed model (a copy unless `inplace`), with `.bitdown` (CompressionInfo).
     With `checkpoint_dir`, progress is saved after every layer and a rerun resumes from it.
     `finetune` (finetune.FinetuneConfig) adds per-layer and global distillation from the original
-    model on `train_data` (a map-style dataset of augmented unlabelled images; default: `data`'s). With global
-    steps, `finetune.holdout` of those images are kept out of fine-tuning: the global stage, and each layer's
+    model on `train_data` (a map-style dataset of augmented unlabelled images; default: `data`'s).
+    `finetune.holdout` of those images are kept out of fine-tuning: the global stage, and each layer's
     per-layer steps (`finetune.layer_guard`), are measured on them before and after and undone if they made
     their distillation loss worse (`extra["global_finetune"]["holdout"]`, `extra["layer_finetune"]["holdout"]`).
     `target_ratio` / `target_size` ('100KB', '1.5MB', bytes) choose every layer's block size and
