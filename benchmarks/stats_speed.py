@@ -4,6 +4,11 @@ block run on cached inputs) against the layer-by-layer pass it replaced (one stu
 one teacher prefix forward per layer and batch, stats.run_until / stats.capture_input).
 
     python benchmarks/stats_speed.py --model efficientnet_lite0 --images 128
+    python benchmarks/stats_speed.py --model resnet20_cifar10 --images 256 --profile   # where the time goes
+
+--profile times the block pipeline once with StatsCollector's hook timed per layer kind (kxk conv, 1x1 conv,
+depthwise, linear; the rest is forwards and the EM stand-in) and prints torch.profiler's top operators; it
+writes nothing.
 
 The EM is replaced by a trivial quantizer (codes 0) in both, so only forwards and Grams are timed; the
 three measurements (a plain teacher forward over the images, the layer pass, the block pipeline) run
@@ -19,6 +24,7 @@ import json
 import resource
 import statistics
 import time
+from collections import defaultdict
 
 import torch
 
@@ -30,6 +36,7 @@ from bitdown.config import resolve_plan
 from bitdown.data import make_loader
 from bitdown.em import EMResult
 from bitdown.recipes import zoo_config
+from bitdown import stats as bstats
 from bitdown.stats import StatsCollector, capture_input, run_until
 from bitdown.zoo import build_model
 
@@ -80,6 +87,42 @@ def block_pass(name: str, batches: list[torch.Tensor]) -> float:
         bc.kmeans = real
 
 
+def layer_kind(module: torch.nn.Module) -> str:
+    """kxk conv, 1x1 conv, depthwise (one input channel per group) or linear."""
+    if isinstance(module, torch.nn.Linear):
+        return "linear"
+    if module.groups > 1 and module.groups == module.in_channels:
+        return "depthwise"
+    return "1x1 conv" if module.kernel_size == (1, 1) else "kxk conv"
+
+
+def profile(name: str, batches: list[torch.Tensor]) -> None:
+    """The block pipeline once, StatsCollector's hook timed per layer kind, then torch.profiler's top ops."""
+    spent: dict[str, float] = defaultdict(float)
+    hook = StatsCollector._hook
+
+    def timed(self, module, inputs):
+        t0 = time.perf_counter()
+        try:
+            return hook(self, module, inputs)
+        finally:
+            spent[layer_kind(module)] += time.perf_counter() - t0
+
+    t_teacher = teacher_pass(name, batches)
+    bstats.StatsCollector._hook = timed
+    try:
+        total = block_pass(name, batches)
+    finally:
+        bstats.StatsCollector._hook = hook
+    print(json.dumps({"teacher forward s": round(t_teacher, 2), "block pipeline s": round(total, 2),
+                      "hook s by layer kind": {k: round(v, 2) for k, v in spent.items()},
+                      "rest s": round(total - sum(spent.values()), 2)}), flush=True)
+    from torch.profiler import ProfilerActivity, profile as tprofile
+    with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+        block_pass(name, batches)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="efficientnet_lite0")
@@ -87,9 +130,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--skip-layer-pass", action="store_true", help="only the teacher forward and the block pipeline")
+    p.add_argument("--profile", action="store_true", help="time per layer kind and top operators; writes nothing")
     a = p.parse_args()
     calib = datasets(a.model)[0]
     batches = take_images(make_loader(calib, 128, shuffle=True, seed=0), a.images, a.batch_size)
+    if a.profile:
+        return profile(a.model, batches)
     times: dict[str, list[float]] = {"teacher forward": [], "layer pass": [], "block pipeline": []}
     for _ in range(a.repeats):
         times["teacher forward"].append(teacher_pass(a.model, batches))

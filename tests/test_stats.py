@@ -42,6 +42,8 @@ LAYERS = {
     "dilated": (lambda: nn.Conv2d(3, 4, 3, dilation=2), 9),
     "padded": (lambda: nn.Conv2d(3, 4, 3, padding=2), 9),
     "asym": (lambda: nn.Conv2d(3, 4, (3, 1), stride=(2, 1), padding=(1, 0), dilation=(1, 2)), 3),
+    "depthwise_strided": (lambda: nn.Conv2d(4, 4, 3, stride=2, groups=4, padding=1), 9),
+    "grouped_strided_dilated": (lambda: nn.Conv2d(4, 6, 3, stride=2, groups=2, padding=2, dilation=2), 9),
     "linear": (lambda: nn.Linear(12, 5), 4),
 }
 
@@ -66,6 +68,35 @@ def test_grams_match_brute_force(name):
     assert st.n_rows == rows
     assert st.n_images == (0 if isinstance(layer, nn.Linear) else 3)
     assert not layer._forward_pre_hooks  # hook removed on exit
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_every_statistic_matches_brute_force(name):
+    """The hook's products (block Grams alone, and full + cross Grams with column sums) against the
+    brute-force X and the teacher's T: X^T X, X^T T, column sums."""
+    torch.manual_seed(0)
+    make, d = LAYERS[name]
+    layer = make()
+    shape = (3, layer.in_features) if isinstance(layer, nn.Linear) else (3, layer.in_channels, 9, 8)
+    x, t = torch.randn(shape), torch.randn(shape)
+    X, T = brute_x(layer, x), brute_x(layer, t)                                  # (g, rows, R)
+    with StatsCollector(name, layer, d) as alone:
+        layer(x)
+    col = StatsCollector(name, layer, d, full_gram=True, cross_gram=True)
+    col.reference = t
+    with torch.no_grad():
+        layer(x)
+    col.remove()
+    st = col.stats
+    blocks = brute_stats(layer, x, d)[0]
+    close = {"rtol": 1e-5, "atol": 1e-4}
+    torch.testing.assert_close(alone.stats.block_grams, blocks, **close)
+    torch.testing.assert_close(st.block_grams, blocks, **close)
+    torch.testing.assert_close(st.full_gram, X.transpose(1, 2) @ X, **close)
+    torch.testing.assert_close(st.cross_gram, X.transpose(1, 2) @ T, **close)
+    torch.testing.assert_close(st.in_sum, X.sum(1), **close)
+    torch.testing.assert_close(st.ref_sum, T.sum(1), **close)
+    assert st.n_rows == alone.stats.n_rows == X.shape[1]
 
 
 def test_output_is_x_times_weight():
@@ -128,29 +159,37 @@ def test_merge_rejects_other_shapes():
         a.merge(b)
 
 
-def test_chunking_gives_same_result(monkeypatch):
+@pytest.mark.parametrize("stride", [1, 2])
+def test_chunking_gives_same_result(monkeypatch, stride):
     torch.manual_seed(0)
-    layer = nn.Conv2d(4, 6, 3, stride=2, padding=1)
-    x = torch.randn(5, 4, 8, 8)
-    with StatsCollector("c", layer, 9, full_gram=True) as col:
-        layer(x)
-    ref = col.stats
-    monkeypatch.setattr(stats, "CHUNK_ELEMENTS", 1)  # one image per chunk
-    calls = []
-    orig = stats.layer_patches
-    monkeypatch.setattr(stats, "layer_patches", lambda m, xx: calls.append(xx.shape[0]) or orig(m, xx))
-    with StatsCollector("c", layer, 9, full_gram=True) as col:
-        layer(x)
-    assert calls == [1] * 5
-    torch.testing.assert_close(col.stats.block_grams, ref.block_grams, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(col.stats.full_gram, ref.full_gram, rtol=1e-5, atol=1e-5)
-    assert col.stats.n_rows == ref.n_rows
+    layer = nn.Conv2d(4, 6, 3, stride=stride, padding=1)
+    x, t = torch.randn(5, 4, 8, 8), torch.randn(5, 4, 8, 8)
+
+    def run():
+        col = StatsCollector("c", layer, 9, full_gram=True, cross_gram=True)
+        col.reference = t
+        with torch.no_grad():
+            layer(x)
+        col.remove()
+        return col.stats
+
+    ref = run()
+    monkeypatch.setattr(stats, "CHUNK_ELEMENTS", 1)             # one output row per product
+    chunks = []
+    orig = stats._position_chunks
+    monkeypatch.setattr(stats, "_position_chunks", lambda v: chunks.extend(orig(v)) or iter(chunks))
+    small = run()
+    assert len(chunks) == 5 * (8 if stride == 1 else 4)          # 5 images x their output rows
+    for f in ("block_grams", "full_gram", "cross_gram", "in_sum", "ref_sum"):
+        torch.testing.assert_close(getattr(small, f), getattr(ref, f), rtol=1e-5, atol=1e-5)
+    assert small.n_rows == ref.n_rows == 5 * (64 if stride == 1 else 16)
 
 
-def test_non_finite_activation_raises():
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan")])
+def test_non_finite_activation_raises(bad):
     layer = nn.Conv2d(3, 4, 3)
     x = torch.randn(2, 3, 5, 5)
-    x[1, 0, 2, 2] = float("inf")
+    x[1, 0, 2, 2] = bad
     with StatsCollector("blk.conv", layer, 9) as _:
         with pytest.raises(ValueError, match=r"non-finite.*'blk.conv'"):
             layer(x)
