@@ -6,6 +6,9 @@ one teacher prefix forward per layer and batch, stats.run_until / stats.capture_
     python benchmarks/stats_speed.py --model efficientnet_lite0 --images 128
     python benchmarks/stats_speed.py --model resnet20_cifar10 --images 256 --profile   # where the time goes
 
+--baseline REV also times the block pipeline with StatsCollector's hook as it was at git revision REV
+(only the hook is swapped: the rest is today's code), alternating with today's in every repeat.
+
 --profile times the block pipeline once with StatsCollector's hook timed per layer kind (kxk conv, 1x1 conv,
 depthwise, linear; the rest is forwards and the EM stand-in) and prints torch.profiler's top operators; it
 writes nothing.
@@ -20,11 +23,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -36,8 +44,7 @@ from bitdown.config import resolve_plan
 from bitdown.data import make_loader
 from bitdown.em import EMResult
 from bitdown.recipes import zoo_config
-from bitdown import stats as bstats
-from bitdown.stats import StatsCollector, capture_input, run_until
+from bitdown.stats import StatsCollector, capture_input, collect_stats, run_until
 from bitdown.zoo import build_model
 
 bc = importlib.import_module("bitdown.compress")
@@ -87,6 +94,43 @@ def block_pass(name: str, batches: list[torch.Tensor]) -> float:
         bc.kmeans = real
 
 
+def hook_at(rev: str):
+    """StatsCollector._hook from src/bitdown/stats.py at git revision `rev` (loaded as its own module, so it
+    uses that revision's helpers)."""
+    root = Path(__file__).resolve().parent.parent
+    text = subprocess.run(["git", "show", f"{rev}:src/bitdown/stats.py"], cwd=root, check=True, capture_output=True,
+                          text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "stats_baseline.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location("stats_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod                      # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod.StatsCollector._hook
+
+
+def with_hook(hook, fn, *args):
+    """fn(*args) with StatsCollector._hook replaced by `hook`."""
+    current = StatsCollector._hook
+    StatsCollector._hook = hook
+    try:
+        return fn(*args)
+    finally:
+        StatsCollector._hook = current
+
+
+def gram_agreement(name: str, batches: list[torch.Tensor], old_hook) -> float:
+    """Largest relative difference, over the quantized layers, between the full Grams of the teacher's
+    first batch collected with `old_hook` and with today's hook (float summation order only)."""
+    model = build_model(name).eval()
+    mods = dict(model.named_modules())
+    plans = resolve_plan(model, zoo_config(name, "small"), forward_order(model, batches[0][:2]))[0]
+    layers = {p.name: (mods[p.name], p.block_size) for p in plans}
+    new = collect_stats(model, layers, batches[:1], full_gram=True)
+    old = with_hook(old_hook, collect_stats, model, layers, batches[:1], True)
+    return max(float((new[k].full_gram - old[k].full_gram).abs().max() / old[k].full_gram.abs().max()) for k in layers)
+
+
 def layer_kind(module: torch.nn.Module) -> str:
     """kxk conv, 1x1 conv, depthwise (one input channel per group) or linear."""
     if isinstance(module, torch.nn.Linear):
@@ -109,11 +153,7 @@ def profile(name: str, batches: list[torch.Tensor]) -> None:
             spent[layer_kind(module)] += time.perf_counter() - t0
 
     t_teacher = teacher_pass(name, batches)
-    bstats.StatsCollector._hook = timed
-    try:
-        total = block_pass(name, batches)
-    finally:
-        bstats.StatsCollector._hook = hook
+    total = with_hook(timed, block_pass, name, batches)
     print(json.dumps({"teacher forward s": round(t_teacher, 2), "block pipeline s": round(total, 2),
                       "hook s by layer kind": {k: round(v, 2) for k, v in spent.items()},
                       "rest s": round(total - sum(spent.values()), 2)}), flush=True)
@@ -131,21 +171,29 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--skip-layer-pass", action="store_true", help="only the teacher forward and the block pipeline")
     p.add_argument("--profile", action="store_true", help="time per layer kind and top operators; writes nothing")
+    p.add_argument("--baseline", help="git revision whose StatsCollector hook is timed alongside today's")
     a = p.parse_args()
     calib = datasets(a.model)[0]
     batches = take_images(make_loader(calib, 128, shuffle=True, seed=0), a.images, a.batch_size)
     if a.profile:
         return profile(a.model, batches)
-    times: dict[str, list[float]] = {"teacher forward": [], "layer pass": [], "block pipeline": []}
+    times: dict[str, list[float]] = {"teacher forward": [], "layer pass": [], "block pipeline": [],
+                                     "baseline block pipeline": []}
+    old_hook = hook_at(a.baseline) if a.baseline else None
     for _ in range(a.repeats):
         times["teacher forward"].append(teacher_pass(a.model, batches))
         if not a.skip_layer_pass:
             times["layer pass"].append(layer_pass(a.model, batches))
+        if old_hook is not None:
+            times["baseline block pipeline"].append(with_hook(old_hook, block_pass, a.model, batches))
         times["block pipeline"].append(block_pass(a.model, batches))
         print(json.dumps({k: round(v[-1], 2) for k, v in times.items() if v}), flush=True)
     row = dict(model=a.model, images=a.images, batch_size=a.batch_size, threads=torch.get_num_threads(),
                repeats=a.repeats, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               **{f"{k} s": statistics.median(v) if v else None for k, v in times.items()})
+               baseline=a.baseline, **{f"{k} s": statistics.median(v) if v else None for k, v in times.items()})
+    if old_hook is not None:
+        row["gram max rel diff vs baseline"] = gram_agreement(a.model, batches, old_hook)
+        print(json.dumps({"gram max rel diff vs baseline": row["gram max rel diff vs baseline"]}), flush=True)
     path = RESULTS / "stats_speed.json"
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
     rows = [r for r in rows if "block pipeline s" in r and (r["model"], r["images"]) != (a.model, a.images)] + [row]
@@ -161,14 +209,23 @@ def write_report(path) -> None:
              "layer (teacher targets on), the EM replaced by a trivial quantizer. 'layer pass': one student and one "
              "teacher prefix forward per layer and batch (before session 8); 'block pipeline': compress's block loop "
              "(replay from cached block outputs, statistics from each block run on its cached inputs). Costs in "
-             "units of one plain teacher forward over the same images; medians of the alternated repeats.", "",
-             "| model | images | threads | teacher forward s | layer pass s (forwards) | block pipeline s (forwards) "
-             "| peak RSS MB |", "|---|---|---|---|---|---|---|"]
+             "units of one plain teacher forward over the same images; medians of the alternated repeats. "
+             "'baseline': the same block pipeline with StatsCollector's hook as it was at that git revision; "
+             "'Gram diff': the largest relative difference between the two hooks' full Grams of any quantized layer "
+             "on the first batch.", "",
+             "| model | images | threads | repeats | teacher forward s | layer pass s (forwards) | baseline: block "
+             "pipeline s (forwards) | block pipeline s (forwards) | Gram diff | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         t = r["teacher forward s"]
-        lp = f"{r['layer pass s']:.1f} ({r['layer pass s'] / t:.1f})" if r.get("layer pass s") else "-"
-        lines.append(f"| {r['model']} | {r['images']} | {r['threads']} | {t:.1f} | {lp} | "
-                     f"{r['block pipeline s']:.1f} ({r['block pipeline s'] / t:.1f}) | {r['peak_rss_mb']:.0f} |")
+
+        def cell(key: str, label: str = "") -> str:
+            v = r.get(key)
+            return f"{label}{v:.1f} ({v / t:.1f})" if v else "-"
+        lines.append(f"| {r['model']} | {r['images']} | {r['threads']} | {r.get('repeats', 1)} | {t:.2f} | "
+                     f"{cell('layer pass s')} | {cell('baseline block pipeline s', (r.get('baseline') or '') + ': ')} | "
+                     f"{cell('block pipeline s')} | {r.get('gram max rel diff vs baseline') or '-'} | "
+                     f"{r['peak_rss_mb']:.0f} |")
     (path.parent / "stats_speed.md").write_text("\n".join(lines) + "\n")
 
 

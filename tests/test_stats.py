@@ -44,6 +44,7 @@ LAYERS = {
     "asym": (lambda: nn.Conv2d(3, 4, (3, 1), stride=(2, 1), padding=(1, 0), dilation=(1, 2)), 3),
     "depthwise_strided": (lambda: nn.Conv2d(4, 4, 3, stride=2, groups=4, padding=1), 9),
     "grouped_strided_dilated": (lambda: nn.Conv2d(4, 6, 3, stride=2, groups=2, padding=2, dilation=2), 9),
+    "conv3x3_wide": (lambda: nn.Conv2d(17, 4, 3, padding=1), 9),       # R = 153: the Gram in two row blocks
     "linear": (lambda: nn.Linear(12, 5), 4),
 }
 
