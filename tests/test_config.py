@@ -320,3 +320,9 @@ def test_order_with_unknown_layer_rejected():
 def test_resolve_layer_non_quantizable():
     plan, reason = resolve_layer("x", nn.ReLU(), QuantConfig())
     assert plan is None and "not a Conv2d/Linear" in reason
+
+
+@pytest.mark.parametrize("n", [-1, 1.5, True, "64"])
+def test_bad_stats_positions_rejected(n):
+    with pytest.raises(ValueError, match="stats_positions must be an integer >= 0"):
+        QuantConfig(stats_positions=n)

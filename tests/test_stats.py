@@ -100,6 +100,30 @@ def test_every_statistic_matches_brute_force(name):
     assert st.n_rows == alone.stats.n_rows == X.shape[1]
 
 
+def test_position_subsample_is_the_seeded_rows_of_x_and_t():
+    """positions=P: the statistics of P seeded output positions per image (the same rows of X and T), so the
+    Grams are the brute-force ones on those rows; a layer with fewer positions keeps them all."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    x, t = torch.randn(2, 3, 9, 8), torch.randn(2, 3, 9, 8)                 # 5 x 4 = 20 positions per image
+    col = StatsCollector("c", layer, 9, full_gram=True, cross_gram=True, positions=6, seed=3)
+    col.reference = t
+    with torch.no_grad():
+        layer(x)
+    col.remove()
+    pick = torch.randperm(20, generator=torch.Generator().manual_seed(3))[:6].sort().values
+    rows = torch.cat([pick, pick + 20])                                        # both images, same positions
+    X, T = brute_x(layer, x)[:, rows], brute_x(layer, t)[:, rows]
+    close = {"rtol": 1e-5, "atol": 1e-4}
+    torch.testing.assert_close(col.stats.full_gram, X.transpose(1, 2) @ X, **close)
+    torch.testing.assert_close(col.stats.cross_gram, X.transpose(1, 2) @ T, **close)
+    torch.testing.assert_close(col.stats.ref_sum, T.sum(1), **close)
+    assert col.stats.n_rows == 12
+    with StatsCollector("c", layer, 9, full_gram=True, positions=20) as everything:
+        layer(x)
+    torch.testing.assert_close(everything.stats.full_gram, brute_stats(layer, x, 9)[1], **close)
+
+
 def test_output_is_x_times_weight():
     """Sanity of the brute-force X itself: X_g W_g^T reproduces the conv output."""
     torch.manual_seed(0)

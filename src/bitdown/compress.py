@@ -626,7 +626,8 @@ class _BlockRun:
         collector = StatsCollector(plan.name, module, plan.block_size,
                                    full_gram=em.needs_full_gram or cross or em.mean_correction or plan.scalar_bits > 0
                                    or plan.fp16,
-                                   output_stats=weighted, cross_gram=cross)
+                                   output_stats=weighted, cross_gram=cross,
+                                   positions=self.config.stats_positions, seed=self.config.seed)
         stop = module.register_forward_pre_hook(_raise_stop)   # after the collector's hook: that one runs first
         try:
             for b in range(len(s_in)):
@@ -713,7 +714,8 @@ class _BlockRun:
 # the holdout guard fine-tuned on the images a run now holds out; nor is FinetuneConfig.layer_guard: a checkpoint
 # made before the per-layer guard kept per-layer steps the guard would undo (and, without global steps, trained
 # on the holdout).
-ADDED_KEYS = {"alloc_max_error": None, "mixup": 0.0, "loss": "auto", "alloc_menu": [], "train_bias": False}
+ADDED_KEYS = {"alloc_max_error": None, "mixup": 0.0, "loss": "auto", "alloc_menu": [], "train_bias": False,
+              "stats_positions": 0}
 ADDED_EM_KEYS = {"mean_correction": False}
 
 

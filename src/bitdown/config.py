@@ -266,6 +266,9 @@ class QuantConfig:
     reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
     cache_dtype: str = "float32"    # block inputs/outputs kept as 'float32' (exact) or 'float16' (half the memory)
     cache_mb: int = 4096            # RAM for cached block activations; beyond it they spill to temporary files
+    stats_positions: int = 0        # 0: every output position enters a layer's statistics; N > 0: a layer with more
+                                    # than N output positions per image uses N of them (seeded, the same for student
+                                    # and teacher inputs): approximate, faster statistics for high-resolution layers
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -293,6 +296,8 @@ class QuantConfig:
             raise ValueError(f"cache_dtype must be 'float32' or 'float16', got {self.cache_dtype!r}")
         if self.cache_mb < 0:
             raise ValueError(f"cache_mb must be >= 0, got {self.cache_mb}")
+        if isinstance(self.stats_positions, bool) or not isinstance(self.stats_positions, int) or self.stats_positions < 0:
+            raise ValueError(f"stats_positions must be an integer >= 0 (0: all), got {self.stats_positions!r}")
         for pattern, ov in self.name_overrides.items():
             try:
                 re.compile(pattern)

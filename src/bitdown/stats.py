@@ -170,12 +170,16 @@ class StatsCollector:
     (the hook is removed on exit), or call `remove()`."""
 
     def __init__(self, name: str, module: nn.Module, block_size: int, full_gram: bool = False,
-                 output_stats: bool = False, cross_gram: bool = False):
+                 output_stats: bool = False, cross_gram: bool = False, positions: int = 0, seed: int = 0):
+        """positions > 0: a conv with more output positions per image uses only that many of them, drawn per
+        batch (the same for every image of the batch and for the teacher's input) from a generator seeded with
+        `seed`; the output statistics still see every position."""
         weight = module.weight
         row = math.prod(weight.shape[1:])
         if row % block_size:
             raise ValueError(f"{name}: block_size {block_size} does not divide the row length {row}")
         self.name, self.module, self.d = name, module, block_size
+        self.positions, self._draws = positions, torch.Generator().manual_seed(seed)
         g = module.groups if isinstance(module, nn.Conv2d) else 1
         nb = row // block_size
         f64 = {"dtype": torch.float64, "device": weight.device}       # sums live where the activations are
@@ -219,6 +223,11 @@ class StatsCollector:
         g = module.groups if isinstance(module, nn.Conv2d) else 1
         view = patch_view(module, x)                                          # (C_in, kh, kw, N, H_out, W_out)
         ref_view = patch_view(module, ref) if st.cross_gram is not None else None
+        ho, wo = view.shape[4:]
+        if isinstance(module, nn.Conv2d) and 0 < self.positions < ho * wo:   # seeded whole positions (rows of X, T)
+            pick = torch.randperm(ho * wo, generator=self._draws)[:self.positions].sort().values.to(x.device)
+            view = view[:, :, :, :, pick // wo, pick % wo].unsqueeze(-1)      # (C_in, kh, kw, N, P, 1)
+            ref_view = None if ref_view is None else ref_view[:, :, :, :, pick // wo, pick % wo].unsqueeze(-1)
         r = view.shape[0] // g * view.shape[1] * view.shape[2]
         for imgs, rows in _position_chunks(view):
             p = view[:, :, :, imgs, rows].reshape(g, r, -1).float()          # (g, R, M): one copy
