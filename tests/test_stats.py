@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bitdown import stats
+from bitdown import lagstats, stats
 from bitdown.stats import LayerStats, StatsCollector, collect_stats, run_until
 from _brute import brute_x  # noqa: E402
 
@@ -122,6 +122,56 @@ def test_position_subsample_is_the_seeded_rows_of_x_and_t():
     with StatsCollector("c", layer, 9, full_gram=True, positions=20) as everything:
         layer(x)
     torch.testing.assert_close(everything.stats.full_gram, brute_stats(layer, x, 9)[1], **close)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (5, 5), (9, 8)])
+@pytest.mark.parametrize("conv", [dict(kernel_size=3, padding=1), dict(kernel_size=3), dict(kernel_size=5, padding=2),
+                                  dict(kernel_size=3, padding=3, dilation=2), dict(kernel_size=(1, 3), padding=(2, 0)),
+                                  dict(kernel_size=3, padding=4), dict(kernel_size=3, padding=1, groups=3)])
+def test_lagged_products_match_brute_force(conv, size):
+    """lagstats (stride-1 convs) on any geometry, including images smaller than the kernel span and padding
+    wider than it, whether or not worth_it would pick it."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 3, **conv)
+    x, t = torch.randn(2, 3, *size), torch.randn(2, 3, *size)
+    try:
+        X, T = brute_x(layer, x), brute_x(layer, t)
+    except RuntimeError:
+        pytest.skip("the kernel does not fit the padded image")
+    g, r = layer.groups, X.shape[2]
+    full, cross = torch.zeros(g, r, r, dtype=torch.float64), torch.zeros(g, r, r, dtype=torch.float64)
+    in_sum, ref_sum = torch.zeros(g, r, dtype=torch.float64), torch.zeros(g, r, dtype=torch.float64)
+    assert lagstats.applies(layer)
+    assert lagstats.accumulate(layer, x, t, full, in_sum, cross, ref_sum, stats.patch_view) == X.shape[1]
+    close = {"rtol": 1e-5, "atol": 1e-4}
+    torch.testing.assert_close(full, X.transpose(1, 2) @ X, **close)
+    torch.testing.assert_close(cross, X.transpose(1, 2) @ T, **close)
+    torch.testing.assert_close(in_sum, X.sum(1), **close)
+    torch.testing.assert_close(ref_sum, T.sum(1), **close)
+
+
+def test_hook_takes_lagged_products_where_they_pay(monkeypatch):
+    """A 3x3 conv on 32 x 32 images goes through lagstats (and matches brute force); an 8 x 8 one does not."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(2, 3, 3, padding=1)
+    assert lagstats.worth_it(layer, 32, 32, True) and not lagstats.worth_it(layer, 8, 8, True)
+    calls = []
+    orig = lagstats.accumulate
+    monkeypatch.setattr(lagstats, "accumulate", lambda *a: calls.append(1) or orig(*a))
+    x, t = torch.randn(2, 2, 32, 32), torch.randn(2, 2, 32, 32)
+    col = StatsCollector("c", layer, 9, full_gram=True, cross_gram=True)
+    col.reference = t
+    with torch.no_grad():
+        layer(x)
+    col.remove()
+    assert calls == [1]
+    X, T = brute_x(layer, x), brute_x(layer, t)
+    torch.testing.assert_close(col.stats.full_gram, X.transpose(1, 2) @ X, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(col.stats.cross_gram, X.transpose(1, 2) @ T, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(col.stats.block_grams, brute_stats(layer, x, 9)[0], rtol=1e-5, atol=1e-3)
+    with StatsCollector("c", layer, 9, full_gram=True):
+        layer(x[:, :, :8, :8])
+    assert calls == [1]
 
 
 def test_output_is_x_times_weight():
