@@ -113,6 +113,7 @@ class LayerStats:
 
 
 def _conv_geometry(module: nn.Conv2d) -> None:
+    """Refuses the padding modes a strided view of the zero-padded input cannot express."""
     if module.padding_mode != "zeros":
         raise ValueError(f"padding_mode {module.padding_mode!r} is not supported (only 'zeros')")
     if isinstance(module.padding, str):
