@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from .config import SCALAR_BITS, EMConfig, LayerPlan, QuantConfig, clamp_centroids, resolve_plan
 from .em import assign_pooled, exact_objective, kmeans
+from .meancorrect import bn_gains
 from .modules import module_device
 from .scalar import quantize_fp16, quantize_scalar
 from .size import MB, codebook_bytes, fp16_bytes, scalar_bytes
@@ -189,6 +190,12 @@ def check_budget(model: nn.Module, config: QuantConfig, target_ratio: float | No
     return budget_bytes(model, resolve_plan(model, config)[0], target_ratio, target_size, extra)
 
 
+def alloc_em(em: EMConfig) -> EMConfig:
+    """The fast EM of the rate-distortion sweep (the paper's pooled EM, 10 iterations), with `em`'s
+    post-BatchNorm channel weighting ('bn'; the 'variance' weighting is the compression EM's only)."""
+    return EMConfig.paper(n_iter=10, channel_weighting="bn" if em.channel_weighting == "bn" else "none")
+
+
 _RD_TABLES: dict[str, dict[str, list[Option]]] = {}   # fingerprint of the inputs -> table (this process)
 _RD_KEEP = 4
 
@@ -207,7 +214,7 @@ def measure_options(model: nn.Module, plans: list[LayerPlan], batches: Iterable[
     are kept in this process, so a sweep over budgets measures it once."""
     from .checkpoint import fingerprint
 
-    em = em or EMConfig.paper(n_iter=10)
+    em = em or alloc_em(EMConfig())
     extra = _extra(extra)
     batches = list(batches)
     key = fingerprint(type(model).__qualname__, repr(model), model.training, str(module_device(model)),
@@ -229,10 +236,16 @@ def _measure_options(model: nn.Module, plans: list[LayerPlan], batches: list[tor
                      ) -> dict[str, list[Option]]:
     modules = dict(model.named_modules())
     stats = collect_stats(model, {p.name: (modules[p.name], 1) for p in plans}, batches, full_gram=True)
+    gains = (bn_gains(model, batches[0][:2].to(module_device(model)), [p.name for p in plans]) if em.channel_weighting == "bn" else {})
     out: dict[str, list[Option]] = {}
     for p in tqdm(plans, desc="rate-distortion", unit="layer", disable=not progress):
         module, full = modules[p.name], stats[p.name].full_gram               # (g, R, R)
         w = module.weight.detach().cpu()
+        lam = gains.get(p.name)                                             # (C_out,) post-BN weights, or None
+
+        def distortion(w_hat: torch.Tensor) -> float:
+            err, energy = exact_objective(w, w_hat, full, lam)
+            return err / energy if energy > 0 else 0.0
         opts = []
         for o in layer_options(p, _kernel_area(module)):
             if o.keep:
@@ -244,18 +257,19 @@ def _measure_options(model: nn.Module, plans: list[LayerPlan], batches: list[tor
             block_grams = full[:, idx[:, :, None], idx[:, None, :]]         # (g, nb, d, d)
             pooled = block_grams.sum(dim=0, keepdim=True)                    # (1, nb, d, d)
             rows = w.reshape(w.shape[0], -1)                                # (C_out, R)
+            sel = torch.arange(rows.shape[0])
             cap = max(1, max(16 * o.n_centroids, 4096) // nb)               # rows to learn the codebook on
             if rows.shape[0] > cap:
                 gen = torch.Generator().manual_seed(seed * 7919 + o.block_size * 4099 + o.n_centroids)
-                rows = rows[torch.randperm(rows.shape[0], generator=gen)[:cap].sort().values]
-            res = kmeans(rows, pooled, o.n_centroids, em, seed=seed)
+                sel = torch.randperm(rows.shape[0], generator=gen)[:cap].sort().values
+            res = kmeans(rows[sel], pooled, o.n_centroids, em, seed=seed, row_weights=None if lam is None else lam[sel])
             codes = assign_pooled(w, pooled.sum(dim=(0, 1)), res.codebook)  # (C_out, nb)
-            err, energy = exact_objective(w, res.codebook[codes].reshape(w.shape), full)
-            opts.append(Option(o.block_size, o.n_centroids, o.bytes, err / energy if energy > 0 else 0.0))
+            opts.append(Option(o.block_size, o.n_centroids, o.bytes, distortion(res.codebook[codes].reshape(w.shape))))
         for o in scalar_options(p, extra):
             res = (quantize_fp16(w, full) if o.fp16 else
                    quantize_scalar(w, full, o.scalar_bits, em.damp, feedback=scalar_feedback))
-            opts.append(dataclasses.replace(o, distortion=res.rel_error ** 2))
+            w_hat = res.weight16.float() if o.fp16 else res.weight(tuple(w.shape))
+            opts.append(dataclasses.replace(o, distortion=distortion(w_hat)))
         out[p.name] = opts
     return out
 
@@ -385,7 +399,8 @@ def budget_config(model: nn.Module, batches: list[torch.Tensor], config: QuantCo
     plans, _ = resolve_plan(model, config, order)
     budget = budget_bytes(model, plans, target_ratio, target_size, extra)  # refuses before any work
     _, dense, other = size_bounds(model, plans, extra)
-    options = measure_options(model, plans, batches, seed=config.seed, progress=progress, extra=extra)
+    options = measure_options(model, plans, batches, em=alloc_em(config.em), seed=config.seed, progress=progress,
+                              extra=extra)
     if config.alloc_max_error is not None:
         options = capped(options, config.alloc_max_error)
         smallest = other + sum(min(o.bytes for o in opts) for opts in options.values())

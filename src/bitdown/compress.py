@@ -30,7 +30,7 @@ from . import dist
 from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from .config import LayerPlan, QuantConfig, quantizable_layers, resolve_plan, share_groups
 from .em import assign_codes, kmeans, kmeans_shared
-from .meancorrect import correct_layer_mean, following_batchnorm
+from .meancorrect import bn_gain, correct_layer_mean, following_batchnorm
 from .modules import empty_pq_like, is_pq, module_device, quantize_module, round_codebook, round_codebooks_
 from .serialize import round_bn_stats_
 from .size import size_report
@@ -510,7 +510,7 @@ class _BlockRun:
         s_io = BlockIO(self.student, self.blocks, self.calib, store, last)
         t_io = BlockIO(self.teacher, self.blocks, self.calib, store, last) if self.teacher is not None else None
         self.bn_after = (following_batchnorm(self.student, self.probe, [p.name for p in self.plans])
-                         if cfg.em.mean_correction else {})
+                         if cfg.em.mean_correction or cfg.em.channel_weighting == "bn" else {})
         done_layers = sum(1 for b in self.blocks[:blocks_done] for n in b.layers if n in self.index)
         bar = tqdm(total=len(self.plans), desc="quantize", unit="layer", disable=not self.progress,
                    initial=done_layers)
@@ -648,6 +648,16 @@ class _BlockRun:
             raise ValueError(f"layer {plan.name!r} received no input when its block ran")
         return collector.stats.to("cpu")                 # the EM runs on the CPU, in float64
 
+    def _row_weights(self, name: str, st: LayerStats) -> torch.Tensor | None:
+        """Each output channel's weight in the layer's EM objective (EMConfig.channel_weighting), or None."""
+        em = self.config.em
+        if em.objective == "weights" or em.channel_weighting == "none":
+            return None
+        if em.channel_weighting == "variance":
+            return channel_weights(st)
+        bn = self.bn_after.get(name)                    # 'bn': the post-BatchNorm error; weight 1 without one
+        return bn_gain(self.modules[bn]) if bn is not None else None
+
     def _quantize_layer(self, i: int, plan: LayerPlan, s_block: nn.Module, s_in: Cached, t_block, t_in) -> None:
         t1 = time.perf_counter()
         cfg, em = self.config, self.config.em
@@ -660,7 +670,7 @@ class _BlockRun:
             target = teacher_target_weight(w0, st, em.target_damp)
             shift = {"target_shift": float((target - w0).norm() / w0.norm())}
         t_stats = time.perf_counter() - t1
-        row_weights = channel_weights(st) if em.channel_weighting == "variance" and em.objective != "weights" else None
+        row_weights = self._row_weights(plan.name, st)
         owner = _shared_param(self.modules, self.plans, plan.share) if plan.share is not None else None
         codebook = ((owner.detach().cpu() if owner is not None else self.shared[plan.share]) if plan.share is not None
                     else None)

@@ -38,6 +38,7 @@ OVERRIDE_KEYS = ("block_size", "n_centroids", "skip", "codebook_bits", "share", 
 SCALAR_BITS = (2, 3, 4, 8)  # per-output-channel scalar codes (scalar.py); 0 in a plan: product quantization
 CODEBOOK_BITS = (16, 8)     # fp16 codebooks (the paper), or int8 with one fp16 scale per column
 MAX_CENTROIDS = 1 << 15  # codes are stored as int16 at most
+CHANNEL_WEIGHTINGS = ("none", "variance", "bn")
 
 
 @dataclass
@@ -61,7 +62,10 @@ class EMConfig:
                                     # top-1 ResNet-20 65.6 -> 77.8 %, EfficientNet-Lite0 0 -> 49 % (DESIGN.md)
     target_damp: float = 0.1        # its ridge strength (relative to the mean diagonal of X^T X)
     channel_weighting: str = "none"  # 'variance': weight each output channel's error by 1/Var(y_o), the
-                                     # scale a following BatchNorm applies; 'none': the paper's plain sum
+                                     # scale a following BatchNorm applies; 'bn': by (gamma_o / sqrt(var_o +
+                                     # eps))^2 of the BatchNorm fed directly by the layer (its post-BN error;
+                                     # weight 1 without one), in the EM and the allocator's distortion;
+                                     # 'none': the paper's plain sum
     mean_correction: bool = False   # after each layer, move its output mean back to the teacher's through the
                                     # BatchNorm it feeds (running mean) or its bias (meancorrect.py); a later
                                     # BN re-estimation (bn_recalibrate) replaces the running means again
@@ -79,8 +83,8 @@ class EMConfig:
             raise ValueError(f"objective must be 'pooled', 'per_block' or 'weights', got {self.objective!r}")
         if not 0 <= self.damp < 1:
             raise ValueError(f"damp must be in [0, 1), got {self.damp}")
-        if self.channel_weighting not in ("none", "variance"):
-            raise ValueError(f"channel_weighting must be 'none' or 'variance', got {self.channel_weighting!r}")
+        if self.channel_weighting not in CHANNEL_WEIGHTINGS:
+            raise ValueError(f"channel_weighting must be one of {CHANNEL_WEIGHTINGS}, got {self.channel_weighting!r}")
         if self.target_damp <= 0:
             raise ValueError(f"target_damp must be > 0, got {self.target_damp}")
         if self.code_reopt < 0:

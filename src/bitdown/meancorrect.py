@@ -12,6 +12,10 @@ BatchNorm fed directly by the layer absorbs it (running_mean += delta), otherwis
 .bn_recalibrate, on by default only without teacher targets) replaces the corrected running means; the
 correction then only shaped the statistics of the layers quantized after it. Nothing is added to the file: the corrected
 running mean / bias are tensors it stores anyway. Cf. "bias correction", Nagel et al. 2019 (DFQ).
+
+The same conv -> BatchNorm pairs (`following_batchnorm`) give each output channel's post-BN error weight
+(`bn_gains`, EMConfig.channel_weighting='bn'): the BN maps y_o to gamma_o (y_o - mu_o) / sqrt(var_o + eps) +
+beta_o, so an error e_o of the conv output becomes an error gamma_o e_o / sqrt(var_o + eps) after it.
 """
 from __future__ import annotations
 
@@ -66,6 +70,28 @@ def following_batchnorm(model: nn.Module, x: torch.Tensor, names: list[str]) -> 
         for h in handles:
             h.remove()
     return found
+
+
+def bn_gain(bn: nn.Module, floor: float = 1e-6) -> torch.Tensor | None:
+    """(gamma_c / sqrt(running_var_c + eps))^2 per channel of a BatchNorm in eval mode, float64, floored at
+    `floor` x its mean (a channel with gamma = 0 still gets a positive weight); None without running
+    statistics (the BN then normalises by each batch's own statistics)."""
+    var = getattr(bn, "running_var", None)
+    if var is None:
+        return None
+    gain = 1.0 / (var.detach().double().cpu() + bn.eps)                                  # (C,)
+    if getattr(bn, "weight", None) is not None:
+        gain = gain * bn.weight.detach().double().cpu().pow(2)
+    return gain.clamp_min(floor * float(gain.mean()) + 1e-30)
+
+
+def bn_gains(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """{layer name: its bn_gain (C_out,)} for the layers of `names` that feed a BatchNorm directly
+    (`following_batchnorm`, one forward of the small batch `x`); the others are absent (weight 1)."""
+    modules = dict(model.named_modules())
+    pairs = following_batchnorm(model, x, names)
+    gains = {n: bn_gain(modules[b]) for n, b in pairs.items()}
+    return {n: g for n, g in gains.items() if g is not None}
 
 
 def output_mean_shift(stats: LayerStats, weight_q: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
