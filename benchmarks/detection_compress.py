@@ -2,6 +2,7 @@
 
     python benchmarks/detection_compress.py --ratios 26 [--methods alloc,gptq4] [--calib-size 320]
         [--calib-images 128] [--config JSON] [--finetune JSON] [--eval-sizes 640,320] [--tag NAME]
+        [--checkpoint-root DIR] [--allocation DIR/allocation.json]
 
 Calibration and distillation use the unlabelled ImageNet sample photos (imagenet-sample-images-256.zip,
 letterboxed to --calib-size, a seeded subset of --calib-images for the statistics, all 1,000 with random
@@ -13,6 +14,11 @@ pycocotools at each --eval-size, YOLOv5 val settings: conf 0.001, NMS IoU 0.6).
           --target-ratio R (allocate.py).
 - gptqB:  the per-channel scalar baseline (every layer at B bits, first and last at 8; GPTQ error feedback,
           allocate.scalar_baseline_config) through the same pipeline; its size is what B bits give.
+
+EM-only rows: --config '{"reconstruct": {"steps": 0}}' --finetune '{"global_steps": 0}'. Rows of several ratios in
+one process share one rate-distortion sweep (the allocator keeps its table). --allocation reuses the allocation
+an earlier row wrote into its --checkpoint-root folder (its "allocation_from" is that report's fingerprint), so
+an EM option (e.g. {"em": {"channel_weighting": "bn"}}) is measured on the same per-layer sizes.
 
 Every run appends a row to benchmarks/results/detection.json (a rerun of the same settings is skipped) and
 rebuilds detection.md / detection.png. Compressed files go to --files (default /tmp/bitdown-det), never into
@@ -34,7 +40,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from bitdown import compress, save  # noqa: E402
-from bitdown.allocate import scalar_baseline_config  # noqa: E402
+from bitdown.allocate import apply_allocation, scalar_baseline_config  # noqa: E402
+from bitdown.checkpoint import fingerprint  # noqa: E402
 from bitdown.compress import forward_order  # noqa: E402
 from bitdown.config import QuantConfig  # noqa: E402
 from bitdown.data import make_loader  # noqa: E402
@@ -94,6 +101,10 @@ def main() -> None:
                                               "--finetune; the block stage it holds is what this row's settings give "
                                               "(same QuantConfig, images and seeds), so the row is the full run's")
     p.add_argument("--from-finetune", help="with --from-checkpoint: the FinetuneConfig JSON of the run that wrote it")
+    p.add_argument("--allocation", help="alloc: this allocation report (allocation.json of an earlier row's "
+                                         "--checkpoint-root folder) instead of a new one for --config's EM: "
+                                         "separates an EM option's effect on the codes from its effect on the "
+                                         "allocation (one ratio, the report's)")
     p.add_argument("--out", default=str(RESULTS / "detection.json"))
     p.add_argument("--report-only", action="store_true", help="rebuild detection.md / .png from --out and stop")
     a = p.parse_args()
@@ -124,6 +135,8 @@ def main() -> None:
             ftkeys = _merge({**recipe_ft, "seed": a.seed}, extra_ft)
             key = dict(method=method, target_ratio=None if bits else ratio, calib_size=calib_size, config=qkeys,
                        finetune=ftkeys)
+            if a.allocation and method == "alloc":
+                key["allocation_from"] = fingerprint(json.loads(Path(a.allocation).read_text()).get("allocation"))
             if any(all(r.get(k) == v for k, v in key.items()) for r in doc["rows"]):
                 print(f"skip (measured): {method} {ratio:g}x", flush=True)
                 continue
@@ -133,10 +146,15 @@ def main() -> None:
                 order = forward_order(teacher, photos[0][None])
                 cfg = scalar_baseline_config(cfg, teacher, bits, order)
                 target = None
+            if a.allocation and method == "alloc":
+                from budget import _given_allocation
+
+                given = _given_allocation(Path(a.allocation), ratio, cfg.alloc_weighting, cfg.alloc_max_error,
+                                          teacher, cfg)
+                cfg, target = apply_allocation(cfg, given), None
             ft = FinetuneConfig.from_dict(ftkeys)
             ck = None
             if a.checkpoint_root:
-                from bitdown.checkpoint import fingerprint
                 ck = Path(a.checkpoint_root) / fingerprint(key)
             if a.from_checkpoint:
                 ck, ft = _continue(Path(a.from_checkpoint), Path(a.files) / "from", ft, a.from_finetune)
@@ -209,6 +227,8 @@ def write_report(path: Path, doc: dict) -> None:
     lines += ["", "| method | tag | ratio | calib px | calib imgs | mAP50-95 @640 | mAP50 @640 | @320 | recon steps "
               "| global steps | loss | compress wall s | CPU s |", "|" + "---|" * 13]
     for r in rows:
+        if r.get("allocation_from"):
+            r = dict(r, tag=r["tag"] + f" (allocation given, {r['allocation_from']})")
         if r.get("global_stage_from"):
             r = dict(r, tag=r["tag"] + " (times: global stage only, block stage from a checkpoint)")
         m640, m320 = r["maps"].get("640"), r["maps"].get("320")
@@ -223,6 +243,16 @@ def write_report(path: Path, doc: dict) -> None:
     _plot(path.with_suffix(".png"), rows, t)
 
 
+def _label(r: dict) -> str:
+    """A row's series in the plot: the method, its stages and the EM's channel weighting."""
+    if r["method"].startswith("gptq"):
+        return r["method"]
+    steps = r["finetune"].get("global_steps", 0)
+    bn = r["config"].get("em", {}).get("channel_weighting") == "bn"
+    return (("PQ, EM only" if not steps else f"PQ, recon + {steps} steps {r['finetune'].get('loss', 'auto')}")
+            + (", post-BN weighted" if bn else ""))
+
+
 def _plot(png: Path, rows: list[dict], teacher: dict) -> None:
     try:
         from matplotlib.figure import Figure
@@ -233,12 +263,14 @@ def _plot(png: Path, rows: list[dict], teacher: dict) -> None:
         return
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.subplots()
-    for r in pts:
-        gptq = r["method"].startswith("gptq")
-        steps = r["finetune"].get("global_steps", 0)
-        label = (f"{r['method']}" if gptq else "PQ, EM only" if not steps
-                 else f"PQ, recon + {steps} steps {r['finetune'].get('loss', 'auto')}")
-        ax.plot(r["ratio"], r["maps"]["640"]["map50_95"], "s" if gptq else "o", label=label)
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in pts:                           # rows on a given allocation (ablations): unconnected markers
+        label = _label(r) + (", allocation given" if r.get("allocation_from") else "")
+        series.setdefault(label, []).append((r["ratio"], r["maps"]["640"]["map50_95"]))
+    for label, xy in series.items():
+        xs, ys = zip(*sorted(xy))
+        style = ("s" if label.startswith("gptq") else "o") + ("" if label.endswith("given") else "-")
+        ax.plot(xs, ys, style, label=label, **({"mfc": "none"} if label.endswith("given") else {}))
     if "640" in teacher:
         ax.axhline(teacher["640"]["map50_95"], color="gray", ls="--", label="teacher fp32")
         ax.axhline(0.75 * teacher["640"]["map50_95"], color="gray", ls=":", label="75 % of the teacher")
