@@ -48,6 +48,8 @@ def default_recipe(fast: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
 # `bitdown compress`; measured on COCO128 (benchmarks/results/detection.md): at 26x it gives mAP50-95 0.0176
 # (teacher 0.3366; the 0.250 target is missed, docs/DESIGN.md says why); the 'bce' loss with trained biases
 # measured worse (0.0117), so the global stage keeps the normalised MSE on the raw maps ('auto').
+# EMConfig.channel_weighting='bn' (the post-BatchNorm error) measured EM-only: 26x 0.0246 vs 0.0169, 16x worse,
+# 12x even (docs/DESIGN.md, session 10): not in the recipe.
 DETECTOR_QUANT: dict[str, Any] = {
     "codebook_bits": 8,
     "reconstruct": {"steps": 100, "lr": 1e-3, "batch_size": 16},
