@@ -696,3 +696,16 @@ def test_too_few_calibration_images_refused_before_work(monkeypatch):
     assert calls == []
     q = bitdown.compress(make_net(), [images(2)], cfg(calib_images=2), progress=False)
     assert all(math.isfinite(v["rel_error"]) for v in q.bitdown.layers.values())
+
+
+def test_reconstruction_slices_enter_the_checkpoint_key_only_when_reconstruction_runs():
+    """Checkpoints of runs without block reconstruction (made before grad_slices existed) still resume;
+    with reconstruction the slices change the numbers, so they are part of the key."""
+    from bitdown.compress import _fp_json
+    from bitdown.config import ReconstructConfig
+
+    off = _fp_json(QuantConfig(reconstruct=ReconstructConfig(steps=0, grad_slices=2)).to_json())
+    assert "grad_slices" not in off["reconstruct"]
+    assert off == _fp_json(QuantConfig(reconstruct=ReconstructConfig(steps=0)).to_json())
+    on = _fp_json(QuantConfig(reconstruct=ReconstructConfig(steps=5, grad_slices=2)).to_json())
+    assert on["reconstruct"]["grad_slices"] == 2

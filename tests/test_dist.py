@@ -260,8 +260,9 @@ def test_gradient_slices_the_processes_cannot_share_are_refused_before_any_work(
         C.compress(model, [torch.rand(8, 3, 8, 8)], QuantConfig(), finetune=FinetuneConfig(global_steps=5))
     with pytest.raises(ValueError, match=r"block reconstruction: grad_slices=4 cannot be shared by 3 processes"):
         C.compress(model, [torch.rand(8, 3, 8, 8)], QuantConfig(reconstruct=ReconstructConfig(steps=5)))
-    with pytest.raises(ValueError, match="grad_slices must be >= 1, got 0"):
-        FinetuneConfig(grad_slices=0)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=f"grad_slices must be an integer >= 1, got {bad}"):
+            FinetuneConfig(grad_slices=bad)
     with pytest.raises(ValueError, match="reconstruct grad_slices must be an integer >= 1, got 0"):
         ReconstructConfig(grad_slices=0)
     # a batch smaller than its slices: refused when the fine-tuning data is known, before the EM

@@ -107,11 +107,11 @@ def test_position_subsample_is_the_seeded_rows_of_x_and_t():
     layer = nn.Conv2d(3, 4, 3, stride=2, padding=1)
     x, t = torch.randn(2, 3, 9, 8), torch.randn(2, 3, 9, 8)                 # 5 x 4 = 20 positions per image
     col = StatsCollector("c", layer, 9, full_gram=True, cross_gram=True, positions=6, seed=3)
-    col.reference = t
+    col.reference, col.batch = t, 5                    # global batch 5: the draw depends on (seed, batch) only
     with torch.no_grad():
         layer(x)
     col.remove()
-    pick = torch.randperm(20, generator=torch.Generator().manual_seed(3))[:6].sort().values
+    pick = torch.randperm(20, generator=torch.Generator().manual_seed(3 * 1_000_003 + 5))[:6].sort().values
     rows = torch.cat([pick, pick + 20])                                        # both images, same positions
     X, T = brute_x(layer, x)[:, rows], brute_x(layer, t)[:, rows]
     close = {"rtol": 1e-5, "atol": 1e-4}
@@ -122,6 +122,34 @@ def test_position_subsample_is_the_seeded_rows_of_x_and_t():
     with StatsCollector("c", layer, 9, full_gram=True, positions=20) as everything:
         layer(x)
     torch.testing.assert_close(everything.stats.full_gram, brute_stats(layer, x, 9)[1], **close)
+
+
+def test_position_draw_depends_on_the_global_batch_not_on_the_collector_history():
+    """Two ranks each holding every other batch (dist.shard) draw the positions one process draws: the
+    summed statistics are the same (the draw is seeded by the global batch index, not by call count)."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 4, 3, padding=1)
+    batches = [torch.randn(2, 3, 8, 8) for _ in range(4)]
+
+    def collect(indices):
+        col = StatsCollector("c", layer, 9, full_gram=True, positions=10, seed=1)
+        for b in indices:
+            col.batch = b
+            with torch.no_grad():
+                layer(batches[b])
+        col.remove()
+        return col.stats.full_gram
+    torch.testing.assert_close(collect([0, 2]) + collect([1, 3]), collect([0, 1, 2, 3]), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize("full", [False, True])
+def test_string_padding_is_a_clear_error_on_every_path(padding, full):
+    layer = nn.Conv2d(4, 8, 3, padding=padding)
+    col = StatsCollector("c", layer, 9, full_gram=full)
+    with pytest.raises(ValueError, match="string padding"), torch.no_grad():
+        layer(torch.randn(1, 4, 8, 8))
+    col.remove()
 
 
 @pytest.mark.parametrize("size", [(1, 1), (2, 3), (5, 5), (9, 8)])

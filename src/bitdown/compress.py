@@ -631,6 +631,7 @@ class _BlockRun:
         stop = module.register_forward_pre_hook(_raise_stop)   # after the collector's hook: that one runs first
         try:
             for b in range(len(s_in)):
+                collector.batch = dist.rank() + b * dist.world_size()    # the global batch index (dist.shard)
                 if cross:
                     collector.reference = capture_input(lambda a: run_block(t_block, a), self.t_modules[plan.name],
                                                        t_in[b])
@@ -733,6 +734,9 @@ def _fp_json(d: dict[str, Any]) -> dict[str, Any]:
     """`d` without the ADDED_KEYS that hold their defaults, so a checkpoint made before those keys
     existed still matches a run that does not use them."""
     out = {k: v for k, v in d.items() if not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
+    rc = out.get("reconstruct")
+    if isinstance(rc, dict) and not rc.get("steps"):         # no reconstruction: its gradient slices change nothing
+        out["reconstruct"] = {k: v for k, v in rc.items() if k != "grad_slices"}
     if isinstance(out.get("em"), dict):
         out["em"] = {k: v for k, v in out["em"].items() if not (k in ADDED_EM_KEYS and v == ADDED_EM_KEYS[k])}
     return out

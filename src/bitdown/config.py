@@ -144,8 +144,7 @@ class ReconstructConfig:
             raise ValueError(f"reconstruct latent_lr must be a finite number > 0, got {self.latent_lr}")
         if self.reassign < 0:
             raise ValueError(f"reconstruct reassign must be >= 0, got {self.reassign}")
-        if isinstance(self.grad_slices, bool) or not isinstance(self.grad_slices, int) or self.grad_slices < 1:
-            raise ValueError(f"reconstruct grad_slices must be an integer >= 1, got {self.grad_slices!r}")
+        check_int(self.grad_slices, "reconstruct grad_slices", 1)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ReconstructConfig":
@@ -329,6 +328,12 @@ class QuantConfig:
     def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
         d = _checked(d, {f.name for f in fields(cls)}, "config key")
         return cls(**d)
+
+
+def check_int(value: Any, what: str, minimum: int) -> None:
+    """The one rule for integer settings: an int (not a bool, not a float) >= minimum, else a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
 
 
 def _checked(d: dict[str, Any], allowed: set[str], what: str) -> dict[str, Any]:

@@ -77,7 +77,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import dist
-from .config import GRAD_SLICES
+from .config import GRAD_SLICES, check_int
 from .modules import is_pq, round_codebook
 
 log = logging.getLogger(__name__)
@@ -127,8 +127,7 @@ class FinetuneConfig:
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
         for k in ("batch_size", "checkpoint_every", "grad_slices"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+            check_int(getattr(self, k), k, 1)
         if not (self.mixup >= 0 and math.isfinite(self.mixup)):
             raise ValueError(f"mixup must be a finite alpha >= 0 (0: off), got {self.mixup}")
         for k in ("layer_lr", "global_lr", "temperature"):

@@ -179,13 +179,14 @@ class StatsCollector:
                  output_stats: bool = False, cross_gram: bool = False, positions: int = 0, seed: int = 0):
         """positions > 0: a conv with more output positions per image uses only that many of them, drawn per
         batch (the same for every image of the batch and for the teacher's input) from a generator seeded with
-        `seed`; the output statistics still see every position."""
+        (`seed`, the batch's index `self.batch`, which the caller sets to the global batch index so any number
+        of ranks draws the same positions for a batch); the output statistics still see every position."""
         weight = module.weight
         row = math.prod(weight.shape[1:])
         if row % block_size:
             raise ValueError(f"{name}: block_size {block_size} does not divide the row length {row}")
         self.name, self.module, self.d = name, module, block_size
-        self.positions, self._draws = positions, torch.Generator().manual_seed(seed)
+        self.positions, self.seed, self.batch = positions, seed, 0
         g = module.groups if isinstance(module, nn.Conv2d) else 1
         nb = row // block_size
         f64 = {"dtype": torch.float64, "device": weight.device}       # sums live where the activations are
@@ -215,9 +216,10 @@ class StatsCollector:
         if st.cross_gram is not None and (ref is None or ref.shape != x.shape):
             raise ValueError(f"layer {self.name!r}: cross statistics need the teacher's input of the same shape "
                              f"as the student's {list(x.shape)}, got {None if ref is None else list(ref.shape)}")
+        if isinstance(module, nn.Conv2d):
+            _conv_geometry(module)          # string padding / other padding modes: a clear error, whatever path
         if (st.full_gram is not None and not self.positions and lagstats.applies(module)
                 and lagstats.worth_it(module, x.shape[2], x.shape[3], st.cross_gram is not None)):
-            _conv_geometry(module)
             st.n_rows += lagstats.accumulate(module, x, ref, st.full_gram, st.in_sum, st.cross_gram, st.ref_sum,
                                              patch_view)
         else:
@@ -237,7 +239,8 @@ class StatsCollector:
         ref_view = patch_view(module, ref) if st.cross_gram is not None else None
         ho, wo = view.shape[4:]
         if isinstance(module, nn.Conv2d) and 0 < self.positions < ho * wo:   # seeded whole positions (rows of X, T)
-            pick = torch.randperm(ho * wo, generator=self._draws)[:self.positions].sort().values.to(x.device)
+            draws = torch.Generator().manual_seed(self.seed * 1_000_003 + self.batch)
+            pick = torch.randperm(ho * wo, generator=draws)[:self.positions].sort().values.to(x.device)
             view = view[:, :, :, :, pick // wo, pick % wo].unsqueeze(-1)      # (C_in, kh, kw, N, P, 1)
             ref_view = None if ref_view is None else ref_view[:, :, :, :, pick // wo, pick % wo].unsqueeze(-1)
         r = view.shape[0] // g * view.shape[1] * view.shape[2]
