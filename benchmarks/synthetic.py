@@ -2,6 +2,8 @@
 the teacher's BatchNorm statistics, against the same recipe on real training images.
 
     python benchmarks/synthetic.py main        # 2,048 synthetic images, the default recipe, all 10,000 test JPEGs
+    python benchmarks/synthetic.py main --tag bn_only --synth-config '{"w_div": 0, "w_tv": 0, "jitter": 0, "flip": false}'
+                                               # the same with images from other SynthConfig keys: a row of its own
     python benchmarks/synthetic.py main-fast   # the same images, EM only (--fast)
     python benchmarks/synthetic.py effnet      # EfficientNet-Lite0: seconds per synthesis step (cost only)
     python benchmarks/synthetic.py ablation    # loss terms at a cheaper setting: EM only (--fast), 256 images
@@ -163,6 +165,21 @@ def run_main(work: Path, n: int) -> None:
     _save(results)
 
 
+def run_variant(work: Path, n: int, tag: str, config: dict) -> None:
+    """The main run (n images, default recipe at 20x) with images synthesised under SynthConfig keys `config`
+    instead of the defaults, recorded as its own row `variants[tag]` beside the main one."""
+    log = work / f"{tag}.log"
+    folder = work / tag
+    results = _load()
+    syn = _synth(folder, n, config, log)
+    results.setdefault("variants", {})[tag] = {"config_keys": config, "synthesis": syn}
+    _save(results)
+    grid(folder, RESULTS / f"synthetic_grid_{tag}.png")
+    comp = _compress(folder, work / f"r20_synth_{tag}.bitdown", fast=False, log=log)
+    results["variants"][tag]["compress"] = comp
+    _save(results)
+
+
 def run_main_fast(work: Path) -> None:
     """The main run's 2,048 images with the EM only (--fast): what calibration alone gives, without distillation."""
     results = _load()
@@ -190,6 +207,55 @@ def run_ablation(work: Path, n: int) -> None:
         _save(results)
 
 
+def _synth_lines(syn: dict, results: dict) -> list[str]:
+    """The bullets describing one synthesis run: command, config, time per batch, final loss terms."""
+    pb = syn["per_batch"]
+    fresh = [b for b in pb if not b.get("resumed")]
+    return [f"- synthesis: `{syn['command']}`", f"- config: `{json.dumps(syn['config'])}`",
+            f"- {len(pb)} batches of {syn['batch_size']}, {syn['steps']} Adam steps each: "
+            f"{syn['seconds']:.0f} s in all, {syn['seconds_per_image'] * 1000:.0f} ms per image; "
+            f"a batch of 256 took {min(b['seconds'] for b in fresh):.0f}-{max(b['seconds'] for b in fresh):.0f} s "
+            f"(1-, 5-, 15-min loadavg at the end: {syn.get('loadavg_after')})"
+            if fresh else "- (all batches read back from an earlier run)",
+            "- final loss terms per batch (BatchNorm / diversity CE / TV): "
+            + ", ".join(f"{b['bn']:.1f} / {b['div']:.2f} / {b['tv']:.3f}" for b in pb)
+            + (" (BatchNorm term of {images} real training images: {real:.1f}; of Gaussian noise: {noise:.1f})"
+               .format(**results["reference_bn"]) if "reference_bn" in results else ""), ""]
+
+
+TABLE_HEAD = ["| calibration + fine-tuning data | ratio | top-1 % | teacher % | drop | agreement % | compress wall s |",
+              "|---|---|---|---|---|---|---|"]
+
+
+def _row(label: str, comp: dict) -> str:
+    """One compression result as a row of TABLE_HEAD."""
+    return (f"| {label} | {comp['ratio']:.1f}x | {comp['top1']:.2f} | {comp['teacher_top1']:.2f} | "
+            f"{comp['drop']:.2f} | {comp['agreement']:.2f} | {comp['wall_s']:.0f} |")
+
+
+def _variant_lines(results: dict) -> list[str]:
+    """One section per `main --tag T --synth-config J` run: its synthesis and its row beside the main one."""
+    lines = []
+    main = results.get("main", {}).get("compress")
+    for tag, v in results.get("variants", {}).items():
+        syn, comp = v["synthesis"], v.get("compress")
+        lines += [f"## {syn['images']:,} synthetic images from SynthConfig keys {json.dumps(v['config_keys'])} "
+                  f"(`{tag}`), default recipe", "",
+                  "`python benchmarks/synthetic.py main --tag " + tag + " --synth-config '"
+                  + json.dumps(v["config_keys"]) + "'`: the main run with only the synthesis objective changed.",
+                  ""] + _synth_lines(syn, results)
+        if comp:
+            lines += [f"- compression: `{comp['command']}` (loadavg at the end: {comp.get('loadavg_after')})", "",
+                      *TABLE_HEAD, _row(f"{syn['images']:,} synthetic images, `{tag}`", comp)]
+            if main:
+                lines.append(_row(f"{syn['images']:,} synthetic images, SynthConfig defaults (above)", main))
+            lines += ["", f"Target (>= {REAL_20X - 2:.1f} %): **{'met' if comp['top1'] >= REAL_20X - 2 else 'missed'}** "
+                      f"({comp['top1'] - REAL_20X:+.2f} pt from real)"
+                      + (f"; {comp['top1'] - main['top1']:+.2f} pt against the default synthesis." if main else "."),
+                      "", f"![{tag} images](synthetic_grid_{tag}.png)", ""]
+    return lines
+
+
 def report(results: dict) -> None:
     lines = ["# Compression without data (issue 15)", "",
              "ResNet-20 (CIFAR-10, teacher top-1 81.03 % on the 10,000 test JPEGs) compressed to 20x by the default "
@@ -201,34 +267,16 @@ def report(results: dict) -> None:
     main = results.get("main")
     if main:
         syn = main["synthesis"]
-        pb = syn["per_batch"]
-        fresh = [b for b in pb if not b.get("resumed")]
-        lines += [f"## {syn['images']:,} synthetic images, default recipe", "",
-                  f"- synthesis: `{syn['command']}`", f"- config: `{json.dumps(syn['config'])}`",
-                  f"- {len(pb)} batches of {syn['batch_size']}, {syn['steps']} Adam steps each: "
-                  f"{syn['seconds']:.0f} s in all, {syn['seconds_per_image'] * 1000:.0f} ms per image; "
-                  f"a batch of 256 took {min(b['seconds'] for b in fresh):.0f}-{max(b['seconds'] for b in fresh):.0f} s "
-                  f"(1-, 5-, 15-min loadavg at the end: {syn.get('loadavg_after')})"
-                  if fresh else "- (all batches read back from an earlier run)",
-                  f"- final loss terms per batch (BatchNorm / diversity CE / TV): "
-                  + ", ".join(f"{b['bn']:.1f} / {b['div']:.2f} / {b['tv']:.3f}" for b in pb)
-                  + (" (BatchNorm term of {images} real training images: {real:.1f}; of Gaussian noise: {noise:.1f})"
-                     .format(**results["reference_bn"]) if "reference_bn" in results else ""), ""]
+        lines += [f"## {syn['images']:,} synthetic images, default recipe", ""] + _synth_lines(syn, results)
         comp = main.get("compress")
         if comp:
             lines += [f"- compression: `{comp['command']}` (loadavg at the end: {comp.get('loadavg_after')})", "",
-                      "| calibration + fine-tuning data | ratio | top-1 % | teacher % | drop | agreement % | "
-                      "compress wall s |", "|---|---|---|---|---|---|---|",
-                      f"| {syn['images']:,} synthetic images (no real image) | {comp['ratio']:.1f}x | {comp['top1']:.2f} | "
-                      f"{comp['teacher_top1']:.2f} | {comp['drop']:.2f} | {comp['agreement']:.2f} | "
-                      f"{comp['wall_s']:.0f} |",
+                      *TABLE_HEAD, _row(f"{syn['images']:,} synthetic images (no real image)", comp),
                       f"| 50,000 real training images (budget_pool.json) | 20.0x | {REAL_20X:.2f} | 81.03 | "
                       f"{81.03 - REAL_20X:.2f} | 87.85 | - |"]
             fast = main.get("compress_fast")
             if fast:
-                lines.append(f"| the same {syn['images']:,} synthetic images, EM only (`--fast`) | {fast['ratio']:.1f}x | "
-                             f"{fast['top1']:.2f} | {fast['teacher_top1']:.2f} | {fast['drop']:.2f} | "
-                             f"{fast['agreement']:.2f} | {fast['wall_s']:.0f} |")
+                lines.append(_row(f"the same {syn['images']:,} synthetic images, EM only (`--fast`)", fast))
             lines += ["",
                       f"Target (within 2 pt of real, >= {REAL_20X - 2:.1f} %): "
                       f"**{'met' if comp['top1'] >= REAL_20X - 2 else 'missed'}** "
@@ -236,6 +284,7 @@ def report(results: dict) -> None:
         lines += ["![synthetic images](synthetic_grid.png)", "",
                   "`synthetic_grid.png`: the first ten images of each assigned class (rows: airplane, automobile, "
                   "bird, cat, deer, dog, frog, horse, ship, truck), 32 px each.", ""]
+    lines += _variant_lines(results)
     eff = results.get("effnet_cost")
     if eff:
         lines += ["## EfficientNet-Lite0: cost only", "",
@@ -271,10 +320,22 @@ def main() -> None:
     p.add_argument("what", choices=["main", "main-fast", "ablation", "report", "reference", "effnet"])
     p.add_argument("--work", default="/tmp/bitdown-synthetic", help="folder for the images, files and logs")
     p.add_argument("--n", type=int, help="images (default: 2048 for main, 256 for the ablation)")
+    p.add_argument("--synth-config", help="main only: SynthConfig keys (JSON) over the defaults, e.g. "
+                   '\'{"w_div": 0, "w_tv": 0, "jitter": 0, "flip": false}\'; needs --tag')
+    p.add_argument("--tag", help="main only: the row's name in synthetic.json's variants (and the work folder)")
     a = p.parse_args()
+    if (a.synth_config is None) != (a.tag is None) or (a.tag is not None and a.what != "main"):
+        p.error("--synth-config and --tag go together, with `main` only")
+    config = json.loads(a.synth_config) if a.synth_config else None
+    if config is not None and not isinstance(config, dict):
+        p.error("--synth-config must be a JSON object of SynthConfig keys")
+    if a.tag is not None and (not a.tag.isidentifier() or a.tag == "main"):
+        p.error(f"--tag must be a plain name other than `main`, got {a.tag!r}")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    if a.what == "main":
+    if a.what == "main" and a.tag:
+        run_variant(work, a.n or 2048, a.tag, config)
+    elif a.what == "main":
         run_main(work, a.n or 2048)
     elif a.what == "main-fast":
         run_main_fast(work)
