@@ -2,8 +2,8 @@
 the teacher's BatchNorm statistics, against the same recipe on real training images.
 
     python benchmarks/synthetic.py main        # 2,048 synthetic images, the default recipe, all 10,000 test JPEGs
-    python benchmarks/synthetic.py main --tag bn_only --synth-config '{"w_div": 0, "w_tv": 0, "jitter": 0, "flip": false}'
-                                               # the same with images from other SynthConfig keys: a row of its own
+    python benchmarks/synthetic.py main --tag bn_only --synth-config '{"w_div": 0, "w_tv": 0, "jitter": 0, "flip": false}' \
+        --finetune-config '{"holdout": 0}'     # the same with images from other SynthConfig keys: a row of its own
     python benchmarks/synthetic.py main-fast   # the same images, EM only (--fast)
     python benchmarks/synthetic.py effnet      # EfficientNet-Lite0: seconds per synthesis step (cost only)
     python benchmarks/synthetic.py ablation    # loss terms at a cheaper setting: EM only (--fast), 256 images
@@ -75,11 +75,13 @@ def _synth(folder: Path, n: int, config: dict, log: Path) -> dict:
     return res
 
 
-def _compress(folder: Path, out: Path, fast: bool, log: Path, calib_images: int | None = None) -> dict:
+def _compress(folder: Path, out: Path, fast: bool, log: Path, calib_images: int | None = None,
+              finetune: dict | None = None) -> dict:
     args = ["compress", "--model", "resnet20_cifar10", "--data", str(folder), "--target-ratio", "20",
             "--out", str(out), "--eval-data", str(TEST), "--json"]
     args += ["--fast"] if fast else []
     args += ["--calib-images", str(calib_images)] if calib_images else []
+    args += ["--finetune-config", json.dumps(finetune)] if finetune else []
     return _bitdown(*args, log=log)
 
 
@@ -165,18 +167,23 @@ def run_main(work: Path, n: int) -> None:
     _save(results)
 
 
-def run_variant(work: Path, n: int, tag: str, config: dict) -> None:
+def run_variant(work: Path, n: int, tag: str, config: dict, finetune: dict | None) -> None:
     """The main run (n images, default recipe at 20x) with images synthesised under SynthConfig keys `config`
-    instead of the defaults, recorded as its own row `variants[tag]` beside the main one."""
+    instead of the defaults, recorded as its own row `variants[tag]` beside the main one. `finetune`: extra
+    FinetuneConfig keys for the compression (e.g. {"holdout": 0}: no holdout guard, as the main row was measured
+    before the guard existed). A synthesis already recorded under `tag` with the same keys and count is reused."""
     log = work / f"{tag}.log"
     folder = work / tag
     results = _load()
-    syn = _synth(folder, n, config, log)
-    results.setdefault("variants", {})[tag] = {"config_keys": config, "synthesis": syn}
-    _save(results)
-    grid(folder, RESULTS / f"synthetic_grid_{tag}.png")
-    comp = _compress(folder, work / f"r20_synth_{tag}.bitdown", fast=False, log=log)
-    results["variants"][tag]["compress"] = comp
+    row = results.setdefault("variants", {}).get(tag, {})
+    if row.get("config_keys") != config or row.get("synthesis", {}).get("images") != n:
+        row = {"config_keys": config, "synthesis": _synth(folder, n, config, log)}
+        results["variants"][tag] = row
+        _save(results)
+        grid(folder, RESULTS / f"synthetic_grid_{tag}.png")
+    row.pop("compress", None)
+    row["finetune_keys"] = finetune or {}
+    row["compress"] = _compress(folder, work / f"r20_synth_{tag}.bitdown", fast=False, log=log, finetune=finetune)
     _save(results)
 
 
@@ -242,8 +249,12 @@ def _variant_lines(results: dict) -> list[str]:
         lines += [f"## {syn['images']:,} synthetic images from SynthConfig keys {json.dumps(v['config_keys'])} "
                   f"(`{tag}`), default recipe", "",
                   "`python benchmarks/synthetic.py main --tag " + tag + " --synth-config '"
-                  + json.dumps(v["config_keys"]) + "'`: the main run with only the synthesis objective changed.",
-                  ""] + _synth_lines(syn, results)
+                  + json.dumps(v["config_keys"]) + "'"
+                  + (" --finetune-config '" + json.dumps(v["finetune_keys"]) + "'" if v.get("finetune_keys") else "")
+                  + "`: the main run with only the synthesis objective changed"
+                  + (" (FinetuneConfig " + json.dumps(v["finetune_keys"]) + ": the main row was measured before "
+                     "the holdout guard existed, i.e. fine-tuned on all its images, unguarded)"
+                     if v.get("finetune_keys", {}).get("holdout") == 0 else "") + ".", ""] + _synth_lines(syn, results)
         if comp:
             lines += [f"- compression: `{comp['command']}` (loadavg at the end: {comp.get('loadavg_after')})", "",
                       *TABLE_HEAD, _row(f"{syn['images']:,} synthetic images, `{tag}`", comp)]
@@ -323,18 +334,23 @@ def main() -> None:
     p.add_argument("--synth-config", help="main only: SynthConfig keys (JSON) over the defaults, e.g. "
                    '\'{"w_div": 0, "w_tv": 0, "jitter": 0, "flip": false}\'; needs --tag')
     p.add_argument("--tag", help="main only: the row's name in synthetic.json's variants (and the work folder)")
+    p.add_argument("--finetune-config", help="with --tag: FinetuneConfig keys (JSON) for the compression, e.g. "
+                   "'{\"holdout\": 0}' (the main row predates the holdout guard)")
     a = p.parse_args()
     if (a.synth_config is None) != (a.tag is None) or (a.tag is not None and a.what != "main"):
         p.error("--synth-config and --tag go together, with `main` only")
     config = json.loads(a.synth_config) if a.synth_config else None
-    if config is not None and not isinstance(config, dict):
-        p.error("--synth-config must be a JSON object of SynthConfig keys")
+    finetune = json.loads(a.finetune_config) if a.finetune_config else None
+    if not all(v is None or isinstance(v, dict) for v in (config, finetune)):
+        p.error("--synth-config and --finetune-config must be JSON objects")
+    if finetune is not None and a.tag is None:
+        p.error("--finetune-config goes with --tag")
     if a.tag is not None and (not a.tag.isidentifier() or a.tag == "main"):
         p.error(f"--tag must be a plain name other than `main`, got {a.tag!r}")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     if a.what == "main" and a.tag:
-        run_variant(work, a.n or 2048, a.tag, config)
+        run_variant(work, a.n or 2048, a.tag, config, finetune)
     elif a.what == "main":
         run_main(work, a.n or 2048)
     elif a.what == "main-fast":
