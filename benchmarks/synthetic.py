@@ -187,11 +187,14 @@ def run_variant(work: Path, n: int, tag: str, config: dict, finetune: dict | Non
     _save(results)
 
 
-def run_main_fast(work: Path) -> None:
-    """The main run's 2,048 images with the EM only (--fast): what calibration alone gives, without distillation."""
+def run_main_fast(work: Path, tag: str | None = None) -> None:
+    """The main run's 2,048 images (or variant `tag`'s) with the EM only (--fast): what calibration alone gives,
+    without distillation."""
     results = _load()
-    results["main"]["compress_fast"] = _compress(work / "main", work / "r20_synth_fast.bitdown", fast=True,
-                                                 log=work / "main.log")
+    row = results["variants"][tag] if tag else results["main"]
+    name = tag or "main"
+    row["compress_fast"] = _compress(work / name, work / f"r20_synth_fast_{name}.bitdown", fast=True,
+                                     log=work / f"{name}.log")
     _save(results)
 
 
@@ -258,12 +261,19 @@ def _variant_lines(results: dict) -> list[str]:
         if comp:
             lines += [f"- compression: `{comp['command']}` (loadavg at the end: {comp.get('loadavg_after')})", "",
                       *TABLE_HEAD, _row(f"{syn['images']:,} synthetic images, `{tag}`", comp)]
+            if v.get("compress_fast"):
+                lines.append(_row("the same images, EM only (`--fast`)", v["compress_fast"]))
             if main:
                 lines.append(_row(f"{syn['images']:,} synthetic images, SynthConfig defaults (above)", main))
+            if main and results["main"].get("compress_fast"):
+                lines.append(_row("the default-synthesis images, EM only (`--fast`)", results["main"]["compress_fast"]))
             lines += ["", f"Target (>= {REAL_20X - 2:.1f} %): **{'met' if comp['top1'] >= REAL_20X - 2 else 'missed'}** "
                       f"({comp['top1'] - REAL_20X:+.2f} pt from real)"
                       + (f"; {comp['top1'] - main['top1']:+.2f} pt against the default synthesis." if main else "."),
-                      "", f"![{tag} images](synthetic_grid_{tag}.png)", ""]
+                      "", f"![{tag} images](synthetic_grid_{tag}.png)", "",
+                      f"`synthetic_grid_{tag}.png`: the first 100 images in the main grid's layout"
+                      + (" (without the class term no image is pushed towards its row's class)"
+                         if v["config_keys"].get("w_div") == 0 else "") + ".", ""]
     return lines
 
 
@@ -337,8 +347,9 @@ def main() -> None:
     p.add_argument("--finetune-config", help="with --tag: FinetuneConfig keys (JSON) for the compression, e.g. "
                    "'{\"holdout\": 0}' (the main row predates the holdout guard)")
     a = p.parse_args()
-    if (a.synth_config is None) != (a.tag is None) or (a.tag is not None and a.what != "main"):
-        p.error("--synth-config and --tag go together, with `main` only")
+    if a.what == "main" and (a.synth_config is None) != (a.tag is None) or a.what not in ("main", "main-fast") and (
+            a.tag or a.synth_config) or a.what == "main-fast" and a.synth_config:
+        p.error("--synth-config and --tag go together, with `main` only (main-fast takes --tag alone)")
     config = json.loads(a.synth_config) if a.synth_config else None
     finetune = json.loads(a.finetune_config) if a.finetune_config else None
     if not all(v is None or isinstance(v, dict) for v in (config, finetune)):
@@ -354,7 +365,7 @@ def main() -> None:
     elif a.what == "main":
         run_main(work, a.n or 2048)
     elif a.what == "main-fast":
-        run_main_fast(work)
+        run_main_fast(work, a.tag)
     elif a.what == "ablation":
         run_ablation(work, a.n or 256)
     elif a.what == "effnet":                     # EfficientNet-Lite0's cost per step (a minute)
