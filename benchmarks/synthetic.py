@@ -171,7 +171,8 @@ def run_variant(work: Path, n: int, tag: str, config: dict, finetune: dict | Non
     """The main run (n images, default recipe at 20x) with images synthesised under SynthConfig keys `config`
     instead of the defaults, recorded as its own row `variants[tag]` beside the main one. `finetune`: extra
     FinetuneConfig keys for the compression (e.g. {"holdout": 0}: no holdout guard, as the main row was measured
-    before the guard existed). A synthesis already recorded under `tag` with the same keys and count is reused."""
+    before the guard existed). A synthesis already recorded under `tag` with the same keys and count is reused;
+    a rerun with other `finetune` keys is recorded beside the first (`compress_other`)."""
     log = work / f"{tag}.log"
     folder = work / tag
     results = _load()
@@ -181,9 +182,11 @@ def run_variant(work: Path, n: int, tag: str, config: dict, finetune: dict | Non
         results["variants"][tag] = row
         _save(results)
         grid(folder, RESULTS / f"synthetic_grid_{tag}.png")
-    row.pop("compress", None)
-    row["finetune_keys"] = finetune or {}
-    row["compress"] = _compress(folder, work / f"r20_synth_{tag}.bitdown", fast=False, log=log, finetune=finetune)
+    comp = _compress(folder, work / f"r20_synth_{tag}.bitdown", fast=False, log=log, finetune=finetune)
+    if "compress" in row and row.get("finetune_keys") != (finetune or {}):     # a second fine-tuning setting
+        row.setdefault("compress_other", {})[json.dumps(finetune or {})] = comp
+    else:
+        row["finetune_keys"], row["compress"] = finetune or {}, comp
     _save(results)
 
 
@@ -261,6 +264,9 @@ def _variant_lines(results: dict) -> list[str]:
         if comp:
             lines += [f"- compression: `{comp['command']}` (loadavg at the end: {comp.get('loadavg_after')})", "",
                       *TABLE_HEAD, _row(f"{syn['images']:,} synthetic images, `{tag}`", comp)]
+            for keys, other in v.get("compress_other", {}).items():
+                lines.append(_row(f"the same images, FinetuneConfig {keys}" if keys != "{}" else
+                                  "the same images, today's default recipe (holdout guard on)", other))
             if v.get("compress_fast"):
                 lines.append(_row("the same images, EM only (`--fast`)", v["compress_fast"]))
             if main:
