@@ -266,7 +266,7 @@ def _variant_lines(results: dict) -> list[str]:
                       *TABLE_HEAD, _row(f"{syn['images']:,} synthetic images, `{tag}`", comp)]
             for keys, other in v.get("compress_other", {}).items():
                 lines.append(_row(f"the same images, FinetuneConfig {keys}" if keys != "{}" else
-                                  "the same images, today's default recipe (holdout guard on)", other))
+                                  "the same images, FinetuneConfig defaults (global-stage holdout guard on)", other))
             if v.get("compress_fast"):
                 lines.append(_row("the same images, EM only (`--fast`)", v["compress_fast"]))
             if main:

@@ -76,7 +76,8 @@ class SynthConfig:
     affords (the BatchNorm term reached against real images: benchmarks/results/synthetic.md). Measured there at
     50 steps: the BatchNorm term alone (``w_div=0, w_tv=0, jitter=0, flip=False``) calibrated ResNet-20 best
     (EM only, 2,048 images: 77.21 vs 76.58 %), but the full 20x recipe on it gained only +0.31 pt (76.74 vs
-    76.43 %, within the noise of one seed), so the defaults stay DeepInversion's terms."""
+    76.43 % like for like; 77.44 % with the holdout guard: run-to-run noise is ~0.7 pt), so the defaults stay
+    DeepInversion's terms."""
 
     batch_size: int = 256
     steps: int = 50
