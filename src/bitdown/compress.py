@@ -384,11 +384,9 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
                      weights_key, batch_digests(calib), _describe(ft_data))
     holdout = None                   # images kept out of fine-tuning: both stages' guards (finetune.py)
     if ft is not None and ft.enabled:
-        from .finetune import split_holdout
+        from .finetune import batch_rows, split_holdout
         ft_data, holdout = split_holdout(ft_data, ft)
-    if ft is not None and ft.enabled:      # a batch too small for its gradient slices: refused before the EM
-        from .finetune import batch_rows
-        batch_rows(ft, ft_data)
+        batch_rows(ft, ft_data)            # a batch too small for its gradient slices: refused before the EM
     done, resume = 0, {}
     if checkpoint_dir is not None:
         ck = dist.on_main(lambda: load_checkpoint(checkpoint_dir, fp), "reading the checkpoint")   # then sent

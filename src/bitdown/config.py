@@ -299,8 +299,7 @@ class QuantConfig:
             raise ValueError(f"cache_dtype must be 'float32' or 'float16', got {self.cache_dtype!r}")
         if self.cache_mb < 0:
             raise ValueError(f"cache_mb must be >= 0, got {self.cache_mb}")
-        if isinstance(self.stats_positions, bool) or not isinstance(self.stats_positions, int) or self.stats_positions < 0:
-            raise ValueError(f"stats_positions must be an integer >= 0 (0: all), got {self.stats_positions!r}")
+        check_int(self.stats_positions, "stats_positions", 0)          # 0: every position
         for pattern, ov in self.name_overrides.items():
             try:
                 re.compile(pattern)
