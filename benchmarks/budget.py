@@ -47,7 +47,7 @@ from bitdown.checkpoint import fingerprint  # noqa: E402
 from bitdown.allocate import (_other_bytes, apply_allocation, budget_bytes, measure_options,  # noqa: E402
                               scalar_baseline_config)
 from bitdown.compress import forward_order, take_images  # noqa: E402
-from bitdown.config import EMConfig, ReconstructConfig, resolve_plan  # noqa: E402
+from bitdown.config import EMConfig, QuantConfig, ReconstructConfig, resolve_plan  # noqa: E402
 from bitdown.data import make_loader  # noqa: E402
 from bitdown.evaluate import evaluate  # noqa: E402
 from bitdown.finetune import FinetuneConfig  # noqa: E402
@@ -119,6 +119,8 @@ def main() -> None:
     p.add_argument("--em", default="{}", help='EM options on top of the default EMConfig, JSON')
     p.add_argument("--reconstruct", default="{}", help='block reconstruction options (QuantConfig.reconstruct, '
                                                         'config.ReconstructConfig), JSON, e.g. \'{"steps": 200}\'')
+    p.add_argument("--stats-positions", type=int, default=QuantConfig().stats_positions,
+                   help="QuantConfig.stats_positions: output positions per image in a conv's Grams (0: all)")
     p.add_argument("--mixup", type=float, default=0.0, help="fine-tuning mixup alpha (FinetuneConfig.mixup; 0: off)")
     p.add_argument("--device", default="cpu", help="where forward passes and fine-tuning run (cuda on a GPU machine)")
     p.add_argument("--checkpoint-root", help="each row's compression checkpoints (and size allocation) in a "
@@ -162,7 +164,7 @@ def main() -> None:
                                target_ratio=None if scalar_bits else ratio, em=em_key,
                                reconstruct=rc_key,
                                alloc_weighting=weighting, alloc_max_error=cap, mixup=a.mixup,
-                               alloc_menu=menu if method == "alloc" else [],
+                               alloc_menu=menu if method == "alloc" else [], stats_positions=a.stats_positions,
                                layer_steps=a.layer_steps, global_steps=a.global_steps, calib_images=a.calib_images,
                                batch_size=a.batch_size, seed=a.seed, train_pool=a.train_pool)
                     if any(all(r.get(k) == v for k, v in key.items()) for r in rows):
@@ -171,7 +173,8 @@ def main() -> None:
                         continue
                     cfg = zoo_config(name, "small", calib_images=a.calib_images, seed=a.seed, codebook_bits=bits,
                                      em=EMConfig(**em), alloc_weighting=weighting, alloc_max_error=cap,
-                                     reconstruct=rc, alloc_menu=menu if method == "alloc" else [])
+                                     reconstruct=rc, alloc_menu=menu if method == "alloc" else [],
+                                     stats_positions=a.stats_positions)
                     extra, target, given = {}, ratio, None
                     if method == "alloc" and a.allocation:
                         given = _given_allocation(Path(a.allocation), ratio, weighting, cap, teacher, cfg)
@@ -189,6 +192,7 @@ def main() -> None:
                         preset, choice, dist = uniform_choice(name, teacher, order, budget, bits, options, share)
                         cfg = zoo_config(name, preset, calib_images=a.calib_images, seed=a.seed, codebook_bits=bits,
                                          em=EMConfig(**em), share_same_shape=share, reconstruct=rc,
+                                         stats_positions=a.stats_positions,
                                          name_overrides={re.escape(n): {"block_size": d, "n_centroids": k}
                                                          for n, (d, k) in choice.items()})
                         extra, target = {"preset": preset, "calib_distortion": dist}, None
@@ -271,7 +275,7 @@ def _row_defaults(row: dict) -> None:
     """Fill the settings rows written before they existed, with the values those runs used, and drop EM
     options equal to EMConfig's defaults (a row asking teacher_target=True ran the default EM)."""
     for k, v in (("em", {}), ("alloc_weighting", "none"), ("mixup", 0.0), ("alloc_max_error", None),
-                 ("train_pool", None), ("reconstruct", {}), ("alloc_menu", [])):
+                 ("train_pool", None), ("reconstruct", {}), ("alloc_menu", []), ("stats_positions", 0)):
         row.setdefault(k, v)
     row["em"] = _em_key(row["em"])
     row["reconstruct"] = _rc_key(row["reconstruct"])
@@ -386,6 +390,7 @@ def write_report(path: Path) -> None:
         meth += f", menu {'/'.join(r['alloc_menu'])}" if r.get("alloc_menu") else ""
         meth += f", mixup {r['mixup']:g}" if r.get("mixup") else ""
         meth += f", {r['train_pool']} training images" if r.get("train_pool") else ""
+        meth += f", Grams on {r['stats_positions']} positions per image" if r.get("stats_positions") else ""
         seen = f"{r['train_top1']:.1f}" if r.get("train_top1") is not None else "-"
         lines.append(f"| {r['model']} | {meth} | {_codebook(r['codebook_bits'])} | {_target(r['target_ratio'])} | "
                      f"{r['ratio']:.2f}x | {r['size_mb']:.4f} | {r['bytes_on_disk']:,} | "

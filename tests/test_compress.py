@@ -709,3 +709,15 @@ def test_reconstruction_slices_enter_the_checkpoint_key_only_when_reconstruction
     assert off == _fp_json(QuantConfig(reconstruct=ReconstructConfig(steps=0)).to_json())
     on = _fp_json(QuantConfig(reconstruct=ReconstructConfig(steps=5, grad_slices=2)).to_json())
     assert on["reconstruct"]["grad_slices"] == 2
+
+
+def test_stats_positions_floor_for_small_calibration_sets(monkeypatch):
+    """stats_positions reaches the layers through stats.subsample_positions: 64 images lift a cap of 4 positions
+    to every position (the same result as exact statistics); without the floor the cap cuts and changes it."""
+    exact = bitdown.compress(make_net(), batches(), cfg(), progress=False)
+    lifted = bitdown.compress(make_net(), batches(), cfg(stats_positions=4), progress=False)
+    assert_same_state(exact, lifted)
+    monkeypatch.setattr(bitdown.stats, "MIN_ROWS_PER_INPUT", 1)
+    monkeypatch.setattr(bitdown.stats, "MIN_SAMPLES_PER_CENTROID", 1)
+    cut = bitdown.compress(make_net(), batches(), cfg(stats_positions=4), progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(exact.state_dict().values(), cut.state_dict().values()))

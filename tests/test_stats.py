@@ -393,3 +393,13 @@ def test_cross_gram_needs_reference_of_same_shape():
                 conv(torch.randn(2, 3, 4, 4))
     with pytest.raises(ValueError, match="needs full_gram"):
         StatsCollector("c", conv, 3, cross_gram=True)
+
+
+def test_subsampled_positions_rise_for_small_calibration_sets():
+    sp = stats.subsample_positions
+    assert sp(0, 144, 9, 256, 16) == 0                          # 0: every position, whatever the set
+    assert sp(256, 144, 9, 256, 1024) == 256                    # plenty of images: the cap
+    n = sp(256, 144, 9, 256, 16)                                # 16 images: >= 64 R rows in all
+    assert n * 16 >= stats.MIN_ROWS_PER_INPUT * 144 and (n - 1) * 16 < stats.MIN_ROWS_PER_INPUT * 144
+    n = sp(256, 9, 9, 4096, 100)                                # a depthwise conv with many centroids:
+    assert n * 100 * 1 >= stats.MIN_SAMPLES_PER_CENTROID * 4096 > (n - 1) * 100    # >= 16 samples per centroid

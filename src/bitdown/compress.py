@@ -39,7 +39,8 @@ from .blocks import Block, call_order, find_blocks
 from .reconstruct import reconstruct_block
 from .scalar import (empty_like_plan, is_quantized, quantize_fp16, quantize_module_fp16, quantize_module_scalar,
                      quantize_scalar, round_scalars_)
-from .stats import LayerStats, StatsCollector, StopForward, capture_input, collect_stats, teacher_target_weight
+from .stats import (LayerStats, StatsCollector, StopForward, capture_input, collect_stats, subsample_positions,
+                    teacher_target_weight)
 
 log = logging.getLogger(__name__)
 
@@ -625,7 +626,9 @@ class _BlockRun:
                                    full_gram=em.needs_full_gram or cross or em.mean_correction or plan.scalar_bits > 0
                                    or plan.fp16,
                                    output_stats=weighted, cross_gram=cross,
-                                   positions=self.config.stats_positions, seed=self.config.seed)
+                                   positions=subsample_positions(self.config.stats_positions, plan.row_length,
+                                                                 plan.block_size, plan.n_centroids, self.n_calib),
+                                   seed=self.config.seed)
         stop = module.register_forward_pre_hook(_raise_stop)   # after the collector's hook: that one runs first
         try:
             for b in range(len(s_in)):

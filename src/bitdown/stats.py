@@ -43,6 +43,8 @@ from . import lagstats
 
 log = logging.getLogger(__name__)
 
+MIN_ROWS_PER_INPUT = 64     # a subsampled layer keeps >= this many patch rows per entry of its weight row (R) ...
+MIN_SAMPLES_PER_CENTROID = 16   # ... and >= this many subvector samples per centroid
 CHUNK_ELEMENTS = 1 << 20  # at most ~1M input-patch values (4 MB fp32) per product: cache-sized, 2-3x faster than 64 MB
 
 
@@ -112,6 +114,17 @@ class LayerStats:
                           add(self.ref_sum, other.ref_sum))
 
 
+def subsample_positions(cap: int, row_length: int, block_size: int, n_centroids: int, n_images: int) -> int:
+    """Output positions per image that a conv's statistics use under QuantConfig.stats_positions = `cap` (0: all):
+    `cap`, raised where `n_images` calibration images would then give the layer fewer than MIN_ROWS_PER_INPUT x R
+    patch rows or fewer than MIN_SAMPLES_PER_CENTROID subvector samples per centroid (a small calibration set
+    keeps more positions per image)."""
+    if cap <= 0:
+        return 0
+    rows = max(MIN_ROWS_PER_INPUT * row_length, -(-MIN_SAMPLES_PER_CENTROID * n_centroids * block_size // row_length))
+    return max(cap, -(-rows // max(1, n_images)))
+
+
 def _conv_geometry(module: nn.Conv2d) -> None:
     """Refuses the padding modes a strided view of the zero-padded input cannot express."""
     if module.padding_mode != "zeros":
@@ -150,6 +163,14 @@ def _position_chunks(view: torch.Tensor) -> Iterator[tuple[slice, slice]]:
     else:
         rows = max(1, positions // wo)
         yield from ((slice(i, i + 1), slice(r, r + rows)) for i in range(n) for r in range(0, ho, rows))
+
+
+def _positions(module: nn.Conv2d, x: torch.Tensor) -> int:
+    """Output positions per image of conv `module` on input `x`."""
+    ph, pw = module.padding
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    return (((x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1) *
+            ((x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1))
 
 
 def _layer_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -218,7 +239,8 @@ class StatsCollector:
                              f"as the student's {list(x.shape)}, got {None if ref is None else list(ref.shape)}")
         if isinstance(module, nn.Conv2d):
             _conv_geometry(module)          # string padding / other padding modes: a clear error, whatever path
-        if (st.full_gram is not None and not self.positions and lagstats.applies(module)
+        subsampled = isinstance(module, nn.Conv2d) and 0 < self.positions < _positions(module, x)
+        if (st.full_gram is not None and not subsampled and lagstats.applies(module)
                 and lagstats.worth_it(module, x.shape[2], x.shape[3], st.cross_gram is not None)):
             st.n_rows += lagstats.accumulate(module, x, ref, st.full_gram, st.in_sum, st.cross_gram, st.ref_sum,
                                              patch_view)
