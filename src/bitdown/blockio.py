@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -57,6 +57,59 @@ def tensors_of(obj: Any) -> list[torch.Tensor]:
     return out
 
 
+def piece_slices(args: Any, n: int) -> list[slice]:
+    """Slices cutting the batch of `args` (dim 0 of every tensor inside) into pieces of at most `n` images; one
+    slice of everything when n <= 0, the batch is no larger, or some tensor has no batch dim of the common size
+    (such arguments cannot be cut safely)."""
+    ts = tensors_of(args)
+    if n <= 0 or not ts or ts[0].dim() == 0:
+        return [slice(None)]
+    b = ts[0].shape[0]
+    if b <= n or any(t.dim() == 0 or t.shape[0] != b for t in ts):
+        return [slice(None)]
+    return [slice(i, min(i + n, b)) for i in range(0, b, n)]
+
+
+def take_piece(obj: Any, sl: slice, batch: int | None = None) -> Any:
+    """`obj` with every tensor inside (with `batch`: every one whose dim 0 is that long) sliced along dim 0
+    (views, no copy)."""
+    if sl == slice(None):
+        return obj
+    return map_tensors(obj, lambda t: t[sl] if t.dim() > 0 and (batch is None or t.shape[0] == batch) else t)
+
+
+def cat_pieces(objs: list[Any], sizes: list[int]) -> Any:
+    """The objects computed on the pieces of one batch (`sizes` images each) put together: a tensor whose dim 0
+    is its piece's size in every piece is concatenated along it; anything else is taken from the first piece."""
+    first = objs[0]
+    if len(objs) == 1:
+        return first
+    if isinstance(first, torch.Tensor):
+        if all(isinstance(o, torch.Tensor) and o.dim() > 0 and o.shape[0] == n for o, n in zip(objs, sizes)):
+            return torch.cat(objs)
+        return first
+    if isinstance(first, tuple):
+        parts = [cat_pieces([o[k] for o in objs], sizes) for k in range(len(first))]
+        return type(first)(*parts) if hasattr(first, "_fields") else tuple(parts)
+    if isinstance(first, list):
+        return [cat_pieces([o[k] for o in objs], sizes) for k in range(len(first))]
+    if isinstance(first, dict):
+        return {k: cat_pieces([o[k] for o in objs], sizes) for k in first}
+    return first
+
+
+def _sizes(slices: list[slice], args: Any) -> list[int]:
+    b = tensors_of(args)[0].shape[0] if tensors_of(args) else 0
+    return [len(range(*sl.indices(b))) for sl in slices]
+
+
+def split_run(fn: Callable[[Any], Any], args: Any, n: int) -> Any:
+    """fn(args) computed piece by piece (`piece_slices`), outputs put together (`cat_pieces`): the same values up
+    to float summation order, with only one piece's activations alive at a time."""
+    slices = piece_slices(args, n)
+    return cat_pieces([fn(take_piece(args, sl)) for sl in slices], _sizes(slices, args))
+
+
 class TensorStore:
     """Tensors kept in RAM up to `budget_bytes`, the rest in memory-mapped files (read back lazily)."""
 
@@ -67,14 +120,38 @@ class TensorStore:
         self.spilled = 0
         self._dir: str | None = None
         self._n = 0
+        self._held: dict[tuple, list[Any]] = {}     # _key -> handles held under it
+        self._refs: dict[int, int] = {}             # id(handle) -> holders
+        self._keys: dict[int, tuple] = {}           # id(handle) -> its _key
 
     def put(self, t: torch.Tensor) -> Any:
-        """A handle to a copy of `t` (detached; float tensors in `dtype` where given and finite)."""
+        """A handle to a copy of `t` (detached; float tensors in `dtype` where given and finite). A tensor equal to
+        one already held (same shape, dtype and values: e.g. the teacher's and the student's inputs before the
+        first quantized layer) shares its copy: the handle counts its holders and `free` releases the copy with
+        the last of them."""
         t = t.detach()
         if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
             low = t.to(self.dtype)
             if bool(torch.isfinite(low).all()) or not bool(torch.isfinite(t).all()):
                 t = low
+        key = self._key(t)
+        for h in self._held.get(key, ()):
+            if torch.equal(self.get(h), t):
+                self._refs[id(h)] += 1
+                return h
+        h = self._put_new(t)
+        self._held.setdefault(key, []).append(h)
+        self._refs[id(h)] = 1
+        self._keys[id(h)] = key
+        return h
+
+    @staticmethod
+    def _key(t: torch.Tensor) -> tuple:
+        """What two equal tensors share: shape, dtype, device and a checksum (candidates are compared in full)."""
+        s = t.sum(dtype=torch.float64) if t.is_floating_point() or t.is_complex() else t.sum()
+        return tuple(t.shape), t.dtype, str(t.device), float(s) if not t.is_complex() else complex(s)
+
+    def _put_new(self, t: torch.Tensor) -> Any:
         size = t.numel() * t.element_size()
         if self.in_ram + size <= self.budget or t.device.type != "cpu":
             self.in_ram += size
@@ -90,6 +167,7 @@ class TensorStore:
         mm = np.lib.format.open_memmap(path, mode="w+", dtype=arr.dtype, shape=arr.shape)
         mm[...] = arr
         mm.flush()
+        del mm
         self.spilled += size
         return ("disk", path, size)
 
@@ -99,6 +177,17 @@ class TensorStore:
         return torch.from_numpy(np.load(h[1], mmap_mode="r").copy())
 
     def free(self, h: Any) -> None:
+        """Release one holder of `h`; the copy goes with the last."""
+        n = self._refs.get(id(h), 1) - 1
+        if n > 0:
+            self._refs[id(h)] = n
+            return
+        self._refs.pop(id(h), None)
+        key = self._keys.pop(id(h), None)
+        same = self._held.get(key, [])
+        same[:] = [o for o in same if o is not h]
+        if not same:
+            self._held.pop(key, None)
         if h[0] == "ram":
             self.in_ram -= h[2]
         else:
@@ -224,7 +313,9 @@ def dependencies(model: nn.Module, blocks: list[Block], x: torch.Tensor, seed: i
 class Cached:
     """Per-batch objects (tensors inside kept in a TensorStore), read back on `device` in `dtype`."""
 
-    def __init__(self, store: TensorStore, objs: list[Any], device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, store: TensorStore, objs: Iterable[Any], device: torch.device, dtype: torch.dtype) -> None:
+        """`objs`: any iterable; a generator is stored one object at a time, so only one batch's objects
+        exist outside the store at once."""
         self.store, self.device, self.dtype = store, device, dtype
         self._objs = [_store_obj(store, o) for o in objs]
 
@@ -251,8 +342,10 @@ class BlockIO:
     its inputs. Values are returned on `device` in float32."""
 
     def __init__(self, model: nn.Module, blocks: list[Block], batches: list[torch.Tensor], store: TensorStore,
-                 last_reader: list[int]) -> None:
+                 last_reader: list[int], piece: int = 0) -> None:
+        """`piece`: the model runs on pieces of at most this many images of a batch (`piece_slices`; 0: whole)."""
         modules = dict(model.named_modules())
+        self.piece = piece
         self.model, self.blocks, self.batches, self.store = model, blocks, batches, store
         self.mods = {i: modules[b.name] for i, b in enumerate(blocks)}
         self.last_reader = last_reader
@@ -261,13 +354,13 @@ class BlockIO:
         self.device = batches[0].device
         self.dtype = batches[0].dtype
 
-    def _lookup(self, b: int) -> Callable[[int], Callable]:
+    def _lookup(self, b: int, sl: slice = slice(None)) -> Callable[[int], Callable]:
         def make(j: int) -> Callable:
             def fwd(*_a, **_k):
                 if j in self._outputs:
-                    return self._outputs[j][b]
+                    return take_piece(self._outputs[j][b], sl, self.batches[b].shape[0])
                 if j in self._dead:
-                    return self._dead[j][b]
+                    return take_piece(self._dead[j][b], sl, self.batches[b].shape[0])
                 raise RuntimeError(f"block {self.blocks[j].name!r} has no output yet (blocks must go in order)")
             return fwd
         return make
@@ -275,11 +368,14 @@ class BlockIO:
     def inputs(self, i: int) -> Cached:
         """Block i's inputs on every batch (the earlier blocks replaced by their cached outputs)."""
         earlier = {j: m for j, m in self.mods.items() if j < i}
-        out = []
-        for b, x in enumerate(self.batches):
-            with _Patched(earlier, self._lookup(b)):
-                out.append(capture_call(self.model, self.mods[i], x))
-        cached = Cached(self.store, out, self.device, self.dtype)
+
+        def one(b: int, x: torch.Tensor) -> Args:
+            parts, slices = [], piece_slices(x, self.piece)
+            for sl in slices:
+                with _Patched(earlier, self._lookup(b, sl)):
+                    parts.append(capture_call(self.model, self.mods[i], take_piece(x, sl)))
+            return cat_pieces(parts, _sizes(slices, x))
+        cached = Cached(self.store, (one(b, x) for b, x in enumerate(self.batches)), self.device, self.dtype)
         for j in list(self._outputs):                # no later block reads these any more
             if self.last_reader[j] <= i:
                 self.drop(j)

@@ -34,7 +34,7 @@ from .meancorrect import bn_gain, correct_layer_mean, following_batchnorm
 from .modules import empty_pq_like, is_pq, module_device, quantize_module, round_codebook, round_codebooks_
 from .serialize import round_bn_stats_
 from .size import size_report
-from .blockio import BlockIO, Cached, TensorStore, dependencies, run_block
+from .blockio import BlockIO, Cached, TensorStore, dependencies, piece_slices, run_block, split_run, take_piece
 from .blocks import Block, call_order, find_blocks
 from .reconstruct import reconstruct_block
 from .scalar import (empty_like_plan, is_quantized, quantize_fp16, quantize_module_fp16, quantize_module_scalar,
@@ -362,7 +362,9 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     order = forward_order(student, probe)
     allocation = None
     if target_ratio is not None or target_size is not None:
-        all_calib = _global_batches(calib)     # the rate-distortion table runs on rank 0, on every image
+        # the rate-distortion table runs on rank 0, on every image, in forward pieces (QuantConfig.forward_mb)
+        n = piece_images(config, calib)
+        all_calib = [p for x in _global_batches(calib) for p in (x.split(n) if n else [x])]
         config, allocation = dist.on_main(lambda: _allocation(student, all_calib, config, target_ratio, target_size,
                                                               order, progress, checkpoint_dir), "the size allocation")
         del all_calib
@@ -478,6 +480,15 @@ def _block_order(plans: list[LayerPlan], blocks: list[Block]) -> list[LayerPlan]
     return ordered
 
 
+def piece_images(config: QuantConfig, batches: list[torch.Tensor]) -> int:
+    """Images per forward piece of a calibration batch (QuantConfig.forward_mb of float32 input images; 0: whole
+    batches)."""
+    if config.forward_mb <= 0 or not batches:
+        return 0
+    per_image = batches[0][0].numel() * 4
+    return max(1, int(config.forward_mb * 2**20 // per_image))
+
+
 def _raise_stop(*_) -> None:
     raise StopForward
 
@@ -500,14 +511,16 @@ class _BlockRun:
         self.index = {p.name: i for i, p in enumerate(plans)}
         self.holdout = holdout if ft is not None and ft.layer_guard else None   # the per-layer guard's images
         self.targets = None                     # the teacher's outputs on them (finetune.teacher_outputs), once
+        self.piece = 0                          # images per forward piece of a batch (piece_images), set by run
 
     def run(self, blocks_done: int) -> None:
         cfg = self.config
         store = TensorStore(cfg.cache_mb * 2**20, torch.float16 if cfg.cache_dtype == "float16" else None,
                             spill_dir=None)
         last = dependencies(self.student, self.blocks, self.probe[:1], seed=cfg.seed)
-        s_io = BlockIO(self.student, self.blocks, self.calib, store, last)
-        t_io = BlockIO(self.teacher, self.blocks, self.calib, store, last) if self.teacher is not None else None
+        n = self.piece = piece_images(cfg, self.calib)
+        s_io = BlockIO(self.student, self.blocks, self.calib, store, last, n)
+        t_io = BlockIO(self.teacher, self.blocks, self.calib, store, last, n) if self.teacher is not None else None
         self.bn_after = (following_batchnorm(self.student, self.probe, [p.name for p in self.plans])
                          if cfg.em.mean_correction or cfg.em.channel_weighting == "bn" else {})
         done_layers = sum(1 for b in self.blocks[:blocks_done] for n in b.layers if n in self.index)
@@ -522,12 +535,14 @@ class _BlockRun:
                 targets = None
                 if t_in is not None:
                     with torch.no_grad():
-                        targets = Cached(store, [run_block(t_block, t_in[b]) for b in range(len(t_in))],
+                        targets = Cached(store, (split_run(lambda a: run_block(t_block, a), t_in[b], n)
+                                                 for b in range(len(t_in))),
                                          s_in.device, s_in.dtype)
                 if bi >= blocks_done:
                     self._quantize_block(bi, block, s_block, s_in, t_block, t_in, targets, bar)
                 with torch.no_grad():
-                    outs = Cached(store, [run_block(s_block, s_in[b]) for b in range(len(s_in))], s_in.device,
+                    outs = Cached(store, (split_run(lambda a: run_block(s_block, a), s_in[b], n)
+                                          for b in range(len(s_in))), s_in.device,
                                   s_in.dtype)
                 s_io.set_outputs(bi, outs)
                 if t_io is not None:
@@ -633,14 +648,17 @@ class _BlockRun:
         try:
             for b in range(len(s_in)):
                 collector.batch = dist.rank() + b * dist.world_size()    # the global batch index (dist.shard)
-                if cross:
-                    collector.reference = capture_input(lambda a: run_block(t_block, a), self.t_modules[plan.name],
-                                                       t_in[b])
-                try:
-                    with torch.no_grad():
-                        run_block(s_block, s_in[b])
-                except StopForward:
-                    pass
+                args, t_args = s_in[b], (t_in[b] if cross else None)
+                # pieces of the batch (QuantConfig.forward_mb); whole batches with seeded positions (drawn per batch)
+                for sl in piece_slices(args, 0 if self.config.stats_positions else self.piece):
+                    if cross:
+                        collector.reference = capture_input(lambda a: run_block(t_block, a),
+                                                           self.t_modules[plan.name], take_piece(t_args, sl))
+                    try:
+                        with torch.no_grad():
+                            run_block(s_block, take_piece(args, sl))
+                    except StopForward:
+                        pass
             collector.reference = None
         finally:
             stop.remove()
@@ -727,7 +745,7 @@ class _BlockRun:
 # made before the per-layer guard kept per-layer steps the guard would undo (and, without global steps, trained
 # on the holdout).
 ADDED_KEYS = {"alloc_max_error": None, "mixup": 0.0, "loss": "auto", "alloc_menu": [], "train_bias": False,
-              "stats_positions": 0}
+              "stats_positions": 0, "forward_mb": 16.0}
 ADDED_EM_KEYS = {"mean_correction": False}
 
 

@@ -269,6 +269,11 @@ class QuantConfig:
     reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
     cache_dtype: str = "float32"    # block inputs/outputs kept as 'float32' (exact) or 'float16' (half the memory)
     cache_mb: int = 4096            # RAM for cached block activations; beyond it they spill to temporary files
+    forward_mb: float = 16.0        # the forward passes over a calibration batch (statistics, block inputs/outputs,
+                                    # the allocation's pass) run on pieces of at most this many MB of input images
+                                    # (ImageNet 224 px: 27 images; CIFAR batches stay whole), so only one piece's
+                                    # activations exist at a time; results change by float summation order only.
+                                    # 0: whole batches
     stats_positions: int = 0        # 0: every output position enters a layer's Grams (exact); N > 0: a conv with more
                                     # than N output positions per image uses N of them (seeded, the same for student
                                     # and teacher inputs), more when the calibration set is small
@@ -301,6 +306,8 @@ class QuantConfig:
             raise ValueError(f"cache_dtype must be 'float32' or 'float16', got {self.cache_dtype!r}")
         if self.cache_mb < 0:
             raise ValueError(f"cache_mb must be >= 0, got {self.cache_mb}")
+        if not (isinstance(self.forward_mb, (int, float)) and math.isfinite(self.forward_mb) and self.forward_mb >= 0):
+            raise ValueError(f"forward_mb must be a finite number >= 0 (0: whole batches), got {self.forward_mb!r}")
         check_int(self.stats_positions, "stats_positions", 0)          # 0: every position
         for pattern, ov in self.name_overrides.items():
             try:
