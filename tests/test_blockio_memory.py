@@ -98,12 +98,8 @@ def test_piece_slices_cut_only_common_batches():
 
 
 def test_block_inputs_in_pieces_equal_whole_batches():
-    from test_blocks import SkipNet, _blocks
-    torch.manual_seed(0)
-    m = SkipNet().eval()
-    batches = list(torch.randn(10, 3, 8, 8).split(5))
-    blocks = _blocks(m, batches[0])
-    mods = dict(m.named_modules())
+    from test_blocks import skipnet_batches
+    m, batches, blocks, mods = skipnet_batches(10, 5)
     last = dependencies(m, blocks, batches[0][:1])
     ios = [BlockIO(m, blocks, batches, TensorStore(1 << 30), last, piece) for piece in (0, 2)]
     for i, b in enumerate(blocks):
@@ -141,3 +137,25 @@ def test_compress_in_pieces_differs_by_float_order_only():
             torch.testing.assert_close(sp[k], sw[k], rtol=1e-4, atol=1e-5)
         else:
             assert torch.equal(sp[k], sw[k]), k
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmRSS from /proc")
+def test_release_memory_returns_freed_heap_to_the_os():
+    from bitdown.memtrim import release_memory
+    if not release_memory():
+        pytest.skip("the C library has no malloc_trim (not glibc)")
+    big = torch.ones(16 * 2**20, dtype=torch.uint8)         # mmapped; its free raises glibc's mmap threshold
+    del big                                                 # to 16 MB, so 1 MB blocks now come from the heap
+    held = [torch.ones(2**20 // 4) for _ in range(300)]     # 300 x 1 MB
+    keep = held[-1]
+    start = _rss_mb()
+    del held                                                # 299 MB freed, kept by malloc for reuse
+    assert _rss_mb() > start - 100                          # (what the call is for: malloc kept them)
+    assert release_memory()
+    assert _rss_mb() < start - 150                          # handed back to the OS
+    assert float(keep.sum()) == 2**20 // 4                   # live tensors untouched

@@ -86,12 +86,16 @@ def test_skip_connection_across_blocks_is_found():
     assert last == [1, 5, 3, 4, 5, 5]      # units.0 is read by units.1, units.2 and (through the sum) the head
 
 
-def test_replayed_inputs_equal_a_plain_forward():
+def skipnet_batches(n: int = 6, per: int = 3):
+    """(SkipNet, its calibration batches of `per` images, its blocks, its modules by name), seeded."""
     torch.manual_seed(0)
     m = SkipNet().eval()
-    batches = list(torch.randn(6, 3, 8, 8).split(3))
-    blocks = _blocks(m, batches[0])
-    mods = dict(m.named_modules())
+    batches = list(torch.randn(n, 3, 8, 8).split(per))
+    return m, batches, _blocks(m, batches[0]), dict(m.named_modules())
+
+
+def test_replayed_inputs_equal_a_plain_forward():
+    m, batches, blocks, mods = skipnet_batches()
     seen = {}
     hs = [mods[b.name].register_forward_pre_hook(lambda _m, a, i=i: seen.setdefault(i, []).append(a[0].clone()))
           for i, b in enumerate(blocks)]

@@ -31,6 +31,7 @@ from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from .config import LayerPlan, QuantConfig, quantizable_layers, resolve_plan, share_groups
 from .em import assign_codes, kmeans, kmeans_shared
 from .meancorrect import bn_gain, correct_layer_mean, following_batchnorm
+from .memtrim import release_memory
 from .modules import empty_pq_like, is_pq, module_device, quantize_module, round_codebook, round_codebooks_
 from .serialize import round_bn_stats_
 from .size import size_report
@@ -368,6 +369,7 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
         config, allocation = dist.on_main(lambda: _allocation(student, all_calib, config, target_ratio, target_size,
                                                               order, progress, checkpoint_dir), "the size allocation")
         del all_calib
+        release_memory()              # the rate-distortion pass's freed activations
     plans, skipped = resolve_plan(student, config, order)
     for name, _ in quantizable_layers(student):
         if name not in order:
@@ -423,6 +425,7 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
                      " on this rank" if dist.active() else "")
         if checkpoint_dir is not None:
             _save(checkpoint_dir, student, plans, info, fp, stage="global", step=0)
+    release_memory()                  # the block loop's freed memory, before the global stage's backward
     if ft is not None and ft.global_steps > 0:
         from .finetune import finetune_global, holdout_baseline, optimizer_tensors
 
@@ -549,6 +552,7 @@ class _BlockRun:
                     t_io.set_outputs(bi, targets)
                     t_in.free()
                 s_in.free()
+                release_memory()          # the block's freed activations back to the OS (memtrim.py)
                 if bi >= blocks_done and self.checkpoint_dir is not None:
                     done = [p for p in self.plans if self.index[p.name] < self._layers_through(bi)]
                     _save(self.checkpoint_dir, self.student, done, self.info, self.fp, stage="layers",
@@ -730,6 +734,7 @@ class _BlockRun:
             from .finetune import finetune_layer, teacher_outputs
             if self.holdout is not None and self.targets is None:
                 self.targets = teacher_outputs(self.teacher, self.holdout, ft)
+            release_memory()              # the statistics' and the EM's freed memory, before the backward's
             try:
                 self.info.layers[plan.name]["finetune"] = finetune_layer(
                     self.student, self.teacher, module, self.ft_data, ft, seed=cfg.seed + i, holdout=self.holdout,
