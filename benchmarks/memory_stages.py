@@ -223,15 +223,16 @@ def cmd_report(a: argparse.Namespace) -> None:
         lines.append("")
     (RESULTS / "memory_stages.md").write_text("\n".join(lines) + "\n")
     fig, axes = plt.subplots(len(runs), 1, figsize=(11, 3.2 * len(runs)), squeeze=False)
+    everything = sorted({s[2] for r in runs for s in r["samples"]})         # one colour per stage in all runs
+    cmap = plt.get_cmap("tab20")
+    colour = {s: cmap(i % 20) for i, s in enumerate(everything)}
     for ax, r in zip(axes[:, 0], runs):
         t = [s[0] for s in r["samples"]]
-        ax.plot(t, [s[1] for s in r["samples"]], lw=0.8, label="RSS")
-        ax.plot(t, [s[3] for s in r["samples"]], lw=0.8, label="block cache (RAM)")
-        ax.axhline(4096, color="red", ls="--", lw=0.8, label="4 GiB")
+        ax.plot(t, [s[1] for s in r["samples"]], lw=0.5, color="0.6", label="RSS")
+        ax.plot(t, [s[3] for s in r["samples"]], lw=0.8, color="black", label="block cache (RAM)")
+        ax.axhline(4096, color="red", ls="--", lw=0.8, label="4 GiB (target)")
         stages = sorted({s[2] for s in r["samples"]})
-        cmap = plt.get_cmap("tab20")
-        colour = {s: cmap(i % 20) for i, s in enumerate(stages)}
-        ax.scatter(t, [s[1] for s in r["samples"]], s=2, c=[colour[s[2]] for s in r["samples"]])
+        ax.scatter(t, [s[1] for s in r["samples"]], s=4, c=[colour[s[2]] for s in r["samples"]], zorder=3)
         for s in stages:
             ax.scatter([], [], s=12, color=colour[s], label=s)
         ax.set_title(f"{r['tag']}: peak {r['ru_maxrss_mb']:.0f} MB ({r['peak_stage']})", fontsize=9)
