@@ -169,8 +169,20 @@ def summarise(tr: Tracer) -> list[dict]:
     return sorted(rows.values(), key=lambda r: r["first_s"])
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_run(a: argparse.Namespace, cli_args: list[str]) -> None:
+    """The CLI under the tracer; SIGUSR1 / SIGTERM, or --stop-after seconds, interrupt it (the CLI returns 130) and
+    the trace so far is written (a background job started by a shell ignores SIGINT)."""
+    import _thread
+    import signal
     sys.path.insert(0, str(ROOT / "src"))
+    signal.signal(signal.SIGUSR1, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    if a.stop_after:
+        threading.Timer(a.stop_after, _thread.interrupt_main).start()
     tr = Tracer(a.period)
     tr.live = Path(f"/tmp/memory_stages_{a.tag}.live.json")
     instrument(tr)
@@ -256,6 +268,7 @@ def main() -> None:
     r.add_argument("--tag", required=True)
     r.add_argument("--period", type=float, default=0.2)
     r.add_argument("--note", default="")
+    r.add_argument("--stop-after", type=float, default=0, help="seconds: interrupt the run then (0: never)")
     r.add_argument("--load-before", default=str([round(x, 1) for x in os.getloadavg()]))
     rep = sub.add_parser("report")
     rep.add_argument("--tags", required=True)
