@@ -742,6 +742,7 @@ class _BlockRun:
             except FloatingPointError as e:
                 raise FloatingPointError(_kept(e, self.checkpoint_dir if i else None,
                                                f"{i} of {len(self.plans)} layers done")) from e
+            release_memory()              # the backward's freed activations, before the next layer's statistics
 
 
 # config keys added after checkpoints were first written (QuantConfig / FinetuneConfig, and the "em" dict
