@@ -176,13 +176,14 @@ def _interrupt(*_) -> None:
 def cmd_run(a: argparse.Namespace, cli_args: list[str]) -> None:
     """The CLI under the tracer; SIGUSR1 / SIGTERM, or --stop-after seconds, interrupt it (the CLI returns 130) and
     the trace so far is written (a background job started by a shell ignores SIGINT)."""
-    import _thread
     import signal
     sys.path.insert(0, str(ROOT / "src"))
     signal.signal(signal.SIGUSR1, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    if a.stop_after:
-        threading.Timer(a.stop_after, _thread.interrupt_main).start()
+    if a.stop_after:      # SIGUSR1 to itself (interrupt_main's SIGINT is ignored in a background job)
+        timer = threading.Timer(a.stop_after, os.kill, (os.getpid(), signal.SIGUSR1))
+        timer.daemon = True
+        timer.start()
     tr = Tracer(a.period)
     tr.live = Path(f"/tmp/memory_stages_{a.tag}.live.json")
     instrument(tr)
