@@ -7,7 +7,7 @@ keeps ~1.2 GB of freed activations (RSS 1.5 GB against 0.3 GB live; `benchmarks/
 That memory is reused by the next step, but it also sits under whatever the next stage allocates, so the
 peak RSS is live data plus the previous stage's leftovers. `release_memory` calls glibc's `malloc_trim(0)`,
 which returns every free page of the heap; it costs 0.3-0.9 s after such a step, so the pipeline calls it
-between stages (after a block, before a layer's distillation), not between steps. Elsewhere (macOS,
+between stages (after a block, before and after a layer's distillation), not between steps. Elsewhere (macOS,
 musl) it does nothing.
 """
 from __future__ import annotations
