@@ -13,17 +13,20 @@ blocks replaced by their outputs, perturbing block j's output changes the input 
 that read it. Block j's outputs are dropped once the last of those has its inputs; a block whose output
 is no longer needed returns zeros of the right shape (an expanded scalar, no memory) if called again.
 
-Tensors live in a `TensorStore`: in memory up to `budget_bytes`, then spilled to memory-mapped files in
-a temporary folder (a log line says so), never more than the budget in RAM. Inputs and outputs may be
+Tensors live in a `TensorStore`: in memory up to `budget_bytes`, then spilled to .npy files in a temporary
+folder (a log line says so; read back through memory maps), never more than the budget in RAM. Equal tensors
+share one stored copy; every read hands out a private copy (of one piece of a batch where the pipeline runs in
+pieces), so an in-place op on what a block or the glue between blocks reads never reaches the store. Inputs and outputs may be
 stored as float16 (`dtype`) to halve the memory; float32 keeps the statistics exact.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -57,57 +60,79 @@ def tensors_of(obj: Any) -> list[torch.Tensor]:
     return out
 
 
-def piece_slices(args: Any, n: int) -> list[slice]:
-    """Slices cutting the batch of `args` (dim 0 of every tensor inside) into pieces of at most `n` images; one
-    slice of everything when n <= 0, the batch is no larger, or some tensor has no batch dim of the common size
-    (such arguments cannot be cut safely)."""
+def piece_slices(args: Any, n: int, batch: int) -> list[slice]:
+    """Slices cutting `args` into pieces of at most `n` images along dim 0; one slice of everything when n <= 0,
+    the batch is no larger, or some tensor inside does not have the calibration batch size `batch` as its dim 0
+    (a block fed (L, B, D) sequences, a 0-dim scale: such arguments cannot be cut safely)."""
     ts = tensors_of(args)
-    if n <= 0 or not ts or ts[0].dim() == 0:
+    if n <= 0 or batch <= n or not ts or any(t.dim() == 0 or t.shape[0] != batch for t in ts):
         return [slice(None)]
-    b = ts[0].shape[0]
-    if b <= n or any(t.dim() == 0 or t.shape[0] != b for t in ts):
-        return [slice(None)]
-    return [slice(i, min(i + n, b)) for i in range(0, b, n)]
+    return [slice(i, min(i + n, batch)) for i in range(0, batch, n)]
 
 
-def take_piece(obj: Any, sl: slice, batch: int | None = None) -> Any:
-    """`obj` with every tensor inside (with `batch`: every one whose dim 0 is that long) sliced along dim 0
-    (views, no copy)."""
+def take_piece(obj: Any, sl: slice, batch: int) -> Any:
+    """`obj` with every tensor inside whose dim 0 is `batch` long sliced along dim 0 (views, no copy)."""
     if sl == slice(None):
         return obj
-    return map_tensors(obj, lambda t: t[sl] if t.dim() > 0 and (batch is None or t.shape[0] == batch) else t)
+    return map_tensors(obj, lambda t: t[sl] if t.dim() > 0 and t.shape[0] == batch else t)
+
+
+class Unjoinable(Exception):
+    """The pieces' results cannot be put back together unambiguously (`cat_pieces`)."""
 
 
 def cat_pieces(objs: list[Any], sizes: list[int]) -> Any:
     """The objects computed on the pieces of one batch (`sizes` images each) put together: a tensor whose dim 0
-    is its piece's size in every piece is concatenated along it; anything else is taken from the first piece."""
+    is its piece's size in every piece is concatenated along it, one equal in every piece (a scale, a mask) is
+    taken once; anything else (a tensor whose dim 0 is not the batch, e.g. an (L, B, D) sequence) raises
+    `Unjoinable`: the caller runs the whole batch instead."""
     first = objs[0]
     if len(objs) == 1:
         return first
     if isinstance(first, torch.Tensor):
-        if all(isinstance(o, torch.Tensor) and o.dim() > 0 and o.shape[0] == n for o, n in zip(objs, sizes)):
+        if not all(isinstance(o, torch.Tensor) for o in objs):
+            raise Unjoinable
+        if all(o.dim() > 0 and o.shape[0] == n for o, n in zip(objs, sizes)):
             return torch.cat(objs)
-        return first
+        if all(o.shape == first.shape and torch.equal(o, first) for o in objs[1:]):
+            return first
+        raise Unjoinable
+    if isinstance(first, (tuple, list)) and not all(type(o) is type(first) and len(o) == len(first) for o in objs):
+        raise Unjoinable
     if isinstance(first, tuple):
         parts = [cat_pieces([o[k] for o in objs], sizes) for k in range(len(first))]
         return type(first)(*parts) if hasattr(first, "_fields") else tuple(parts)
     if isinstance(first, list):
         return [cat_pieces([o[k] for o in objs], sizes) for k in range(len(first))]
     if isinstance(first, dict):
+        if not all(isinstance(o, dict) and o.keys() == first.keys() for o in objs):
+            raise Unjoinable
         return {k: cat_pieces([o[k] for o in objs], sizes) for k in first}
+    if not all(o == first for o in objs[1:]):      # anything else must be the same in every piece
+        raise Unjoinable
     return first
 
 
-def _sizes(slices: list[slice], args: Any) -> list[int]:
-    b = tensors_of(args)[0].shape[0] if tensors_of(args) else 0
-    return [len(range(*sl.indices(b))) for sl in slices]
+def sizes_of(slices: list[slice], batch: int) -> list[int]:
+    return [len(range(*sl.indices(batch))) for sl in slices]
 
 
-def split_run(fn: Callable[[Any], Any], args: Any, n: int) -> Any:
-    """fn(args) computed piece by piece (`piece_slices`), outputs put together (`cat_pieces`): the same values up
-    to float summation order, with only one piece's activations alive at a time."""
-    slices = piece_slices(args, n)
-    return cat_pieces([fn(take_piece(args, sl)) for sl in slices], _sizes(slices, args))
+def run_pieces(fn: Callable[[Any], Any], piece: Callable[[slice], Any], slices: list[slice], batch: int,
+               what: str = "a block") -> Any:
+    """fn over the pieces `piece(sl)` of one batch (one piece's activations alive at a time), put together with
+    `cat_pieces`; when they cannot be (`Unjoinable`), fn over the whole batch `piece(slice(None))` instead."""
+    if len(slices) > 1:
+        try:
+            return cat_pieces([fn(piece(sl)) for sl in slices], sizes_of(slices, batch))
+        except Unjoinable:
+            log.debug("%s's outputs on pieces of a batch cannot be joined: the whole batch is run", what)
+    return fn(piece(slice(None)))
+
+
+def split_run(fn: Callable[[Any], Any], args: Any, n: int, batch: int) -> Any:
+    """fn(args) computed piece by piece (`piece_slices` of `batch` images), outputs put together (`run_pieces`):
+    the same values up to float summation order, with only one piece's activations alive at a time."""
+    return run_pieces(fn, lambda sl: take_piece(args, sl, batch), piece_slices(args, n, batch), batch)
 
 
 class TensorStore:
@@ -123,6 +148,7 @@ class TensorStore:
         self._held: dict[tuple, list[Any]] = {}     # _key -> handles held under it
         self._refs: dict[int, int] = {}             # id(handle) -> holders
         self._keys: dict[int, tuple] = {}           # id(handle) -> its _key
+        self._maps: dict[str, np.ndarray] | None = None     # open memory maps inside `mapped()`
 
     def put(self, t: torch.Tensor) -> Any:
         """A handle to a copy of `t` (detached; float tensors in `dtype` where given and finite). A tensor equal to
@@ -163,18 +189,55 @@ class TensorStore:
                      self._dir)
         path = os.path.join(self._dir, f"{self._n}.npy")
         self._n += 1
-        arr = t.contiguous().numpy()
-        mm = np.lib.format.open_memmap(path, mode="w+", dtype=arr.dtype, shape=arr.shape)
-        mm[...] = arr
-        mm.flush()
-        del mm
+        try:                      # written, not a sparse memory map: a full disk is an OSError here, not a SIGBUS
+            with open(path, "wb") as f:
+                np.save(f, t.contiguous().numpy())
+        except OSError as e:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+            raise OSError(e.errno, f"spilling block activations to {self._dir} failed ({size} bytes needed for this "
+                                   f"tensor, {self.spilled} already there): {e.strerror or e}; free disk space there, "
+                                   "raise QuantConfig.cache_mb or lower forward_mb / the calibration images") from e
         self.spilled += size
         return ("disk", path, size)
 
     def get(self, h: Any) -> torch.Tensor:
+        """The stored tensor itself (RAM) or a fresh copy (disk): for reads inside the store; a caller that may
+        change what it gets uses `read`."""
         if h[0] == "ram":
             return h[1]
-        return torch.from_numpy(np.load(h[1], mmap_mode="r").copy())
+        return torch.from_numpy(np.array(self._map(h[1])))
+
+    def read(self, h: Any, sl: slice = slice(None), batch: int = -1) -> torch.Tensor:
+        """A copy of the stored tensor that no one else holds (a handle may be shared by equal tensors: the
+        student's and the teacher's inputs; an in-place op of a block or of the glue between blocks must not reach
+        the other holders), sliced along dim 0 by `sl` when that dim is `batch` long: one piece's worth."""
+        src = h[1] if h[0] == "ram" else self._map(h[1])
+        if sl != slice(None) and src.ndim > 0 and src.shape[0] == batch:
+            src = src[sl]
+        return src.clone() if h[0] == "ram" else torch.from_numpy(np.array(src))
+
+    def _map(self, path: str) -> np.ndarray:
+        """The spilled file's memory map: kept while `mapped()` is open (one per file and batch, not per piece)."""
+        if self._maps is not None:
+            if path not in self._maps:
+                self._maps[path] = np.load(path, mmap_mode="r")
+            return self._maps[path]
+        return np.load(path, mmap_mode="r")
+
+    @contextlib.contextmanager
+    def mapped(self) -> Iterator[None]:
+        """Context: spilled files are opened once and their maps dropped at the end (the pieces of one batch)."""
+        outer = self._maps is not None
+        if not outer:
+            self._maps = {}
+        try:
+            yield
+        finally:
+            if not outer:
+                self._maps = None
 
     def free(self, h: Any) -> None:
         """Release one holder of `h`; the copy goes with the last."""
@@ -191,6 +254,8 @@ class TensorStore:
         if h[0] == "ram":
             self.in_ram -= h[2]
         else:
+            if self._maps is not None:
+                self._maps.pop(h[1], None)
             try:
                 os.remove(h[1])
             except OSError:
@@ -213,16 +278,19 @@ def _store_obj(store: TensorStore, obj: Any) -> Any:
     return map_tensors(obj, store.put)
 
 
-def _load_obj(store: TensorStore, obj: Any, device: torch.device, dtype: torch.dtype) -> Any:
+def _load_obj(store: TensorStore, obj: Any, device: torch.device, dtype: torch.dtype, sl: slice = slice(None),
+              batch: int = -1) -> Any:
+    """The stored object with private copies of its tensors (`TensorStore.read`; sliced by `sl` where dim 0 is
+    `batch` long), on `device`, floats in `dtype`."""
     if _is_handle(obj):
-        t = store.get(obj)
+        t = store.read(obj, sl, batch)
         return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
     if isinstance(obj, tuple):
-        return tuple(_load_obj(store, o, device, dtype) for o in obj)
+        return tuple(_load_obj(store, o, device, dtype, sl, batch) for o in obj)
     if isinstance(obj, list):
-        return [_load_obj(store, o, device, dtype) for o in obj]
+        return [_load_obj(store, o, device, dtype, sl, batch) for o in obj]
     if isinstance(obj, dict):
-        return {k: _load_obj(store, v, device, dtype) for k, v in obj.items()}
+        return {k: _load_obj(store, v, device, dtype, sl, batch) for k, v in obj.items()}
     return obj
 
 
@@ -323,10 +391,27 @@ class Cached:
         return len(self._objs)
 
     def __getitem__(self, b: int) -> Any:
-        return _load_obj(self.store, self._objs[b], self.device, self.dtype)
+        """Batch b's object, its tensors private copies (an in-place op on them changes nothing stored)."""
+        with self.store.mapped():
+            return _load_obj(self.store, self._objs[b], self.device, self.dtype)
 
     def __iter__(self):
         return (self[b] for b in range(len(self)))
+
+    def piece(self, b: int, sl: slice, batch: int) -> Any:
+        """Batch b's object cut by `sl` along dim 0 where that dim is `batch` long (`take_piece`), private copies
+        of the piece only (inside `store.mapped()` a spilled batch is opened once for all its pieces)."""
+        return _load_obj(self.store, self._objs[b], self.device, self.dtype, sl, batch)
+
+    def slices(self, b: int, n: int, batch: int) -> list[slice]:
+        """`piece_slices` of batch b's object (from the stored shapes, nothing read)."""
+        return piece_slices(_skeleton(self.store, self._objs[b], self.device, self.dtype), n, batch)
+
+    def run(self, b: int, fn: Callable[[Any], Any], n: int, batch: int) -> Any:
+        """fn over batch b's object in pieces of at most n of its `batch` images (`run_pieces`): the same values
+        as fn(self[b]) up to float summation order, one piece's copies and activations alive at a time."""
+        with self.store.mapped():
+            return run_pieces(fn, lambda sl: self.piece(b, sl, batch), self.slices(b, n, batch), batch)
 
     def free(self) -> None:
         for o in self._objs:
@@ -357,10 +442,11 @@ class BlockIO:
     def _lookup(self, b: int, sl: slice = slice(None)) -> Callable[[int], Callable]:
         def make(j: int) -> Callable:
             def fwd(*_a, **_k):
+                batch = self.batches[b].shape[0]
                 if j in self._outputs:
-                    return take_piece(self._outputs[j][b], sl, self.batches[b].shape[0])
-                if j in self._dead:
-                    return take_piece(self._dead[j][b], sl, self.batches[b].shape[0])
+                    return self._outputs[j].piece(b, sl, batch)
+                if j in self._dead:                     # zeros, materialised: the glue may work in place
+                    return map_tensors(take_piece(self._dead[j][b], sl, batch), torch.clone)
                 raise RuntimeError(f"block {self.blocks[j].name!r} has no output yet (blocks must go in order)")
             return fwd
         return make
@@ -370,11 +456,13 @@ class BlockIO:
         earlier = {j: m for j, m in self.mods.items() if j < i}
 
         def one(b: int, x: torch.Tensor) -> Args:
-            parts, slices = [], piece_slices(x, self.piece)
-            for sl in slices:
+            def capture(xs: torch.Tensor, sl: slice) -> Args:
                 with _Patched(earlier, self._lookup(b, sl)):
-                    parts.append(capture_call(self.model, self.mods[i], take_piece(x, sl)))
-            return cat_pieces(parts, _sizes(slices, x))
+                    return capture_call(self.model, self.mods[i], xs)
+            batch = x.shape[0]
+            with self.store.mapped():            # each spilled output opened once for the batch's pieces
+                return run_pieces(lambda sl: capture(take_piece(x, sl, batch), sl), lambda sl: sl,
+                                  piece_slices(x, self.piece, batch), batch, self.blocks[i].name)
         cached = Cached(self.store, (one(b, x) for b, x in enumerate(self.batches)), self.device, self.dtype)
         for j in list(self._outputs):                # no later block reads these any more
             if self.last_reader[j] <= i:
@@ -390,7 +478,7 @@ class BlockIO:
     def drop(self, j: int) -> None:
         if j in self._outputs:
             outs = self._outputs.pop(j)
-            self._dead[j] = [_skeleton(o, self.device, self.dtype) for o in outs._objs]
+            self._dead[j] = [_skeleton(self.store, o, self.device, self.dtype) for o in outs._objs]
             outs.free()
 
     def close(self) -> None:
@@ -398,23 +486,23 @@ class BlockIO:
             self.drop(j)
 
 
-def _skeleton(obj: Any, device: torch.device, dtype: torch.dtype) -> Any:
+def _skeleton(store: TensorStore, obj: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """Zeros shaped like the stored object (expanded scalars: no memory)."""
     if _is_handle(obj):
         if obj[0] == "ram":
             t = obj[1]
             shape, dt = t.shape, t.dtype
         else:
-            arr = np.load(obj[1], mmap_mode="r")
+            arr = store._map(obj[1])                  # the header only
             shape, dt = arr.shape, torch.from_numpy(np.zeros(0, dtype=arr.dtype)).dtype
         dt = dtype if dt.is_floating_point else dt
         return torch.zeros((), dtype=dt, device=device).expand(shape)
     if isinstance(obj, tuple):
-        return tuple(_skeleton(o, device, dtype) for o in obj)
+        return tuple(_skeleton(store, o, device, dtype) for o in obj)
     if isinstance(obj, list):
-        return [_skeleton(o, device, dtype) for o in obj]
+        return [_skeleton(store, o, device, dtype) for o in obj]
     if isinstance(obj, dict):
-        return {k: _skeleton(v, device, dtype) for k, v in obj.items()}
+        return {k: _skeleton(store, v, device, dtype) for k, v in obj.items()}
     return obj
 
 

@@ -35,7 +35,7 @@ from .memtrim import release_memory
 from .modules import empty_pq_like, is_pq, module_device, quantize_module, round_codebook, round_codebooks_
 from .serialize import round_bn_stats_
 from .size import size_report
-from .blockio import BlockIO, Cached, TensorStore, dependencies, piece_slices, run_block, split_run, take_piece
+from .blockio import BlockIO, Cached, TensorStore, dependencies, run_block
 from .blocks import Block, call_order, find_blocks
 from .reconstruct import reconstruct_block
 from .scalar import (empty_like_plan, is_quantized, quantize_fp16, quantize_module_fp16, quantize_module_scalar,
@@ -538,15 +538,13 @@ class _BlockRun:
                 targets = None
                 if t_in is not None:
                     with torch.no_grad():
-                        targets = Cached(store, (split_run(lambda a: run_block(t_block, a), t_in[b], n)
-                                                 for b in range(len(t_in))),
-                                         s_in.device, s_in.dtype)
+                        targets = Cached(store, (t_in.run(b, lambda a: run_block(t_block, a), n, len(x))
+                                                 for b, x in enumerate(self.calib)), s_in.device, s_in.dtype)
                 if bi >= blocks_done:
                     self._quantize_block(bi, block, s_block, s_in, t_block, t_in, targets, bar)
                 with torch.no_grad():
-                    outs = Cached(store, (split_run(lambda a: run_block(s_block, a), s_in[b], n)
-                                          for b in range(len(s_in))), s_in.device,
-                                  s_in.dtype)
+                    outs = Cached(store, (s_in.run(b, lambda a: run_block(s_block, a), n, len(x))
+                                          for b, x in enumerate(self.calib)), s_in.device, s_in.dtype)
                 s_io.set_outputs(bi, outs)
                 if t_io is not None:
                     t_io.set_outputs(bi, targets)
@@ -652,17 +650,19 @@ class _BlockRun:
         try:
             for b in range(len(s_in)):
                 collector.batch = dist.rank() + b * dist.world_size()    # the global batch index (dist.shard)
-                args, t_args = s_in[b], (t_in[b] if cross else None)
-                # pieces of the batch (QuantConfig.forward_mb); whole batches with seeded positions (drawn per batch)
-                for sl in piece_slices(args, 0 if self.config.stats_positions else self.piece):
-                    if cross:
-                        collector.reference = capture_input(lambda a: run_block(t_block, a),
-                                                           self.t_modules[plan.name], take_piece(t_args, sl))
-                    try:
-                        with torch.no_grad():
-                            run_block(s_block, take_piece(args, sl))
-                    except StopForward:
-                        pass
+                batch = len(self.calib[b])
+                # pieces of the batch (QuantConfig.forward_mb), private copies of one piece at a time; whole batches
+                # with seeded positions (drawn per batch)
+                with s_in.store.mapped():      # a spilled batch opened once for its pieces
+                    for sl in s_in.slices(b, 0 if self.config.stats_positions else self.piece, batch):
+                        if cross:
+                            collector.reference = capture_input(lambda a: run_block(t_block, a),
+                                                               self.t_modules[plan.name], t_in.piece(b, sl, batch))
+                        try:
+                            with torch.no_grad():
+                                run_block(s_block, s_in.piece(b, sl, batch))
+                        except StopForward:
+                            pass
             collector.reference = None
         finally:
             stop.remove()
@@ -749,16 +749,23 @@ class _BlockRun:
 # inside QuantConfig) -> their defaults. FinetuneConfig.holdout is not one on purpose: a checkpoint made before
 # the holdout guard fine-tuned on the images a run now holds out; nor is FinetuneConfig.layer_guard: a checkpoint
 # made before the per-layer guard kept per-layer steps the guard would undo (and, without global steps, trained
-# on the holdout).
+# on the holdout). forward_mb (session 11) is one although a checkpoint made before it ran whole batches: a run
+# resuming it at the default computes the remaining statistics and block outputs in pieces, which changes float
+# summation order only (not at all where a batch fits one piece: CIFAR), so it resumes rather than starts over.
 ADDED_KEYS = {"alloc_max_error": None, "mixup": 0.0, "loss": "auto", "alloc_menu": [], "train_bias": False,
               "stats_positions": 0, "forward_mb": 16.0}
 ADDED_EM_KEYS = {"mean_correction": False}
+# config keys that change no result, fingerprinted at one fixed value: QuantConfig.cache_mb only moves cached
+# activations between RAM and spill files read back exactly. Its value before session 11's default (512) was
+# 4096, the one checkpoints made then carry in their fingerprint, so any cache_mb matches them.
+NEUTRAL_KEYS = {"cache_mb": 4096}
 
 
 def _fp_json(d: dict[str, Any]) -> dict[str, Any]:
-    """`d` without the ADDED_KEYS that hold their defaults, so a checkpoint made before those keys
-    existed still matches a run that does not use them."""
+    """`d` as the run's fingerprint sees it: without the ADDED_KEYS that hold their defaults (a checkpoint made
+    before those keys existed still matches a run that does not use them), the NEUTRAL_KEYS at their fixed value."""
     out = {k: v for k, v in d.items() if not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
+    out.update({k: v for k, v in NEUTRAL_KEYS.items() if k in out})
     rc = out.get("reconstruct")
     if isinstance(rc, dict) and not rc.get("steps"):         # no reconstruction: its gradient slices change nothing
         out["reconstruct"] = {k: v for k, v in rc.items() if k != "grad_slices"}

@@ -271,7 +271,8 @@ class QuantConfig:
     cache_mb: int = 512             # RAM for cached block activations; beyond it they spill to temporary files (read
                                     # back exactly; EfficientNet-Lite0 at 500 images spills ~0.9 GB at its first
                                     # blocks): the cache sits idle under each layer's distillation, so a larger
-                                    # budget only raises the peak RSS (session 11: 4096 -> 512)
+                                    # budget only raises the peak RSS (session 11: 4096 -> 512). Not in a
+                                    # checkpoint's fingerprint (compress.NEUTRAL_KEYS)
     forward_mb: float = 16.0        # the forward passes over a calibration batch (statistics, block inputs/outputs,
                                     # the allocation's pass) run on pieces of at most this many MB of input images
                                     # (ImageNet 224 px: 27 images; CIFAR batches stay whole), so only one piece's
@@ -309,8 +310,10 @@ class QuantConfig:
             raise ValueError(f"cache_dtype must be 'float32' or 'float16', got {self.cache_dtype!r}")
         if self.cache_mb < 0:
             raise ValueError(f"cache_mb must be >= 0, got {self.cache_mb}")
-        if not (isinstance(self.forward_mb, (int, float)) and math.isfinite(self.forward_mb) and self.forward_mb >= 0):
+        if (isinstance(self.forward_mb, bool) or not isinstance(self.forward_mb, (int, float))
+                or not math.isfinite(self.forward_mb) or self.forward_mb < 0):
             raise ValueError(f"forward_mb must be a finite number >= 0 (0: whole batches), got {self.forward_mb!r}")
+        self.forward_mb = float(self.forward_mb)        # 8 and 8.0: one setting, one fingerprint
         check_int(self.stats_positions, "stats_positions", 0)          # 0: every position
         for pattern, ov in self.name_overrides.items():
             try:
