@@ -16,8 +16,8 @@ is no longer needed returns zeros of the right shape (an expanded scalar, no mem
 Tensors live in a `TensorStore`: in memory up to `budget_bytes`, then spilled to .npy files in a temporary
 folder (a log line says so; read back through memory maps), never more than the budget in RAM. Equal tensors
 share one stored copy; every read hands out a private copy (of one piece of a batch where the pipeline runs in
-pieces), so an in-place op on what a block or the glue between blocks reads never reaches the store. Inputs and outputs may be
-stored as float16 (`dtype`) to halve the memory; float32 keeps the statistics exact.
+pieces), so an in-place op on what a block or the glue between blocks reads never reaches the store. Inputs
+and outputs may be stored as float16 (`dtype`) to halve the memory; float32 keeps the statistics exact.
 """
 from __future__ import annotations
 
@@ -108,7 +108,11 @@ def cat_pieces(objs: list[Any], sizes: list[int]) -> Any:
         if not all(isinstance(o, dict) and o.keys() == first.keys() for o in objs):
             raise Unjoinable
         return {k: cat_pieces([o[k] for o in objs], sizes) for k in first}
-    if not all(o == first for o in objs[1:]):      # anything else must be the same in every piece
+    try:                                            # anything else must be the same in every piece
+        same = all(bool(o == first) for o in objs[1:])
+    except (TypeError, ValueError, RuntimeError):
+        same = False
+    if not same:
         raise Unjoinable
     return first
 
