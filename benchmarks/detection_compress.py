@@ -88,7 +88,9 @@ def main() -> None:
     p.add_argument("--calib-size", type=int, default=None, help="letterbox size of the calibration / distillation "
                                                                  "photos (default: the recipe's)")
     p.add_argument("--calib-images", type=int, default=None, help="default: the recipe's")
-    p.add_argument("--config", default="{}", help="QuantConfig keys on top of the detector recipe, JSON")
+    p.add_argument("--config", default="{}", help="QuantConfig keys on top of the detector recipe, JSON; a JSON "
+                                                  "list of such: variants run in one process (one rate-distortion "
+                                                  "sweep), with --tag 'A|B|...' naming them")
     p.add_argument("--finetune", default="{}", help="FinetuneConfig keys on top of the detector recipe, JSON")
     p.add_argument("--eval-sizes", default="640")
     p.add_argument("--seed", type=int, default=0)
@@ -117,7 +119,12 @@ def main() -> None:
     recipe_q, recipe_ft, recipe_data = detector_recipe()
     calib_size = a.calib_size or recipe_data["calib_size"]
     calib_images = a.calib_images or recipe_data["calib_images"]
-    extra_q, extra_ft = json.loads(a.config), json.loads(a.finetune)
+    extra_ft = json.loads(a.finetune)
+    variants = json.loads(a.config)
+    variants = variants if isinstance(variants, list) else [variants]
+    tags = a.tag.split("|")
+    if len(tags) != len(variants):
+        raise SystemExit(f"--tag: one tag per --config variant ('|'-separated), got {len(tags)} for {len(variants)}")
     sizes = [int(s) for s in a.eval_sizes.split(",")]
     teacher = build_model(MODEL)
     t_maps = teacher_maps(teacher, sizes, doc)
@@ -127,7 +134,7 @@ def main() -> None:
     train = LetterboxDataset(PHOTOS, size=calib_size, train=True, seed=a.seed)     # random flips
     entry = get_entry(MODEL)
     for ratio in [float(r) for r in a.ratios.split(",")]:
-        for method in a.methods.split(","):
+        for method, (extra_q, tag) in [(m, v) for m in a.methods.split(",") for v in zip(variants, tags)]:
             bits = int(method[4:]) if re.fullmatch(r"gptq\d", method) else 0
             if method != "alloc" and not bits:
                 raise SystemExit(f"unknown method {method!r}: alloc or gptqB")
@@ -163,7 +170,7 @@ def main() -> None:
                          finetune=ft if ft.enabled else None, train_data=train if ft.enabled else None,
                          target_ratio=target, checkpoint_dir=ck)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-            name = f"y{'gptq' + str(bits) if bits else f'{ratio:g}x'}-{a.tag or 'run'}.bitdown"
+            name = f"y{'gptq' + str(bits) if bits else f'{ratio:g}x'}-{tag or 'run'}.bitdown"
             out_file = save(q, Path(a.files) / name)
             rep = size_report(q, q.bitdown.plans)
             maps = {}
@@ -174,7 +181,7 @@ def main() -> None:
             eval_s = time.perf_counter() - t1
             if a.from_checkpoint:
                 key["global_stage_from"] = a.from_checkpoint
-            row = dict(key, tag=a.tag, ratio=rep.ratio, size_mb=rep.size_mb, bytes_on_disk=out_file.stat().st_size,
+            row = dict(key, tag=tag, ratio=rep.ratio, size_mb=rep.size_mb, bytes_on_disk=out_file.stat().st_size,
                        maps=maps, teacher=t_maps, compress_wall_s=round(wall, 1), compress_cpu_s=round(cpu, 1),
                        eval_wall_s=round(eval_s, 1), threads=a.threads, file=str(out_file),
                        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),

@@ -180,6 +180,57 @@ def test_layer_sensitivity_on_several_output_tensors(data):
     assert 0.5 < s["a"] / s["b"] < 2
 
 
+class BackgroundMaps(nn.Module):
+    """Two YOLO-like logit maps: `a`'s logits sit around -16 (background: sigmoid ~ 1e-7, saturated), `b`'s around
+    0 (where a box's probability is decided). Relative noise of the same size in either layer moves each map's
+    normalised MSE equally, but only `b`'s decoded probabilities."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(3, 16, 3, padding=1)
+        with torch.no_grad():
+            self.a.weight.mul_(0.05)
+            self.a.bias.fill_(-16.0)
+            self.b.bias.zero_()
+
+    def forward(self, x):
+        return [self.a(x), self.b(x)]
+
+
+def test_layer_sensitivity_bce_reads_the_decoded_probabilities(data):
+    """loss='bce' (QuantConfig.alloc_sensitivity_loss): a layer whose map is saturated background logits barely
+    reaches the sigmoid outputs, though its normalised raw-map MSE is as large as the other layer's."""
+    from bitdown.allocate import layer_sensitivity
+    model = BackgroundMaps().eval()
+    plans, _ = resolve_plan(model, QuantConfig(quantize_stem=True))
+    mse = layer_sensitivity(model, plans, data, progress=False)
+    bce = layer_sensitivity(model, plans, data, progress=False, loss="bce")
+    assert 0.5 < mse["a"] / mse["b"] < 2
+    assert bce["a"] < 0.01 * bce["b"] and bce["a"] > 0
+    with pytest.raises(ValueError, match="loss must be one of 'mse', 'bce'"):
+        layer_sensitivity(model, plans, data, progress=False, loss="kl")
+    with pytest.raises(ValueError, match="alloc_sensitivity_loss"):
+        QuantConfig(alloc_sensitivity_loss="l1")
+
+
+def test_budget_config_uses_the_sensitivity_loss(data):
+    """The allocation weighted by the 'bce' sensitivity gives the probability-deciding layer the bytes."""
+    from bitdown.allocate import budget_config
+    model = BackgroundMaps().eval()
+    reports = {}
+    for loss in ("mse", "bce"):
+        cfg = QuantConfig(quantize_stem=True, calib_images=128, alloc_weighting="sensitivity",
+                          alloc_sensitivity_loss=loss)
+        _, reports[loss] = budget_config(model, data, cfg, target_ratio=10.0, progress=False)
+    mse, bce = (reports[k]["layers"] for k in ("mse", "bce"))
+    assert reports["bce"]["sensitivity_loss"] == "bce"
+    assert bce["b"]["sensitivity"] > 100 * bce["a"]["sensitivity"]
+    assert mse["a"]["bytes"] == mse["b"]["bytes"]                  # the raw maps' MSE: the layers look alike
+    assert bce["b"]["bytes"] > bce["a"]["bytes"] and bce["b"]["rel_err2"] < mse["b"]["rel_err2"]
+
+
 def test_weighted_allocation_favours_the_sensitive_layer():
     from bitdown.allocate import weighted
     opts = {n: [Option(4, 2, 10.0, 0.5), Option(4, 16, 30.0, 0.1)] for n in ("a", "b")}

@@ -43,7 +43,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .config import SCALAR_BITS, EMConfig, LayerPlan, QuantConfig, clamp_centroids, resolve_plan
+from .config import (SCALAR_BITS, EMConfig, LayerPlan, QuantConfig, check_sensitivity_loss, clamp_centroids,
+                     resolve_plan)
 from .em import assign_pooled, exact_objective, kmeans
 from .meancorrect import bn_gains
 from .modules import module_device
@@ -197,6 +198,7 @@ def alloc_em(em: EMConfig) -> EMConfig:
 
 
 _RD_TABLES: dict[str, dict[str, list[Option]]] = {}   # fingerprint of the inputs -> table (this process)
+_SENSITIVITIES: dict[str, dict[str, float]] = {}  # the same for layer_sensitivity
 _RD_KEEP = 4
 
 
@@ -212,23 +214,33 @@ def measure_options(model: nn.Module, plans: list[LayerPlan], batches: Iterable[
     scalar codes rounded to nearest on their clip-searched grid (`scalar_feedback`: with GPTQ feedback).
     The table depends on the model, plans, images, EM and seed only, not on the budget: the last few
     are kept in this process, so a sweep over budgets measures it once."""
-    from .checkpoint import fingerprint
-
     em = em or alloc_em(EMConfig())
     extra = _extra(extra)
     batches = list(batches)
-    key = fingerprint(type(model).__qualname__, repr(model), model.training, str(module_device(model)),
-                      {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)},
-                      [p.to_json() for p in plans], {str(i): b for i, b in enumerate(batches)},
-                      dataclasses.asdict(em), seed, *([list(extra), scalar_feedback] if extra else []))
+    key = _inputs_key(model, plans, batches, dataclasses.asdict(em), seed,
+                      *([list(extra), scalar_feedback] if extra else []))
     if key in _RD_TABLES:
         log.info("rate-distortion table reused (same model, layers, images, EM and seed)")
         return {n: list(v) for n, v in _RD_TABLES[key].items()}
     table = _measure_options(model, plans, batches, em, seed, progress, extra, scalar_feedback)
-    _RD_TABLES[key] = table
-    while len(_RD_TABLES) > _RD_KEEP:
-        _RD_TABLES.pop(next(iter(_RD_TABLES)))
+    _remember(_RD_TABLES, key, table)
     return {n: list(v) for n, v in table.items()}
+
+
+def _inputs_key(model: nn.Module, plans: list[LayerPlan], batches: list[torch.Tensor], *settings) -> str:
+    """Fingerprint of what a per-process table of the allocator depends on: the model (weights, mode, device),
+    the layers, the images and `settings`."""
+    from .checkpoint import fingerprint
+
+    return fingerprint(type(model).__qualname__, repr(model), model.training, str(module_device(model)),
+                       {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)},
+                       [p.to_json() for p in plans], {str(i): b for i, b in enumerate(batches)}, *settings)
+
+
+def _remember(cache: dict, key: str, value) -> None:
+    cache[key] = value
+    while len(cache) > _RD_KEEP:
+        cache.pop(next(iter(cache)))
 
 
 def _measure_options(model: nn.Module, plans: list[LayerPlan], batches: list[torch.Tensor], em: EMConfig,
@@ -276,26 +288,41 @@ def _measure_options(model: nn.Module, plans: list[LayerPlan], batches: list[tor
 
 @torch.no_grad()
 def layer_sensitivity(model: nn.Module, plans: list[LayerPlan], batches: list[torch.Tensor], eps: float = 0.1,
-                      n_images: int = 64, seed: int = 0, progress: bool = True) -> dict[str, float]:
+                      n_images: int = 64, seed: int = 0, progress: bool = True, loss: str = "mse") -> dict[str, float]:
     """How much each layer's relative output error reaches the network's output:
 
-        s_l = E||f(x; y_l + n) - f(x)||^2 / E||f(x)||^2 / eps^2,   n ~ N(0, eps^2 mean(y_l^2)),
+        s_l = L(f(x; y_l + n), f(x)) / eps^2,   n ~ N(0, eps^2 mean(y_l^2)),
 
+    L = finetune.distill_loss under `loss`: 'mse' the normalised E||f(x; y_l + n) - f(x)||^2 / E||f(x)||^2
     (summed over the output's tensors when it has several, e.g. a detector's three head maps: the same
-    normalisation as the distillation loss),
+    normalisation as the distillation loss); 'bce' the Bernoulli KL between sigmoid(f(x)) and sigmoid of the
+    noisy output (every element read through a sigmoid, as a YOLO head's decode reads its maps: an error
+    counts by what it does to the decoded objectness / class probabilities and box offsets, not by its share
+    of the maps' energy, which the background's very negative logits dominate),
 
     white noise of relative energy eps^2 added to layer l's output y_l (its quantization error is an
     output error of that size: D_l = ||X(W - W_hat)||^2 / ||XW||^2), on `n_images` calibration images,
-    seeded. One forward pass per layer. Weighting D_l by s_l makes the allocation minimise (to first
+    seeded. One forward pass per layer (the last few results are kept in this process). Weighting D_l by s_l makes the allocation minimise (to first
     order) the error of the network's outputs rather than the plain sum of layer errors, which starves
     the big layers of compact networks whose errors compound."""
-    x = torch.cat(list(batches))[:n_images]
+    check_sensitivity_loss(loss, "loss")
+    batches = list(batches)
+    key = _inputs_key(model, plans, batches, eps, n_images, seed, loss)
+    if key not in _SENSITIVITIES:           # a sweep over budgets measures them once
+        _remember(_SENSITIVITIES, key, _layer_sensitivity(model, plans, batches, eps, n_images, seed, progress, loss))
+    return dict(_SENSITIVITIES[key])
+
+
+def _layer_sensitivity(model: nn.Module, plans: list[LayerPlan], batches: list[torch.Tensor], eps: float,
+                       n_images: int, seed: int, progress: bool, loss: str) -> dict[str, float]:
+    from .finetune import distill_loss
+
+    x = torch.cat(batches)[:n_images]
     if x.shape[0] == 0:
         raise ValueError("no calibration image to measure layer sensitivities on")
     was_training = model.training
     model.eval()
     ref = _output_tensors(model(x))                                         # e.g. [(n, classes)]
-    ref_energy = [float(t.pow(2).sum()) or 1.0 for t in ref]
     modules = dict(model.named_modules())
     out: dict[str, float] = {}
     try:
@@ -307,8 +334,7 @@ def layer_sensitivity(model: nn.Module, plans: list[LayerPlan], batches: list[to
                 return y + scale * torch.randn(y.shape, generator=gen, dtype=y.dtype).to(y.device)
             handle = modules[p.name].register_forward_hook(noisy)
             try:
-                err = sum(float((y - r).pow(2).sum()) / e
-                          for y, r, e in zip(_output_tensors(model(x)), ref, ref_energy))
+                err = float(distill_loss(_output_tensors(model(x)), ref, loss=loss))
             finally:
                 handle.remove()
             out[p.name] = err / eps ** 2
@@ -410,7 +436,8 @@ def budget_config(model: nn.Module, batches: list[torch.Tensor], config: QuantCo
                              f"({dense / smallest:.1f}x); raise alloc_max_error or the budget")
     sens = None
     if config.alloc_weighting == "sensitivity":
-        sens = layer_sensitivity(model, plans, batches, seed=config.seed, progress=progress)
+        sens = layer_sensitivity(model, plans, batches, seed=config.seed, progress=progress,
+                                 loss=config.alloc_sensitivity_loss)
         choice = allocate(weighted(options, sens), budget, other)
         choice = {n: next(o for o in options[n] if o.key == c.key)
                   for n, c in choice.items()}                            # report the unweighted distortion
@@ -420,6 +447,7 @@ def budget_config(model: nn.Module, batches: list[torch.Tensor], config: QuantCo
     report = {"budget_bytes": budget, "achieved_bytes": achieved, "ratio": dense / achieved,
               "target_ratio": target_ratio, "target_size": target_size,
               "weighting": config.alloc_weighting, "max_error": config.alloc_max_error,
+              **({"sensitivity_loss": config.alloc_sensitivity_loss} if sens else {}),
               "layers": {n: {"block_size": o.block_size, "n_centroids": o.n_centroids, "bytes": o.bytes,
                              "rel_err2": o.distortion, "keep": o.keep,
                              **({"scalar_bits": o.scalar_bits} if o.scalar_bits else {}),

@@ -36,6 +36,7 @@ PRESETS: dict[str, dict[str, int]] = {
 LAYER_KINDS = ("conv1x1", "convkxk", "linear")
 OVERRIDE_KEYS = ("block_size", "n_centroids", "skip", "codebook_bits", "share", "scalar_bits", "fp16")
 SCALAR_BITS = (2, 3, 4, 8)  # per-output-channel scalar codes (scalar.py); 0 in a plan: product quantization
+SENSITIVITY_LOSSES = ("mse", "bce")  # QuantConfig.alloc_sensitivity_loss: finetune.distill_loss's losses for any output
 CODEBOOK_BITS = (16, 8)     # fp16 codebooks (the paper), or int8 with one fp16 scale per column
 MAX_CENTROIDS = 1 << 15  # codes are stored as int16 at most
 CHANNEL_WEIGHTINGS = ("none", "variance", "bn")
@@ -261,6 +262,9 @@ class QuantConfig:
     share_same_shape: bool = False  # one codebook per (kind, weight shape) group of layers
     alloc_weighting: str = "none"   # with a target size: 'none' minimises sum_l D_l (relative output errors);
                                     # 'sensitivity' weights each D_l by how much it reaches the network output
+    alloc_sensitivity_loss: str = "mse"  # with alloc_weighting 'sensitivity': how a layer's output noise is measured
+                                    # at the network's output: 'mse' (normalised, per output tensor) or 'bce'
+                                    # (Bernoulli KL of sigmoid outputs: what a YOLO head's decode reads)
     alloc_max_error: float | None = None  # with a target size: no layer gets an option whose relative output
                                           # error D_l exceeds this (e.g. 0.3), whatever the weighting says
     alloc_menu: list[str] = field(default_factory=list)  # with a target size: options beyond PQ the allocator may
@@ -325,6 +329,7 @@ class QuantConfig:
             _check_override(ov, f"type override {key!r}")
         if self.alloc_weighting not in ("none", "sensitivity"):
             raise ValueError(f"alloc_weighting must be 'none' or 'sensitivity', got {self.alloc_weighting!r}")
+        check_sensitivity_loss(self.alloc_sensitivity_loss, "alloc_sensitivity_loss")
         if self.alloc_max_error is not None and not (0 < self.alloc_max_error and math.isfinite(self.alloc_max_error)):
             raise ValueError(f"alloc_max_error must be a finite number > 0 (or None), got {self.alloc_max_error!r}")
         for k in ("calib_images", "batch_size", "bn_images"):
@@ -348,6 +353,12 @@ def check_int(value: Any, what: str, minimum: int) -> None:
     """The one rule for integer settings: an int (not a bool, not a float) >= minimum, else a ValueError."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_sensitivity_loss(loss: Any, what: str) -> None:
+    """A layer-sensitivity loss (allocate.layer_sensitivity) is one of SENSITIVITY_LOSSES, else a ValueError."""
+    if loss not in SENSITIVITY_LOSSES:
+        raise ValueError(f"{what} must be one of {', '.join(map(repr, SENSITIVITY_LOSSES))}, got {loss!r}")
 
 
 def _checked(d: dict[str, Any], allowed: set[str], what: str) -> dict[str, Any]:
