@@ -251,13 +251,16 @@ def write_report(path: Path, doc: dict) -> None:
 
 
 def _label(r: dict) -> str:
-    """A row's series in the plot: the method, its stages and the EM's channel weighting."""
+    """A row's series in the plot: the method, its stages, the EM's channel weighting and the allocator's
+    sensitivity weighting."""
     if r["method"].startswith("gptq"):
         return r["method"]
     steps = r["finetune"].get("global_steps", 0)
     bn = r["config"].get("em", {}).get("channel_weighting") == "bn"
+    sens = (f", sensitivity {r['config'].get('alloc_sensitivity_loss', 'mse')}"
+            if r["config"].get("alloc_weighting") == "sensitivity" else "")
     return (("PQ, EM only" if not steps else f"PQ, recon + {steps} steps {r['finetune'].get('loss', 'auto')}")
-            + (", post-BN weighted" if bn else ""))
+            + (", post-BN weighted" if bn else "") + sens)
 
 
 def _plot(png: Path, rows: list[dict], teacher: dict) -> None:
