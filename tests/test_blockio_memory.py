@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import bitdown
 from bitdown import QuantConfig
 from bitdown.blockio import (BlockIO, Cached, TensorStore, Unjoinable, cat_pieces, dependencies, piece_slices,
-                             run_block, split_run)
+                             run_block, run_pieces, take_piece)
 from bitdown.checkpoint import fingerprint
 
 bc = importlib.import_module("bitdown.compress")
@@ -82,13 +82,15 @@ class TwoOut(nn.Module):
         return y, self.scale * 1.0                  # a batch tensor and a 0-dim one
 
 
-def test_split_run_equals_the_whole_batch():
+def test_run_pieces_equals_the_whole_batch():
     torch.manual_seed(0)
     m = TwoOut().eval()
     x = torch.randn(10, 3, 6, 6)
     with torch.no_grad():
         whole = run_block(m, ((x,), {}))
-        parts = split_run(lambda a: run_block(m, a), ((x,), {}), 3, 10)      # pieces of 3, 3, 3, 1
+        args = ((x,), {})
+        parts = run_pieces(lambda a: run_block(m, a), lambda sl: take_piece(args, sl, 10),
+                           piece_slices(args, 3, 10), 10)                          # pieces of 3, 3, 3, 1
     assert parts[0].shape == whole[0].shape
     torch.testing.assert_close(parts[0], whole[0], rtol=1e-6, atol=1e-6)
     assert parts[1].dim() == 0 and float(parts[1]) == 2.0

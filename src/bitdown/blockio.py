@@ -133,12 +133,6 @@ def run_pieces(fn: Callable[[Any], Any], piece: Callable[[slice], Any], slices: 
     return fn(piece(slice(None)))
 
 
-def split_run(fn: Callable[[Any], Any], args: Any, n: int, batch: int) -> Any:
-    """fn(args) computed piece by piece (`piece_slices` of `batch` images), outputs put together (`run_pieces`):
-    the same values up to float summation order, with only one piece's activations alive at a time."""
-    return run_pieces(fn, lambda sl: take_piece(args, sl, batch), piece_slices(args, n, batch), batch)
-
-
 class TensorStore:
     """Tensors kept in RAM up to `budget_bytes`, the rest in memory-mapped files (read back lazily)."""
 

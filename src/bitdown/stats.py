@@ -144,7 +144,7 @@ def patch_view(module: nn.Module, x: torch.Tensor, padding: tuple[int, int] | No
             x = F.pad(x, (pw, pw, ph, ph))
         (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
         n, c, hp, wp = x.shape
-        ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+        ho, wo = _output_size(module, hp, wp)
         s0, s1, s2, s3 = x.stride()
         return x.as_strided((c, kh, kw, n, ho, wo), (s1, dh * s2, dw * s3, s0, sh * s2, sw * s3), x.storage_offset())
     if isinstance(module, nn.Linear):
@@ -165,12 +165,17 @@ def _position_chunks(view: torch.Tensor) -> Iterator[tuple[slice, slice]]:
         yield from ((slice(i, i + 1), slice(r, r + rows)) for i in range(n) for r in range(0, ho, rows))
 
 
-def _positions(module: nn.Conv2d, x: torch.Tensor) -> int:
-    """Output positions per image of conv `module` on input `x`."""
-    ph, pw = module.padding
+def _output_size(module: nn.Conv2d, hp: int, wp: int) -> tuple[int, int]:
+    """(H_out, W_out) of conv `module` on an input already padded to hp x wp."""
     (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-    return (((x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1) *
-            ((x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1))
+    return (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+
+
+def _positions(module: nn.Conv2d, x: torch.Tensor) -> int:
+    """Output positions per image of conv `module` on input `x` (its own zero padding applied)."""
+    ph, pw = module.padding
+    ho, wo = _output_size(module, x.shape[2] + 2 * ph, x.shape[3] + 2 * pw)
+    return ho * wo
 
 
 def _layer_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
