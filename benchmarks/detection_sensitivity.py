@@ -29,12 +29,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 import bitdown  # noqa: E402
+from bitdown.assets import assets_dir  # noqa: E402
 from bitdown.detection import LetterboxDataset, evaluate_detection  # noqa: E402
 from bitdown.zoo import build_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-ASSETS = Path(os.environ.get("BITDOWN_ASSETS", ROOT.parent / "shared" / "assets"))
+ASSETS = assets_dir()           # BITDOWN_ASSETS, else ../shared/assets beside the repo
 COCO128 = ASSETS / "coco" / "coco128-val2017.zip"
 MODEL = "yolov5n_coco"
 

@@ -24,8 +24,10 @@ from pathlib import Path
 
 from accuracy import RESULTS, machine
 
+from bitdown.assets import assets_dir
+
 ROOT = Path(__file__).resolve().parent.parent
-ASSETS = ROOT.parent / "shared" / "assets" / "cifar10"
+ASSETS = assets_dir() / "cifar10"     # BITDOWN_ASSETS, else ../shared/assets beside the repo
 
 
 def commands(model: str, ratio: float, seed: int, positions: int, out: Path) -> tuple[list[str], list[str]]:
