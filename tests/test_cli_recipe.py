@@ -113,6 +113,85 @@ def test_default_recipe_end_to_end(ws, capsys, monkeypatch):  # noqa: F811
     assert {p["codebook_bits"] for p in info["layers"]} == {8}
 
 
+DW_MODULE = "bitdown_dwnet_cli"
+DW_SOURCE = '''
+import torch
+import torch.nn as nn
+
+
+class DWNet(nn.Module):
+    """A compact net: a depthwise 3x3 between pointwise convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, stride=2, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(32)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.pw = nn.Conv2d(32, 128, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(128)
+        self.fc = nn.Linear(128, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        x = torch.relu(self.bn1(self.dw(x)))
+        return self.fc(torch.relu(self.bn2(self.pw(x))).mean((2, 3)))
+
+
+def build():
+    torch.manual_seed(0)
+    return DWNet()
+'''
+
+
+@pytest.fixture
+def dw_spec(ws):  # noqa: F811
+    (ws / f"{DW_MODULE}.py").write_text(DW_SOURCE)
+    import sys
+    sys.modules.pop(DW_MODULE, None)
+    yield f"{DW_MODULE}:build"
+    sys.modules.pop(DW_MODULE, None)
+
+
+def test_recipe_kind():
+    import torch.nn as nn
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=2))       # a grouped conv is not depthwise
+    compact = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8))
+    assert recipes.recipe_kind(plain, detector=False) == "default"
+    assert recipes.recipe_kind(compact, detector=False) == "compact"
+    assert recipes.recipe_kind(compact, detector=True) == "detector"
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        recipes.recipe("fancy")
+
+
+def test_compact_model_gets_the_compact_recipe(captured, dw_spec):
+    quant, ft, data = recipes.compact_recipe()
+    assert ft == {} and data["calib_images"] == 128
+    config, finetune = captured("--model", dw_spec)
+    assert finetune is None                                      # the EM only
+    assert config.alloc_weighting == quant["alloc_weighting"] == "sensitivity"
+    assert config.alloc_max_error == quant["alloc_max_error"]
+    assert config.alloc_menu == quant["alloc_menu"] and config.codebook_bits == 8
+    assert config.calib_images == 16                             # BASE's --calib-images wins over the recipe's
+    config, finetune = captured("--model", dw_spec, "--global-steps", "5",
+                                "--config", json.dumps({"alloc_menu": []}))
+    assert finetune.global_steps == 5 and config.alloc_menu == []
+    config, _ = captured()                                       # the plain TinyNet keeps the default recipe
+    assert config.alloc_menu == [] and config.alloc_weighting == "none"
+
+
+def test_compact_recipe_end_to_end(ws, capsys, dw_spec):  # noqa: F811
+    """A real budget run of a compact net: the allocation may pick menu options; the file says which recipe."""
+    rc, out, err = run(capsys, *BASE, "--model", dw_spec, "--target-ratio", "3")
+    assert rc == 0, err
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["recipe"] == "compact" and res["ratio"] >= 3 * 0.99
+    rc, out, err = run(capsys, "info", "m.bitdown", "--json")
+    info = json.loads(out)
+    assert info["config"]["alloc_menu"] == ["int8", "int4", "int2", "fp16"]
+    assert info["config"]["alloc_weighting"] == "sensitivity"
+
+
 def _help(capsys, *args):
     with pytest.raises(SystemExit) as e:
         main([*args, "--help"])

@@ -400,16 +400,12 @@ def _is_detector(arch: dict[str, Any]) -> bool:
     return (entry is not None and entry.task == "detect") or arch.get("preprocess") == LETTERBOX
 
 
-def _recipe(a: argparse.Namespace, arch: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The recipe under the flags: recipes.detector_recipe for a detector, else recipes.default_recipe
-    (each with fast=--fast)."""
-    from .recipes import default_recipe, detector_recipe
+def _recipe(a: argparse.Namespace, kind: str = "default") -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(QuantConfig keys, FinetuneConfig keys, data keys) of recipe `kind` (recipes.recipe_kind: 'default',
+    'compact' or 'detector') under --fast."""
+    from .recipes import recipe
 
-    fast = bool(getattr(a, "fast", False))
-    if arch is not None and _is_detector(arch):
-        quant, ft, _ = detector_recipe(fast=fast)
-        return quant, ft
-    return default_recipe(fast=fast)
+    return recipe(kind, fast=bool(getattr(a, "fast", False)))
 
 
 def _detector_data(a: argparse.Namespace) -> tuple[int, int | None]:
@@ -422,13 +418,13 @@ def _detector_data(a: argparse.Namespace) -> tuple[int, int | None]:
             a.calib_images if a.calib_images is not None else data["calib_images"])
 
 
-def _quant_config(a: argparse.Namespace, arch: dict[str, Any]):
+def _quant_config(a: argparse.Namespace, arch: dict[str, Any], kind: str = "default"):
     """QuantConfig: the recipe's keys, then the flags the user gave, then `--config` JSON on top (its
     "em" dict merges into the EM options, its "reconstruct" dict over the recipe's and --reconstruct's)."""
     from .config import EMConfig, QuantConfig
     from .recipes import zoo_config
 
-    recipe, _ = _recipe(a, arch)
+    recipe, _, data = _recipe(a, kind)
     extra = _json_object(a.config, "--config")
     em = {"n_iter": a.em_iters, "n_restarts": a.restarts}
     if a.paper_em:
@@ -439,7 +435,7 @@ def _quant_config(a: argparse.Namespace, arch: dict[str, Any]):
              **_json_object(getattr(a, "reconstruct", None), "--reconstruct"),
              **_sub_object(extra.pop("reconstruct", None), "--config's \"reconstruct\"")}
     flags: dict[str, Any] = {"seed": a.seed}
-    calib_images = _detector_data(a)[1] if _is_detector(arch) else a.calib_images
+    calib_images = a.calib_images if a.calib_images is not None else data.get("calib_images")
     if calib_images is not None:
         flags["calib_images"] = calib_images
     if getattr(a, "codebook_bits", None) is not None:
@@ -462,11 +458,11 @@ def _sub_object(obj: Any, what: str) -> dict[str, Any]:
     return obj
 
 
-def _finetune_config(a: argparse.Namespace, arch: dict[str, Any] | None = None):
+def _finetune_config(a: argparse.Namespace, kind: str = "default"):
     """FinetuneConfig: the recipe's keys, then the flags the user gave, then `--finetune-config` on top."""
     from .finetune import FinetuneConfig
 
-    _, recipe = _recipe(a, arch)
+    _, recipe, _ = _recipe(a, kind)
     given = {"layer_steps": a.finetune_steps, "global_steps": a.global_steps, "batch_size": a.ft_batch_size,
              "loss": getattr(a, "distill_loss", None), "grad_slices": getattr(a, "grad_slices", None)}
     return FinetuneConfig.from_dict({**recipe, "seed": a.seed, "checkpoint_every": a.checkpoint_every,
@@ -504,6 +500,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .modules import module_device
     from .size import size_report
+    from .recipes import recipe_kind
 
     # paths and device first: nothing is built or read before they are known to be usable
     out_path = _check_out_path(a.out, "--out")
@@ -547,8 +544,9 @@ def cmd_compress(a: argparse.Namespace) -> int:
     detector = _is_detector(arch)
     if detector and preprocess != LETTERBOX:
         raise UsageError(f"{a.model} is a detector: it needs --preprocess {LETTERBOX} (got {preprocess!r})")
-    config = _quant_config(a, arch)
-    ft = _finetune_config(a, arch)
+    kind = recipe_kind(model, detector)
+    config = _quant_config(a, arch, kind)
+    ft = _finetune_config(a, kind)
     calib_size = _detector_data(a)[0] if detector else None
     if a.target_ratio is not None or a.target_size is not None:    # an impossible budget: refused before reading data
         from .allocate import check_budget
@@ -566,8 +564,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
         _check_eval_model(model, ev, classes)
     calib, train = _compress_data(a, model, preprocess, ft.enabled, calib_size or a.image_size)
     _forward(model, calib[0][None], f"an image of {a.data} preprocessed as {preprocess!r}")
-    log.info("recipe %s%s: %s; fine-tuning %s", "detector " if detector else "", "fast" if a.fast else "default",
-             config.to_json(), ft.to_json())
+    log.info("recipe %s%s: %s; fine-tuning %s", kind, " (--fast)" if a.fast else "", config.to_json(), ft.to_json())
     t0 = time.perf_counter()
     q = compress(model, make_loader(calib, config.batch_size, shuffle=True, seed=a.seed), config, arch=arch,
                  checkpoint_dir=a.checkpoint_dir, finetune=ft if ft.enabled else None, train_data=train,
@@ -578,7 +575,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
     path = save(q, out_path)
     rep = size_report(q, q.bitdown.plans)
     out = {"out": str(path), "size_mb": rep.size_mb, "ratio": rep.ratio, "bytes_on_disk": path.stat().st_size,
-           "layers": len(q.bitdown.plans), "recipe": "fast" if a.fast else "default", "wall_s": wall}
+           "layers": len(q.bitdown.plans), "recipe": kind + (" fast" if a.fast else ""), "wall_s": wall}
     if ev is not None and detector:
         from .detection import evaluate_detection
         teacher_map = evaluate_detection(model.to(module_device(q)), ev, batch_size=8)
@@ -756,18 +753,22 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
 
 def _recipe_text() -> tuple[dict[str, Any], dict[str, Any], str]:
-    from .recipes import default_recipe, detector_recipe
+    from .recipes import compact_recipe, default_recipe, detector_recipe
 
     quant, ft = default_recipe()
     fast, _ = default_recipe(fast=True)
     dq, dft, ddata = detector_recipe()
+    cq, _, cdata = compact_recipe()
     text = (f"Defaults are the recipe (recipes.default_recipe): QuantConfig {json.dumps(quant)}, fine-tuning "
             f"{json.dumps(ft)}; --fast: {json.dumps(fast)} and no fine-tuning (the EM only). Each flag given "
             f"overrides its part of the recipe; --config / --finetune-config JSON go on top of everything.")
     det = (f"Detectors (a zoo entry with task 'detect', e.g. yolov5n_coco, or --preprocess letterbox) get "
            f"recipes.detector_recipe instead: QuantConfig {json.dumps(dq)}, fine-tuning {json.dumps(dft)} "
            f"(normalised MSE on the raw head maps), calibration {json.dumps(ddata)} (letterbox px, images).")
-    return quant, ft, textwrap.fill(text, 100) + "\n\n" + textwrap.fill(det, 100)
+    compact = (f"Compact networks (a depthwise conv: MobileNet/EfficientNet-style) get recipes.compact_recipe: "
+               f"QuantConfig {json.dumps(cq)}, no fine-tuning (the EM only; distillation on few images cost "
+               f"EfficientNet-Lite0 ~3 pt), calibration {json.dumps(cdata)}.")
+    return quant, ft, "\n\n".join(textwrap.fill(t, 100) for t in (text, compact, det))
 
 
 def build_parser() -> argparse.ArgumentParser:

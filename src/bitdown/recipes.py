@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from .config import QuantConfig
 from .zoo import get_entry
 
@@ -73,3 +75,55 @@ def detector_recipe(fast: bool = False) -> tuple[dict[str, Any], dict[str, Any],
         quant["reconstruct"] = {"steps": 0}
         return quant, {}, dict(DETECTOR_DATA)
     return quant, dict(DETECTOR_FINETUNE), dict(DETECTOR_DATA)
+
+
+# The recipe of a compact network: any model with a depthwise conv (groups == in_channels > 1: MobileNet,
+# EfficientNet, MBConv-style blocks), picked automatically by `bitdown compress`. Measured on EfficientNet-Lite0
+# at 10x (held-out 500, teacher 87.80 %, 128 calibration images; benchmarks/results/budget_effnet_s12.md,
+# docs/DESIGN.md session 12): the sensitivity-weighted allocation with a 0.3 cap on each layer's relative output
+# error and the rate menu (per-channel int8/int4/int2 codes or fp16 next to PQ), EM only: 81.60 / 80.80 %
+# (seeds 0/1), against 78.60 / 79.00 % without the menu and 78.40 % for the same allocation + 150 global
+# distillation steps (500 images over-fit: distillation costs ~3 pt), 77.2 % for the classifier recipe's
+# allocation + 150 steps. No distillation, so the recipe also runs in minutes, not hours, on a CPU.
+COMPACT_QUANT: dict[str, Any] = {
+    "codebook_bits": 8,
+    "alloc_weighting": "sensitivity",
+    "alloc_max_error": 0.3,
+    "alloc_menu": ["int8", "int4", "int2", "fp16"],
+    "reconstruct": {"steps": 0},
+}
+COMPACT_DATA: dict[str, Any] = {"calib_images": 128}
+
+
+def is_compact(model: nn.Module) -> bool:
+    """A compact network: it has a depthwise conv (groups == in_channels > 1)."""
+    return any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules())
+
+
+def compact_recipe(fast: bool = False) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(QuantConfig keys, FinetuneConfig keys, data keys) of the compact-network recipe: the EM only, so `fast`
+    changes nothing; data keys: `calib_images`."""
+    quant = {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
+             for k, v in COMPACT_QUANT.items()}
+    return quant, {}, dict(COMPACT_DATA)
+
+
+RECIPES = ("default", "compact", "detector")
+
+
+def recipe_kind(model: nn.Module, detector: bool) -> str:
+    """Which recipe `bitdown compress` gives `model`: 'detector' for a detector, 'compact' for a model with a
+    depthwise conv, else 'default'."""
+    return "detector" if detector else "compact" if is_compact(model) else "default"
+
+
+def recipe(kind: str, fast: bool = False) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(QuantConfig keys, FinetuneConfig keys, data keys) of recipe `kind` (one of RECIPES)."""
+    if kind == "detector":
+        return detector_recipe(fast=fast)
+    if kind == "compact":
+        return compact_recipe(fast=fast)
+    if kind != "default":
+        raise ValueError(f"recipe must be one of {RECIPES}, got {kind!r}")
+    quant, ft = default_recipe(fast=fast)
+    return quant, ft, {}
