@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -79,6 +80,7 @@ def main() -> None:
     row = {"model": a.model, "target": a.ratio, "seed": a.seed, "tag": a.tag, "command": shown, "data": data_note,
            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "load_1min": os.getloadavg()[0],
            "threads": os.environ.get("OMP_NUM_THREADS", "all"), "wall_s": round(wall, 1),
+           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
            **{k: res[k] for k in ("recipe", "ratio", "size_mb", "bytes_on_disk", "top1", "teacher_top1", "drop",
                                   "agreement", "eval_images") if k in res}}
     out = Path(a.out)
@@ -89,14 +91,14 @@ def main() -> None:
           "`bitdown compress --model M --data D --target-ratio R --eval-data E` with no method flag: the recipe is "
           "picked by the CLI (`default`, `compact` for a model with a depthwise conv, `detector`). Top-1 on images "
           "never used for calibration. Wall time of the whole command (load = 1-min load average at the end; other "
-          "jobs shared the 2 cores).", "",
+          "jobs shared the 2 cores; peak RSS of the compress process, '-': not measured then).", "",
           "| model | recipe | seed | target | ratio | bytes on disk | top-1 % | teacher % | drop (pt) | agreement % | "
-          "wall s | threads | load | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "wall s | peak RSS MB | threads | load | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['model']} | {r.get('recipe', '-')} | {r['seed']} | {r['target']:g}x | {r.get('ratio', 0):.2f}x | "
                   f"{r.get('bytes_on_disk', 0):,} | {r.get('top1', float('nan')):.2f} | "
                   f"{r.get('teacher_top1', float('nan')):.2f} | {r.get('drop', float('nan')):.2f} | "
-                  f"{r.get('agreement', float('nan')):.1f} | {r['wall_s']:.0f} | {r['threads']} | "
+                  f"{r.get('agreement', float('nan')):.1f} | {r['wall_s']:.0f} | {r.get('peak_rss_mb', '-')} | {r['threads']} | "
                   f"{r['load_1min']:.1f} | {r['tag'] or '-'} |")
     md += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in rows]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
