@@ -188,19 +188,20 @@ def _reimportable(spec: Any) -> bool:
     return top not in getattr(sys, "stdlib_module_names", ()) and top not in ("builtins", "__main__")
 
 
-def _load_file(path: str, model_spec: str | None) -> nn.Module:
-    """Load a compressed file. Its architecture: `model_spec` when given; else the zoo entry the
-    file names; else the user's `module:function` the file records, imported again (said on stderr)."""
+def _load_file(path: str, model_spec: str | None, frozen: bool = False) -> nn.Module:
+    """Load a compressed file (`frozen`: as an inference-only model, bitdown.freeze). Its architecture:
+    `model_spec` when given; else the zoo entry the file names; else the user's `module:function` the file
+    records, imported again (said on stderr)."""
     from . import load, serialize
     from .zoo import ZOO
 
     if model_spec:
-        return load(path, _architecture(model_spec))
+        return load(path, _architecture(model_spec), frozen=frozen)
     _, meta = serialize.read(path)
     arch = meta.get("arch", {})
     name = arch.get("name")
     if arch.get("source") == "zoo" and name in ZOO:
-        return load(path)
+        return load(path, frozen=frozen)
     if arch.get("source") == "user" and _reimportable(name):
         try:
             model = _build_user(name)
@@ -210,7 +211,7 @@ def _load_file(path: str, model_spec: str | None) -> nn.Module:
                              f"holds the module)") from None
         print(f"bitdown: rebuilt the architecture with {name} (recorded in {path}); pass --model to use another",
               file=sys.stderr)
-        return load(path, model)
+        return load(path, model, frozen=frozen)
     raise UsageError(f"{path}: architecture {name!r} is not in the zoo; pass --model module:function")
 
 
@@ -607,7 +608,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         raise UsageError("--weights is for an uncompressed model (no FILE): a compressed file holds its own weights")
     _check_source(a.data, "--data")
     if a.file is not None:
-        model = _load_file(a.file, a.model)
+        model = _load_file(a.file, a.model, frozen=True)     # inference only: the dense model's speed
         arch = dict(model.bitdown.arch)
     else:
         model, arch = resolve_model(a.model, a.weights)

@@ -23,8 +23,8 @@ _PALETTE = ((255, 56, 56), (255, 157, 151), (255, 112, 31), (255, 178, 29), (207
 
 
 def resolve_detector(model: nn.Module | str | Path) -> nn.Module:
-    """An nn.Module as it is; a zoo name -> the zoo model with its default weights; a path -> ``bitdown.load``
-    (a compressed file of a zoo architecture)."""
+    """An nn.Module as it is; a zoo name -> the zoo model with its default weights; a path -> ``bitdown.load(path,
+    frozen=True)`` (a compressed file of a zoo architecture, as an inference-only model)."""
     if isinstance(model, nn.Module):
         return model.eval()
     from .zoo import ZOO, build_model
@@ -36,7 +36,7 @@ def resolve_detector(model: nn.Module | str | Path) -> nn.Module:
         raise FileNotFoundError(f"{model} is neither a zoo model ({', '.join(sorted(ZOO))}) nor a file")
     from . import load
 
-    return load(path).eval()
+    return load(path, frozen=True)                # inference only: the dense model's speed
 
 
 def _print(obj: dict[str, Any], json_out: bool) -> None:

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                        finetune=ft if ft.enabled else None, train_data=train_aug)
     t_compress = time.perf_counter() - t0
     path = save(student, a.out)
-    reloaded = load(path)                     # evaluate what the file holds, not the in-memory model
+    reloaded = load(path, frozen=True)        # evaluate what the file holds, not the in-memory model
     res_t = evaluate(teacher, test_loader, desc="teacher")
     res_s = evaluate(reloaded, test_loader, teacher=teacher, desc="compressed")
     rep = size_report(reloaded, reloaded.bitdown.plans)

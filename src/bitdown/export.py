@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .frozen import refuse_frozen
 from .modules import encode_codebook, is_pq
 from .scalar import is_fp16, is_quantized, is_scalar
 
@@ -93,6 +94,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], 
     input_shape: one example input's shape, e.g. (1, 3, 224, 224) (the batch axis is dynamic unless
     `dynamic_batch=False`). With `check`, onnxruntime (when installed) runs the file on a seeded random
     input and its outputs must match the PyTorch model's within `atol` (relative to their scale)."""
+    refuse_frozen(model, "export the codes of")
     if not any(is_quantized(m) for m in model.modules()):
         raise ValueError("the model has no product-quantized layer (nor a scalar or fp16 one): compress it "
                          "(or bitdown.load a file) first")

@@ -80,6 +80,7 @@ import torch
 import torch.nn as nn
 
 from .config import CODEBOOK_BITS, LAYER_KINDS, MAX_CENTROIDS, SCALAR_BITS, LayerPlan, share_groups, share_owner
+from .frozen import refuse_frozen
 from .modules import code_dtype, decode_codebook, encode_codebook, is_pq
 from .scalar import empty_like_plan, is_fp16, is_quantized, is_scalar
 
@@ -530,6 +531,7 @@ def _compact_layer(d: dict[str, Any]) -> dict[str, Any]:
 
 def _encode(model: nn.Module, metadata: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], str]:
     """The tensors and the metadata JSON of the file `save` writes, checked as `read` checks them."""
+    refuse_frozen(model, "save")
     if metadata is None:
         info = getattr(model, "bitdown", None)
         if info is None:
