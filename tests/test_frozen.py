@@ -19,6 +19,7 @@ from bitdown import FrozenModelError, freeze, is_frozen
 from bitdown.evaluate import evaluate
 from bitdown.modules import quantize_module
 from bitdown.scalar import is_quantized
+from bitdown.size import size_report
 from test_cli import SPEC, compressed, run, ws  # noqa: F401  (fixtures)
 from test_scalar import Net, metadata, mixed_model
 
@@ -49,6 +50,7 @@ def test_frozen_model_is_plain_layers_with_identical_outputs(mixed_file):
         assert torch.equal(fr(X), pq(X))
     assert torch.equal(fr(X), pq(X).detach())          # outside no_grad too (no autograd graph for the frozen one)
     assert fr.bitdown.plans == pq.bitdown.plans       # what `bitdown info` reports about the file
+    assert size_report(fr, fr.bitdown.plans) == size_report(pq, pq.bitdown.plans)    # the demo's size row
 
 
 def test_freeze_in_place_keeps_subclasses_hooks_and_shared_layers():
