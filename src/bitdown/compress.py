@@ -38,6 +38,7 @@ from .size import size_report
 from .blockio import BlockIO, Cached, TensorStore, dependencies, run_block
 from .blocks import Block, call_order, find_blocks
 from .reconstruct import reconstruct_block
+from .teachercap import TeacherInputs, block_run, plan_capture
 from .scalar import (empty_like_plan, is_quantized, quantize_fp16, quantize_module_fp16, quantize_module_scalar,
                      quantize_scalar, round_scalars_)
 from .stats import (LayerStats, StatsCollector, StopForward, capture_input, collect_stats, subsample_positions,
@@ -515,6 +516,7 @@ class _BlockRun:
         self.holdout = holdout if ft is not None and ft.layer_guard else None   # the per-layer guard's images
         self.targets = None                     # the teacher's outputs on them (finetune.teacher_outputs), once
         self.piece = 0                          # images per forward piece of a batch (piece_images), set by run
+        self.t_rec: TeacherInputs | None = None  # the current block's recorded teacher layer inputs (teachercap.py)
 
     def run(self, blocks_done: int) -> None:
         cfg = self.config
@@ -537,11 +539,19 @@ class _BlockRun:
                 t_block = self.t_modules.get(block.name)
                 targets = None
                 if t_in is not None:
+                    # the one teacher block run per batch: targets, next blocks' inputs, and (teachercap.py) the
+                    # teacher inputs of the block's layers for their cross Grams
+                    rec = self.t_rec = self._teacher_recorder(bi >= blocks_done, block, store, t_block, t_in)
                     with torch.no_grad():
-                        targets = Cached(store, (t_in.run(b, lambda a: run_block(t_block, a), n, len(x))
+                        targets = Cached(store, (block_run(t_block, t_in, b, n, len(x), rec)
                                                  for b, x in enumerate(self.calib)), s_in.device, s_in.dtype)
                 if bi >= blocks_done:
                     self._quantize_block(bi, block, s_block, s_in, t_block, t_in, targets, bar)
+                if self.t_rec is not None:
+                    self.info.timings["teacher_inputs_recorded"] = (
+                        self.info.timings.get("teacher_inputs_recorded", 0) + self.t_rec.used)
+                    self.t_rec.free()
+                    self.t_rec = None
                 with torch.no_grad():
                     outs = Cached(store, (s_in.run(b, lambda a: run_block(s_block, a), n, len(x))
                                           for b, x in enumerate(self.calib)), s_in.device, s_in.dtype)
@@ -564,6 +574,21 @@ class _BlockRun:
         self.info.timings["stats_s"] = sum(v.get("stats_s", 0.0) for v in self.info.layers.values())
         self.info.timings["block_cache_peak_mb"] = store.peak_ram / 2**20      # timings: not in the file
         self.info.timings["block_cache_spilled_mb"] = store.spilled / 2**20
+
+    def _teacher_recorder(self, quantized: bool, block: Block, store: TensorStore, t_block: nn.Module,
+                          t_in: Cached) -> TeacherInputs | None:
+        """Where the block's layers will be quantized with cross Grams (teacher targets), a recorder of their
+        teacher inputs for the block's one teacher run (teachercap.plan_capture: None beyond the cache budget).
+        Only where the statistics cut batches as that run does (no `stats_positions`, or one piece a batch), so
+        the recorded inputs are the per-layer path's exactly."""
+        cfg = self.config
+        names = [n for n in block.layers if n in self.index]
+        if not quantized or not names or not cfg.em.teacher_target:
+            return None
+        sizes = [len(x) for x in self.calib]
+        if cfg.stats_positions and any(len(t_in.slices(b, self.piece, k)) > 1 for b, k in enumerate(sizes)):
+            return None
+        return plan_capture(store, t_block, t_in, {n: self.t_modules[n] for n in names}, sizes)
 
     def _layers_through(self, bi: int) -> int:
         return sum(1 for b in self.blocks[: bi + 1] for n in b.layers if n in self.index)
@@ -654,10 +679,13 @@ class _BlockRun:
                 # pieces of the batch (QuantConfig.forward_mb), private copies of one piece at a time; whole batches
                 # with seeded positions (drawn per batch)
                 with s_in.store.mapped():      # a spilled batch opened once for its pieces
-                    for sl in s_in.slices(b, 0 if self.config.stats_positions else self.piece, batch):
-                        if cross:
-                            collector.reference = capture_input(lambda a: run_block(t_block, a),
-                                                               self.t_modules[plan.name], t_in.piece(b, sl, batch))
+                    slices = s_in.slices(b, 0 if self.config.stats_positions else self.piece, batch)
+                    for k, sl in enumerate(slices):
+                        if cross:          # recorded by the block's teacher run (teachercap.py), else run up to it
+                            ref = (self.t_rec.piece(plan.name, b, slices, k, s_in.device) if self.t_rec is not None
+                                   else None)
+                            collector.reference = ref if ref is not None else capture_input(
+                                lambda a: run_block(t_block, a), self.t_modules[plan.name], t_in.piece(b, sl, batch))
                         try:
                             with torch.no_grad():
                                 run_block(s_block, s_in.piece(b, sl, batch))
