@@ -158,3 +158,14 @@ def test_compress_beyond_the_budget_takes_the_per_layer_path(monkeypatch):
     tiny, seen = compress_counted(monkeypatch, cache_mb=0)      # every activation spills; no record fits
     assert seen["recorded"] == 0 and seen["per_layer"] > 0
     assert_same_state(tiny, compress_counted(monkeypatch)[0])
+
+
+def test_an_unshared_copy_is_its_own_and_frees_cleanly():
+    store = TensorStore(1 << 30)
+    a = torch.randn(4, 5)
+    h1 = store.put(a)
+    h2 = store.put(a.clone(), share=False)            # equal values, yet a copy of its own
+    assert h2 is not h1 and store.in_ram == 2 * a.numel() * 4
+    assert store.put(a) is h1                          # a shared put still finds the shared copy, not this one
+    store.free(h2)
+    assert store.in_ram == a.numel() * 4 and torch.equal(store.get(h1), a)

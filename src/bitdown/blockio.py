@@ -148,16 +148,19 @@ class TensorStore:
         self._keys: dict[int, tuple] = {}           # id(handle) -> its _key
         self._maps: dict[str, np.ndarray] | None = None     # open memory maps inside `mapped()`
 
-    def put(self, t: torch.Tensor) -> Any:
+    def put(self, t: torch.Tensor, share: bool = True) -> Any:
         """A handle to a copy of `t` (detached; float tensors in `dtype` where given and finite). A tensor equal to
         one already held (same shape, dtype and values: e.g. the teacher's and the student's inputs before the
         first quantized layer) shares its copy: the handle counts its holders and `free` releases the copy with
-        the last of them."""
+        the last of them. `share=False`: a copy of its own, no look for an equal one (that costs a pass over `t`)
+        and none later shares it."""
         t = t.detach()
         if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
             low = t.to(self.dtype)
             if bool(torch.isfinite(low).all()) or not bool(torch.isfinite(t).all()):
                 t = low
+        if not share:
+            return self._put_new(t)
         key = self._key(t)
         for h in self._held.get(key, ()):
             if torch.equal(self.get(h), t):

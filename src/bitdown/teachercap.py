@@ -51,7 +51,7 @@ class TeacherInputs:
 
         def hook(name: str):
             def fn(_m: nn.Module, inputs: tuple) -> None:
-                self._held.setdefault((name, b), []).append(self.store.put(inputs[0]))
+                self._held.setdefault((name, b), []).append(self.store.put(inputs[0], share=False))
             return fn
 
         handles = [m.register_forward_pre_hook(hook(n)) for n, m in self.modules.items()]
@@ -62,14 +62,15 @@ class TeacherInputs:
                 h.remove()
 
     def piece(self, name: str, b: int, slices: list[slice], k: int, device: torch.device) -> torch.Tensor | None:
-        """Layer `name`'s teacher input on piece k of batch b cut into `slices` (a private copy on `device`), or
-        None when the record cannot stand for it: another cut, or not one call of the layer per piece (a block
-        whose pieces could not be joined was rerun whole, so its layers were called once more)."""
+        """Layer `name`'s teacher input on piece k of batch b cut into `slices`, on `device`, or None when the record
+        cannot stand for it: another cut, or not one call of the layer per piece (a block whose pieces could not be
+        joined was rerun whole, so its layers were called once more). Read-only: in RAM it is the stored tensor
+        itself, not a copy (the statistics only read the teacher's input)."""
         held = self._held.get((name, b), [])
         if self._slices.get(b) != list(slices) or len(held) != len(slices):
             return None
         self.used += 1
-        return self.store.read(held[k]).to(device)
+        return self.store.get(held[k]).to(device)
 
     def free(self) -> None:
         for held in self._held.values():
