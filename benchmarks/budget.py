@@ -231,6 +231,10 @@ def main() -> None:
                     res = evaluate(q, make_loader(ev, 250), teacher=teacher)
                     res_seen = evaluate(q, make_loader(seen, 250), teacher=teacher)
                     n_layers = len(q.bitdown.plans)
+                    guards = {k: q.bitdown.extra[f"{k}_finetune"]["holdout"] for k in ("layer", "global")
+                              if "holdout" in q.bitdown.extra.get(f"{k}_finetune", {})}
+                    if guards:          # what the holdout guards measured on their slice and kept
+                        extra["holdout_guard"] = guards
                     if method == "alloc":
                         extra["calib_distortion"] = sum(v["rel_err2"] for v in
                                                         q.bitdown.extra["allocation"]["layers"].values())

@@ -28,7 +28,9 @@ is a TypeError; `check_outputs` runs the model once so that this is known before
 - per layer (`finetune_layer`): right after a layer's EM, only its codebook trains; the model is in
   eval mode, so BatchNorm is frozen (running statistics and affine). With a `holdout` tensor (and
   `layer_guard`, default on) the same distillation loss is measured on the holdout before and after the
-  layer's steps and the layer's codebook is put back (its EM result) when the loss got worse. The teacher's
+  layer's steps and the layer's codebook is put back (its EM result) when the stage made the student worse
+  (`_worse`: the loss rose, or, for class logits distilled by KL, the top-1 agreement with the teacher fell by
+  more than one image). The teacher's
   outputs on the holdout are computed once per run (`teacher_outputs`), so the guard costs two student
   forwards of the holdout per layer;
 - global (`finetune_global`): every codebook together, optionally the BatchNorm affine parameters,
@@ -36,7 +38,8 @@ is a TypeError; `check_outputs` runs the model once so that this is known before
   QuantConfig.recalibrates_bn, by default only without teacher targets: docs/DESIGN.md), with a step
   learning-rate schedule, checkpointed every `checkpoint_every` steps. With a `holdout` tensor of
   images (never trained on) the stage never returns a student worse than before it: the distillation
-  loss on the holdout is measured before and after, and when it got worse the parameters this stage
+  loss (and the top-1 agreement) on the holdout is measured before and after, and when the stage made the
+  student worse (`_worse`, the same rule as per layer) the parameters this stage
   trains are put back as they were (a resumed run needs `holdout_state`, which compress keeps in its
   checkpoints). compress() draws the holdout with `split_holdout`: `FinetuneConfig.holdout` images (10 %,
   16..256, at most a quarter, by default) at seeded positions of the fine-tuning dataset, removed from the
@@ -86,6 +89,7 @@ LOSSES = ("auto", "kl", "mse", "bce")
 MSE_EPS = 1e-12          # normalised MSE: sum((s - t)^2) / (sum(t^2) + MSE_EPS)
 HOLDOUT_MIN, HOLDOUT_MAX = 16, 256     # a fractional holdout: at least / at most this many images
 TARGETS_MAX_BYTES = 256 * 2**20        # the teacher's outputs on the holdout are kept when at most this large
+AGREEMENT_TOL_IMAGES = 1               # the guards: a stage may lose at most this many top-1 matches (`_worse`)
 
 
 @dataclass
@@ -111,7 +115,7 @@ class FinetuneConfig:
                                       # a count, or a fraction (clamped to 16..256, at most a quarter); 0: off
     grad_slices: int = GRAD_SLICES    # each step's gradient: the sum of this many slices of the batch, in order
                                       # (the same file for any number of processes that divides it)
-    layer_guard: bool = True          # per-layer stage: undo a layer's steps that made the holdout loss worse
+    layer_guard: bool = True          # per-layer stage: undo a layer's steps that made the holdout figures worse
 
     def __post_init__(self) -> None:
         h = self.holdout
@@ -500,9 +504,11 @@ def finetune_layer(student: nn.Module, teacher: nn.Module, layer: nn.Module, dat
 
     Guard (with `holdout`, images never trained on, and cfg.layer_guard): the distillation loss on the holdout
     is measured before and after the steps (`evaluate_holdout`; `targets`: the teacher's outputs on it from
-    `teacher_outputs`, else the teacher runs each time); when it got worse the codebook is put back exactly as
-    it was before the steps and a WARNING names the layer (`name`) and both figures. result["holdout"]:
-    {"loss_before", "loss_after", "kept": "finetuned" | "before"}."""
+    `teacher_outputs`, else the teacher runs each time); when the layer's steps made the student worse
+    (`_worse`: the loss rose, or, for class logits, the top-1 agreement fell by more than one image) the codebook
+    is put back exactly as it was before the steps and a WARNING names the layer (`name`), why and the figures.
+    result["holdout"]: {"loss_before", "loss_after", "agreement_before", "agreement_after" (None unless the
+    output is class logits), "kept": "finetuned" | "before"}."""
     if teacher is None:
         raise ValueError("fine-tuning needs the uncompressed teacher model")
     if not is_pq(layer):
@@ -527,18 +533,18 @@ def finetune_layer(student: nn.Module, teacher: nn.Module, layer: nn.Module, dat
     out: dict[str, Any] = {"first_loss": losses[0], "last_loss": sum(losses[-10:]) / len(losses[-10:])}
     if guard:
         after = _layer_figures(student, teacher, holdout, cfg, targets, name)
-        out["holdout"] = {"loss_before": before["loss"], "loss_after": after["loss"], "kept": "finetuned"}
-        if _worse(before, after):
+        out["holdout"] = {"loss_before": before["loss"], "loss_after": after["loss"],
+                          "agreement_before": before["agreement"], "agreement_after": after["agreement"],
+                          "kept": "finetuned"}
+        why = _worse(before, after, cfg.loss)
+        if why:
             with torch.no_grad():
                 layer.codebook.copy_(saved)
             out["holdout"]["kept"] = "before"
-            log.warning("holdout: the per-layer fine-tuning of %s made the distillation loss worse (%s -> %s, "
-                        "agreement %s -> %s): its codebook from before it is restored; try a lower layer_lr", name,
-                        _fmt(before["loss"]), _fmt(after["loss"]), _fmt(before["agreement"], pct=True),
-                        _fmt(after["agreement"], pct=True))
+            log.warning("holdout: the per-layer fine-tuning of %s made the student worse (%s; loss %s): its "
+                        "codebook from before it is restored; try a lower layer_lr", name, why, _figures(before, after))
         else:
-            log.info("holdout: the per-layer fine-tuning of %s: distillation loss %s -> %s", name,
-                     _fmt(before["loss"]), _fmt(after["loss"]))
+            log.info("holdout: the per-layer fine-tuning of %s: loss %s", name, _figures(before, after))
     return out
 
 
@@ -549,9 +555,24 @@ def _layer_figures(student: nn.Module, teacher: nn.Module, holdout: torch.Tensor
                         f"the holdout figures of {name}")
 
 
-def _worse(before: dict[str, Any], after: dict[str, Any]) -> bool:
-    """The guards' rule: the distillation loss on the holdout went up (a NaN after counts as worse)."""
-    return not after["loss"] <= before["loss"]
+def _worse(before: dict[str, Any], after: dict[str, Any], loss: str) -> str | None:
+    """The guards' rule (both stages): why the stage made the student worse on the holdout, None when it did not.
+
+    - the distillation loss went up (a NaN after counts as worse): "the distillation loss rose";
+    - class logits distilled by KL (`loss` "kl" / "auto" and both figures carry an "agreement"): the top-1
+      agreement with the teacher fell by more than AGREEMENT_TOL_IMAGES images of the holdout's n, even if the
+      loss fell (the soft KL can fall while arg-max matches are lost: EfficientNet-Lite0, docs/DESIGN.md
+      session 13). Both figures count the same images, so a stage that changes nothing moves none of them;
+      the one image of slack lets a single borderline image flip without undoing a stage whose loss fell.
+    Other outputs (detector maps, "mse" / "bce" losses) keep the loss-only rule."""
+    if not after["loss"] <= before["loss"]:
+        return "the distillation loss rose"
+    a0, a1 = before.get("agreement"), after.get("agreement")
+    if loss in ("kl", "auto") and a0 is not None and a1 is not None:
+        lost = round(a0 * after["n"]) - round(a1 * after["n"])        # images whose top-1 no longer matches
+        if lost > AGREEMENT_TOL_IMAGES:
+            return f"the teacher agreement fell by {lost} of {after['n']} images"
+    return None
 
 
 def _lr_at(step: int, cfg: FinetuneConfig) -> float:
@@ -644,7 +665,8 @@ def finetune_global(student: nn.Module, teacher: nn.Module, data: Any, cfg: Fine
 
     Holdout guard: `holdout` is a tensor of images never trained on. The distillation loss (and, for class
     logits, the top-1 agreement with the teacher) is measured on it before and after training
-    (`evaluate_holdout`). When the loss got worse, the trained parameters are restored to their state
+    (`evaluate_holdout`). When the stage made the student worse (`_worse`: the loss rose, or for class logits
+    distilled by KL the agreement fell by more than one image), the trained parameters are restored to their state
     before this stage (a CPU copy of just those is kept) and a WARNING is logged; result["holdout"]["kept"]
     is then "before", else "finetuned". The "before" figures are `holdout_before` when given (the
     `evaluate_holdout` dict of the first run: a resumed run should pass it), else measured here when
@@ -721,10 +743,17 @@ def _fmt(v: float | None, pct: bool = False) -> str:
     return f"{100 * v:.1f} %" if pct else f"{v:.4g}"
 
 
+def _figures(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """'0.301 -> 0.22, agreement 86.7 % -> 87.5 %' (the guards' log lines)."""
+    return (f"{_fmt(before['loss'])} -> {_fmt(after['loss'])}, agreement {_fmt(before.get('agreement'), pct=True)} "
+            f"-> {_fmt(after.get('agreement'), pct=True)}")
+
+
 def _guard(student: nn.Module, teacher: nn.Module, holdout: torch.Tensor, cfg: FinetuneConfig,
            params: list[nn.Parameter], before: dict[str, Any] | None,
            saved: list[torch.Tensor] | None) -> dict[str, Any]:
-    """The holdout figures after training; restores `saved` into `params` when the loss got worse."""
+    """The holdout figures after training; restores `saved` into `params` when the stage made the student worse
+    (`_worse`: the loss rose, or for class logits the top-1 agreement fell by more than one image)."""
     after = evaluate_holdout(student, teacher, holdout, cfg)
     rec = {"n": after["n"], "loss_before": (before or {}).get("loss"), "loss_after": after["loss"],
            "agreement_before": (before or {}).get("agreement"), "agreement_after": after["agreement"],
@@ -734,24 +763,21 @@ def _guard(student: nn.Module, teacher: nn.Module, holdout: torch.Tensor, cfg: F
                     "resumed run without holdout_before): not compared", _fmt(after["loss"]),
                     _fmt(after["agreement"], pct=True))
         return rec
-    if not _worse(before, after):
-        log.info("holdout: global fine-tuning lowered the distillation loss %s -> %s (agreement %s -> %s)",
-                 _fmt(before["loss"]), _fmt(after["loss"]), _fmt(before.get("agreement"), pct=True),
-                 _fmt(after["agreement"], pct=True))
+    why = _worse(before, after, cfg.loss)
+    if not why:
+        log.info("holdout: global fine-tuning kept (loss %s)", _figures(before, after))
         return rec
     if saved is None:
-        log.warning("holdout: global fine-tuning made the distillation loss worse (%s -> %s, agreement %s -> %s), "
-                    "but this run was resumed mid-way: the state before it is not available, the fine-tuned "
-                    "parameters are kept", _fmt(before["loss"]), _fmt(after["loss"]),
-                    _fmt(before.get("agreement"), pct=True), _fmt(after["agreement"], pct=True))
+        log.warning("holdout: global fine-tuning made the student worse (%s; loss %s), but this run was resumed "
+                    "mid-way: the state before it is not available, the fine-tuned parameters are kept", why,
+                    _figures(before, after))
         return rec
     with torch.no_grad():
         for p, v in zip(params, saved):
             p.copy_(v.to(p.device))
     rec["kept"] = "before"
-    log.warning("holdout: global fine-tuning made the distillation loss worse (%s -> %s, agreement %s -> %s): "
-                "the parameters from before it are restored; try a lower global_lr", _fmt(before["loss"]),
-                _fmt(after["loss"]), _fmt(before.get("agreement"), pct=True), _fmt(after["agreement"], pct=True))
+    log.warning("holdout: global fine-tuning made the student worse (%s; loss %s): the parameters from before it "
+                "are restored; try a lower global_lr", why, _figures(before, after))
     return rec
 
 
