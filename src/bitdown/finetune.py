@@ -81,7 +81,7 @@ from tqdm.auto import tqdm
 
 from . import dist
 from .config import GRAD_SLICES, check_int
-from .modules import is_pq, round_codebook
+from .modules import is_pq, round_codebook, round_codebooks_
 
 log = logging.getLogger(__name__)
 
@@ -705,6 +705,7 @@ def finetune_global(student: nn.Module, teacher: nn.Module, data: Any, cfg: Fine
                 bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.4f}")
             if on_checkpoint is not None and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < cfg.global_steps:
                 on_checkpoint(s + 1, opt)
+    round_codebooks_(student)        # what the file will hold (the per-layer stage rounds too): the guard judges it
     n_images = cfg.global_steps * n
     out: dict[str, Any] = {"steps": cfg.global_steps, "images_seen": n_images,
                            "last_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else last_loss}
