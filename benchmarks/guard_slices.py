@@ -2,9 +2,10 @@
 student captured right before and right after the global stage (the guard's own `saved` state and the trained
 parameters it is about to judge). Both are evaluated image by image on the held-out evaluation images (never used
 for calibration or fine-tuning): top-1 against the labels, top-1 match with the teacher, KL to the teacher. Then
-the guard's two rules are applied to many random slices of n of those images (n = the slice sizes a guard gets,
-16..256): how often the loss-only rule (sessions 9-12) and the loss + agreement rule (`finetune._worse`, session
-13) would undo the stage. A stage that lowers held-out top-1 should be undone often, one that raises it rarely.
+the guard's rules are applied to many random slices of n of those images (n = the slice sizes a guard gets,
+16..256): how often the loss-only rule (sessions 9-12), the loss + agreement rule (`finetune._worse`, session
+13: more than one image lost) and two candidate bands (more than one binomial sd sqrt(n p (1-p)) of the count
+lost, or more than sqrt(flips), the sign test's sd of the paired difference) would undo the stage. A stage that lowers held-out top-1 should be undone often, one that raises it rarely.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/guard_slices.py --model efficientnet_lite0 --ratio 10 \
         --layer-steps 0 --global-steps 150 --calib-images 128 --alloc-weighting sensitivity --alloc-max-error 0.3 \
@@ -92,10 +93,17 @@ def undo_rates(b: dict, a: dict, sizes: tuple[int, ...], draws: int, seed: int) 
         loss_up = a["kl"][idx].double().mean(1) > b["kl"][idx].double().mean(1)
         lost = b["match"][idx].sum(1) - a["match"][idx].sum(1)                          # top-1 matches lost
         agree = lost > ft.AGREEMENT_TOL_IMAGES
+        p0 = b["match"][idx].double().mean(1)
+        binom = lost > torch.clamp((n * p0 * (1 - p0)).sqrt(), min=1.0)       # band: one binomial sd of the count
+        flips = (b["match"][idx] != a["match"][idx]).sum(1).double()           # images whose match changed
+        paired = lost > torch.clamp(flips.sqrt(), min=1.0)                     # band: the paired (sign test) sd
         out.append({"n": n, "draws": draws, "loss_rule": float(loss_up.double().mean()),
                     "loss_or_agreement_rule": float((loss_up | agree).double().mean()),
                     "agreement_alone": float(agree.double().mean()),
-                    "mean_lost": float(lost.double().mean())})
+                    "loss_or_binomial_band": float((loss_up | binom).double().mean()),
+                    "loss_or_paired_band": float((loss_up | paired).double().mean()),
+                    "mean_lost": float(lost.double().mean()), "sd_lost": float(lost.double().std()),
+                    "mean_flips": float(flips.mean())})
     return out
 
 
@@ -176,11 +184,14 @@ def report(r: dict) -> str:
               f"**{g['kept']}**.", "",
               f"Random slices of the held-out images ({r['undo_rates'][0]['draws'] if r['undo_rates'] else 0} "
               "draws each): how often each rule undoes the stage.", "",
-              "| slice n | loss rule | loss or agreement (> 1 image lost) | agreement alone | mean matches lost |",
-              "|---|---|---|---|---|"]
+              "| slice n | loss rule | loss or agreement (> 1 image lost) | agreement alone | loss or > max(1, "
+              "sqrt(n p (1-p))) lost | loss or > max(1, sqrt(flips)) lost | matches lost: mean (sd) | flips |",
+              "|---|---|---|---|---|---|---|---|"]
     for u in r["undo_rates"]:
         lines.append(f"| {u['n']} | {100 * u['loss_rule']:.1f} % | {100 * u['loss_or_agreement_rule']:.1f} % | "
-                     f"{100 * u['agreement_alone']:.1f} % | {u['mean_lost']:.2f} |")
+                     f"{100 * u['agreement_alone']:.1f} % | {100 * u['loss_or_binomial_band']:.1f} % | "
+                     f"{100 * u['loss_or_paired_band']:.1f} % | {u['mean_lost']:.2f} ({u['sd_lost']:.2f}) | "
+                     f"{u['mean_flips']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
