@@ -111,7 +111,12 @@ def test_the_rule():
     assert ft._worse(before, {"n": 100, "loss": 0.6, "agreement": 0.95}, "auto") == "the distillation loss rose"
     assert ft._worse(before, {"n": 100, "loss": math.nan, "agreement": 0.95}, "kl")      # NaN: worse
     assert ft._worse(before, {"n": 100, "loss": 0.4, "agreement": 0.89}, "auto") is None     # one image: noise
-    assert "by 2 of 100" in ft._worse(before, {"n": 100, "loss": 0.4, "agreement": 0.88}, "kl")
+    # the binomial band: at p = 0.90 of n = 100, sqrt(n p (1 - p)) = 3 images may go; 4 may not
+    assert ft._worse(before, {"n": 100, "loss": 0.4, "agreement": 0.87}, "kl") is None
+    assert "by 4 of 100" in ft._worse(before, {"n": 100, "loss": 0.4, "agreement": 0.86}, "kl")
+    full = {"n": 100, "loss": 0.5, "agreement": 1.0}                       # p = 1: the band is the one image
+    assert "by 2 of 100" in ft._worse(full, {"n": 100, "loss": 0.4, "agreement": 0.98}, "kl")
+    assert ft._worse(full, {"n": 100, "loss": 0.4, "agreement": 0.99}, "kl") is None
     assert ft._worse(before, {"n": 100, "loss": 0.4, "agreement": 0.50}, "mse") is None     # loss-only rule
     assert ft._worse(before, {"n": 100, "loss": 0.4, "agreement": 0.50}, "bce") is None
     det = {"n": 100, "loss": 0.5, "agreement": None}                                      # detector maps
