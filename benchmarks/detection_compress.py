@@ -191,6 +191,8 @@ def main() -> None:
                        layers={p.name: [p.block_size, p.n_centroids] if p.quantizer == "pq" else p.quantizer
                                for p in q.bitdown.plans},
                        kept=sorted(q.bitdown.skipped), machine=machine())
+            if path.exists():                       # rows another process wrote meanwhile are kept
+                doc = {**json.loads(path.read_text()), "teacher": doc.get("teacher", {})}
             doc["rows"].append(row)
             path.write_text(json.dumps(doc, indent=1) + "\n")
             print(json.dumps({k: row[k] for k in ("method", "tag", "ratio", "maps", "compress_wall_s")}), flush=True)
@@ -259,8 +261,9 @@ def _label(r: dict) -> str:
     bn = r["config"].get("em", {}).get("channel_weighting") == "bn"
     sens = (f", sensitivity {r['config'].get('alloc_sensitivity_loss', 'mse')}"
             if r["config"].get("alloc_weighting") == "sensitivity" else "")
+    menu = f", menu {'/'.join(r['config']['alloc_menu'])}" if r["config"].get("alloc_menu") else ""
     return (("PQ, EM only" if not steps else f"PQ, recon + {steps} steps {r['finetune'].get('loss', 'auto')}")
-            + (", post-BN weighted" if bn else "") + sens)
+            + (", post-BN weighted" if bn else "") + sens + menu)
 
 
 def _plot(png: Path, rows: list[dict], teacher: dict) -> None:

@@ -231,6 +231,43 @@ def test_budget_config_uses_the_sensitivity_loss(data):
     assert bce["b"]["bytes"] > bce["a"]["bytes"] and bce["b"]["rel_err2"] < mse["b"]["rel_err2"]
 
 
+class Levels(nn.Module):
+    """Two YOLO-like levels: `p3` a 12x12 map, `p5` a 3x3 map (16x fewer cells) read by `p5` only, logits near 0."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.p3 = nn.Conv2d(3, 8, 3, padding=1)
+        self.p5 = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        return [self.p3(x), self.p5(x)[:, :, ::4, ::4]]
+
+
+def test_layer_sensitivity_level_norm_counts_each_level_alike(data):
+    """alloc_sensitivity_norm='level': each output tensor's 'bce' term is its mean over the tensor's elements, so a
+    layer feeding only the small P5 map is no longer 16x less sensitive for having 16x fewer cells. Each layer
+    here reaches one map only, so the 'level' sensitivity is exactly the 'sum' one over that map's elements."""
+    from bitdown.allocate import budget_config, layer_sensitivity
+    model = Levels().eval()
+    plans, _ = resolve_plan(model, QuantConfig(quantize_stem=True))
+    plain = layer_sensitivity(model, plans, data, progress=False, loss="bce")
+    level = layer_sensitivity(model, plans, data, progress=False, loss="bce", norm="level")
+    assert plain["p3"] > 8 * plain["p5"]                            # summed: the P3 map's 16x cells decide
+    for name, per_image in (("p3", 8 * 12 * 12), ("p5", 8 * 3 * 3)):
+        assert level[name] == pytest.approx(plain[name] / per_image, rel=1e-5)
+    assert 0.25 < level["p3"] / level["p5"] < 4
+    cfg = QuantConfig(quantize_stem=True, calib_images=128, alloc_weighting="sensitivity",
+                      alloc_sensitivity_loss="bce", alloc_sensitivity_norm="level")
+    _, report = budget_config(model, data, cfg, target_ratio=10.0, progress=False)
+    assert report["sensitivity_norm"] == "level"
+    assert report["layers"]["p5"]["sensitivity"] == pytest.approx(level["p5"])
+    with pytest.raises(ValueError, match="alloc_sensitivity_norm='level' needs alloc_sensitivity_loss='bce'"):
+        QuantConfig(alloc_sensitivity_norm="level")
+    with pytest.raises(ValueError, match="alloc_sensitivity_norm must be one of 'sum', 'level'"):
+        QuantConfig(alloc_sensitivity_loss="bce", alloc_sensitivity_norm="mean")
+
+
 def test_weighted_allocation_favours_the_sensitive_layer():
     from bitdown.allocate import weighted
     opts = {n: [Option(4, 2, 10.0, 0.5), Option(4, 16, 30.0, 0.1)] for n in ("a", "b")}

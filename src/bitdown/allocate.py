@@ -288,7 +288,8 @@ def _measure_options(model: nn.Module, plans: list[LayerPlan], batches: list[tor
 
 @torch.no_grad()
 def layer_sensitivity(model: nn.Module, plans: list[LayerPlan], batches: list[torch.Tensor], eps: float = 0.1,
-                      n_images: int = 64, seed: int = 0, progress: bool = True, loss: str = "mse") -> dict[str, float]:
+                      n_images: int = 64, seed: int = 0, progress: bool = True, loss: str = "mse",
+                      norm: str = "sum") -> dict[str, float]:
     """How much each layer's relative output error reaches the network's output:
 
         s_l = L(f(x; y_l + n), f(x)) / eps^2,   n ~ N(0, eps^2 mean(y_l^2)),
@@ -300,22 +301,32 @@ def layer_sensitivity(model: nn.Module, plans: list[LayerPlan], batches: list[to
     counts by what it does to the decoded objectness / class probabilities and box offsets, not by its share
     of the maps' energy, which the background's very negative logits dominate),
 
+    with `norm` 'sum' each tensor's term summed over its elements (per image), 'level' ('bce' only) averaged over
+    them: a detector's levels then count alike (summed, the P3 map, 4x the cells of P4 and 16x those of P5,
+    decides; the P5 path's layers look insensitive and are starved of bytes),
+
     white noise of relative energy eps^2 added to layer l's output y_l (its quantization error is an
     output error of that size: D_l = ||X(W - W_hat)||^2 / ||XW||^2), on `n_images` calibration images,
     seeded. One forward pass per layer (the last few results are kept in this process). Weighting D_l by s_l makes the allocation minimise (to first
     order) the error of the network's outputs rather than the plain sum of layer errors, which starves
     the big layers of compact networks whose errors compound."""
-    check_sensitivity_loss(loss, "loss")
+    check_sensitivity_loss(loss, "loss", norm, "norm")
     batches = list(batches)
-    key = _inputs_key(model, plans, batches, eps, n_images, seed, loss)
+    key = _inputs_key(model, plans, batches, eps, n_images, seed, loss, *([norm] if norm != "sum" else []))
     if key not in _SENSITIVITIES:           # a sweep over budgets measures them once
-        _remember(_SENSITIVITIES, key, _layer_sensitivity(model, plans, batches, eps, n_images, seed, progress, loss))
+        _remember(_SENSITIVITIES, key, _layer_sensitivity(model, plans, batches, eps, n_images, seed, progress, loss,
+                                                          norm))
     return dict(_SENSITIVITIES[key])
 
 
 def _layer_sensitivity(model: nn.Module, plans: list[LayerPlan], batches: list[torch.Tensor], eps: float,
-                       n_images: int, seed: int, progress: bool, loss: str) -> dict[str, float]:
+                       n_images: int, seed: int, progress: bool, loss: str, norm: str = "sum") -> dict[str, float]:
     from .finetune import distill_loss
+
+    def measure(out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+        if norm == "sum":
+            return float(distill_loss(out, ref, loss=loss))
+        return sum(float(distill_loss([o], [r], loss=loss)) * r.shape[0] / r.numel() for o, r in zip(out, ref))
 
     x = torch.cat(batches)[:n_images]
     if x.shape[0] == 0:
@@ -334,7 +345,7 @@ def _layer_sensitivity(model: nn.Module, plans: list[LayerPlan], batches: list[t
                 return y + scale * torch.randn(y.shape, generator=gen, dtype=y.dtype).to(y.device)
             handle = modules[p.name].register_forward_hook(noisy)
             try:
-                err = float(distill_loss(_output_tensors(model(x)), ref, loss=loss))
+                err = measure(_output_tensors(model(x)), ref)
             finally:
                 handle.remove()
             out[p.name] = err / eps ** 2
@@ -437,7 +448,7 @@ def budget_config(model: nn.Module, batches: list[torch.Tensor], config: QuantCo
     sens = None
     if config.alloc_weighting == "sensitivity":
         sens = layer_sensitivity(model, plans, batches, seed=config.seed, progress=progress,
-                                 loss=config.alloc_sensitivity_loss)
+                                 loss=config.alloc_sensitivity_loss, norm=config.alloc_sensitivity_norm)
         choice = allocate(weighted(options, sens), budget, other)
         choice = {n: next(o for o in options[n] if o.key == c.key)
                   for n, c in choice.items()}                            # report the unweighted distortion
@@ -448,6 +459,8 @@ def budget_config(model: nn.Module, batches: list[torch.Tensor], config: QuantCo
               "target_ratio": target_ratio, "target_size": target_size,
               "weighting": config.alloc_weighting, "max_error": config.alloc_max_error,
               **({"sensitivity_loss": config.alloc_sensitivity_loss} if sens else {}),
+              **({"sensitivity_norm": config.alloc_sensitivity_norm}
+                 if sens and config.alloc_sensitivity_norm != "sum" else {}),
               "layers": {n: {"block_size": o.block_size, "n_centroids": o.n_centroids, "bytes": o.bytes,
                              "rel_err2": o.distortion, "keep": o.keep,
                              **({"scalar_bits": o.scalar_bits} if o.scalar_bits else {}),

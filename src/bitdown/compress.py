@@ -781,9 +781,11 @@ class _BlockRun:
 # on the holdout). forward_mb (session 11) is one although a checkpoint made before it ran whole batches: a run
 # resuming it at the default computes the remaining statistics and block outputs in pieces, which changes float
 # summation order only (not at all where a batch fits one piece: CIFAR), so it resumes rather than starts over.
-# alloc_sensitivity_loss (session 11) at 'mse' is the sensitivity measured before it existed.
+# alloc_sensitivity_loss (session 11) at 'mse' is the sensitivity measured before it existed; so is
+# alloc_sensitivity_norm (session 13) at 'sum'.
 ADDED_KEYS = {"alloc_max_error": None, "mixup": 0.0, "loss": "auto", "alloc_menu": [], "train_bias": False,
-              "stats_positions": 0, "forward_mb": 16.0, "alloc_sensitivity_loss": "mse"}
+              "stats_positions": 0, "forward_mb": 16.0, "alloc_sensitivity_loss": "mse",
+              "alloc_sensitivity_norm": "sum"}
 ADDED_EM_KEYS = {"mean_correction": False}
 # config keys that change no result, fingerprinted at one fixed value: QuantConfig.cache_mb only moves cached
 # activations between RAM and spill files read back exactly. Its value before session 11's default (512) was

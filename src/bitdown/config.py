@@ -36,6 +36,7 @@ PRESETS: dict[str, dict[str, int]] = {
 LAYER_KINDS = ("conv1x1", "convkxk", "linear")
 OVERRIDE_KEYS = ("block_size", "n_centroids", "skip", "codebook_bits", "share", "scalar_bits", "fp16")
 SCALAR_BITS = (2, 3, 4, 8)  # per-output-channel scalar codes (scalar.py); 0 in a plan: product quantization
+SENSITIVITY_NORMS = ("sum", "level")  # QuantConfig.alloc_sensitivity_norm (allocate.layer_sensitivity)
 SENSITIVITY_LOSSES = ("mse", "bce")  # QuantConfig.alloc_sensitivity_loss: finetune.distill_loss's losses for any output
 CODEBOOK_BITS = (16, 8)     # fp16 codebooks (the paper), or int8 with one fp16 scale per column
 MAX_CENTROIDS = 1 << 15  # codes are stored as int16 at most
@@ -265,6 +266,10 @@ class QuantConfig:
     alloc_sensitivity_loss: str = "mse"  # with alloc_weighting 'sensitivity': how a layer's output noise is measured
                                     # at the network's output: 'mse' (normalised, per output tensor) or 'bce'
                                     # (Bernoulli KL of sigmoid outputs: what a YOLO head's decode reads)
+    alloc_sensitivity_norm: str = "sum"  # with the 'bce' sensitivity: 'sum' (the KL summed over every element of
+                                    # every output tensor: a detector's P3 map, 16x the cells of P5, dominates) or
+                                    # 'level' (each output tensor's KL averaged over its elements: every level counts
+                                    # alike). 'mse' already normalises each tensor by its own energy: 'sum' only
     alloc_max_error: float | None = None  # with a target size: no layer gets an option whose relative output
                                           # error D_l exceeds this (e.g. 0.3), whatever the weighting says
     alloc_menu: list[str] = field(default_factory=list)  # with a target size: options beyond PQ the allocator may
@@ -329,7 +334,8 @@ class QuantConfig:
             _check_override(ov, f"type override {key!r}")
         if self.alloc_weighting not in ("none", "sensitivity"):
             raise ValueError(f"alloc_weighting must be 'none' or 'sensitivity', got {self.alloc_weighting!r}")
-        check_sensitivity_loss(self.alloc_sensitivity_loss, "alloc_sensitivity_loss")
+        check_sensitivity_loss(self.alloc_sensitivity_loss, "alloc_sensitivity_loss", self.alloc_sensitivity_norm,
+                               "alloc_sensitivity_norm")
         if self.alloc_max_error is not None and not (0 < self.alloc_max_error and math.isfinite(self.alloc_max_error)):
             raise ValueError(f"alloc_max_error must be a finite number > 0 (or None), got {self.alloc_max_error!r}")
         for k in ("calib_images", "batch_size", "bn_images"):
@@ -355,10 +361,16 @@ def check_int(value: Any, what: str, minimum: int) -> None:
         raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
 
 
-def check_sensitivity_loss(loss: Any, what: str) -> None:
-    """A layer-sensitivity loss (allocate.layer_sensitivity) is one of SENSITIVITY_LOSSES, else a ValueError."""
+def check_sensitivity_loss(loss: Any, what: str, norm: Any = "sum", norm_what: str = "norm") -> None:
+    """A layer-sensitivity loss (allocate.layer_sensitivity) is one of SENSITIVITY_LOSSES and its normalisation
+    one of SENSITIVITY_NORMS ('level' with 'bce' only), else a ValueError."""
     if loss not in SENSITIVITY_LOSSES:
         raise ValueError(f"{what} must be one of {', '.join(map(repr, SENSITIVITY_LOSSES))}, got {loss!r}")
+    if norm not in SENSITIVITY_NORMS:
+        raise ValueError(f"{norm_what} must be one of {', '.join(map(repr, SENSITIVITY_NORMS))}, got {norm!r}")
+    if norm == "level" and loss != "bce":
+        raise ValueError(f"{norm_what}='level' needs {what}='bce' (got {loss!r}): 'mse' already normalises each "
+                         "output tensor by its own energy")
 
 
 def _checked(d: dict[str, Any], allowed: set[str], what: str) -> dict[str, Any]:
