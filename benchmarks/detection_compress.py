@@ -261,6 +261,7 @@ def _label(r: dict) -> str:
     bn = r["config"].get("em", {}).get("channel_weighting") == "bn"
     sens = (f", sensitivity {r['config'].get('alloc_sensitivity_loss', 'mse')}"
             if r["config"].get("alloc_weighting") == "sensitivity" else "")
+    sens += ", level-normalised" if sens and r["config"].get("alloc_sensitivity_norm") == "level" else ""
     menu = f", menu {'/'.join(r['config']['alloc_menu'])}" if r["config"].get("alloc_menu") else ""
     return (("PQ, EM only" if not steps else f"PQ, recon + {steps} steps {r['finetune'].get('loss', 'auto')}")
             + (", post-BN weighted" if bn else "") + sens + menu)
