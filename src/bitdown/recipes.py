@@ -58,9 +58,9 @@ def default_recipe(fast: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
 # 26x 0.059 (bce) / 0.050 (mse) vs 0.017 (benchmarks/results/detection.md, docs/DESIGN.md session 11).
 # Session 13 (benchmarks/results/detection_s13.md, EM only, seeds 0/1/2 on fixed allocations): the rate menu
 # (per-layer int8/int4/int2 per-channel scalar or fp16 next to PQ) 26x 0.0617 / 0.0606 / 0.0801 vs 0.0616 / 0.0501 /
-# 0.0674 (+0.008, every pair >= 0), 20x 0.1415 / 0.1397 vs 0.1301 / 0.1150; it stores the first layers in int8
-# instead of fp32. The per-level normalised 'bce' sensitivity (alloc_sensitivity_norm='level') feeds the P5 path
-# and starves the SPPF again: 26x 0.0287, 20x 0.1153: not in the recipe.
+# 0.0674 (+0.008, every pair >= 0), 20x 0.1415 / 0.1397 / 0.1413 vs 0.1301 / 0.1150 / 0.1304; it stores the first
+# layers in int8 instead of fp32. The per-level normalised 'bce' sensitivity (alloc_sensitivity_norm='level')
+# feeds the P5 path and starves the SPPF again: 26x 0.0287, 20x 0.1153: not in the recipe.
 DETECTOR_QUANT: dict[str, Any] = {
     "codebook_bits": 8,
     "alloc_weighting": "sensitivity",
