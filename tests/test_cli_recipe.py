@@ -153,6 +153,14 @@ def dw_spec(ws):  # noqa: F811
     sys.modules.pop(DW_MODULE, None)
 
 
+def test_eval_batch_size_scales_with_the_image():
+    from bitdown.evaluate import eval_batch_size
+    assert eval_batch_size((3, 32, 32)) == 256
+    assert eval_batch_size((3, 64, 64)) == 64
+    assert eval_batch_size((3, 224, 224)) == 16 == eval_batch_size((3, 640, 640))
+    assert eval_batch_size((3, 8, 8)) == 256
+
+
 def test_recipe_kind():
     import torch.nn as nn
     plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=2))       # a grouped conv is not depthwise
@@ -210,7 +218,7 @@ def test_help_shows_defaults_and_an_example(capsys):
     for cmd in ("size", "eval", "export", "info"):
         text = " ".join(_help(capsys, cmd).split())
         assert "example" in text and f"bitdown {cmd}" in text, cmd
-    assert "(default: 256)" in " ".join(_help(capsys, "eval").split())
+    assert "default: 256 at 32x32 px" in " ".join(_help(capsys, "eval").split())
     assert "(default: 16)" in " ".join(_help(capsys, "size").split())
 
 

@@ -498,10 +498,10 @@ def cmd_compress(a: argparse.Namespace) -> int:
     from . import compress, dist, save
     from .checkpoint import fingerprint
     from .data import make_loader
-    from .evaluate import evaluate
+    from .evaluate import eval_batch_size, evaluate
     from .modules import module_device
-    from .size import size_report
     from .recipes import recipe_kind
+    from .size import size_report
 
     # paths and device first: nothing is built or read before they are known to be usable
     out_path = _check_out_path(a.out, "--out")
@@ -584,7 +584,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
         out.update(teacher_map50_95=teacher_map["map50_95"], map50_95=res["map50_95"], map50=res["map50"],
                    eval_images=res["n_images"])
     elif ev is not None:
-        res = evaluate(q, make_loader(ev, 256), teacher=model.to(module_device(q)))
+        res = evaluate(q, make_loader(ev, eval_batch_size(ev[0][0].shape)), teacher=model.to(module_device(q)))
         out.update(teacher_top1=res["teacher_top1"], top1=res["top1"], drop=res["teacher_top1"] - res["top1"],
                    agreement=res["agreement"], eval_images=res["n"])
     _emit(out, a.json)
@@ -599,7 +599,7 @@ def _arch_keys() -> tuple[str, ...]:
 
 def cmd_eval(a: argparse.Namespace) -> int:
     from .data import make_loader
-    from .evaluate import evaluate
+    from .evaluate import eval_batch_size, evaluate
 
     if a.file is None and a.model is None:
         raise UsageError("give a compressed FILE, or --model (zoo name or module:function) to evaluate an "
@@ -625,7 +625,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     classes = _model_classes(arch, a.classes, a.model)
     ds = _eval_data(a.data, preprocess, a.labels, classes)
     _check_eval_model(model, ds, classes)
-    res = evaluate(model, make_loader(ds, a.batch_size))
+    res = evaluate(model, make_loader(ds, a.batch_size or eval_batch_size(ds[0][0].shape)))
     res["n_skipped"] = ds.n_skipped
     _emit(res, a.json)
     return 0
@@ -904,7 +904,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parent folder name, or WNID (default: wnid for ImageNet classes, else parent)")
     e.add_argument("--classes", help="the model's class names in output order: a text file (one per line) or "
                                      "comma-separated; default: a zoo model's own, else the sorted folder names")
-    e.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    e.add_argument("--batch-size", type=int, help="images per forward pass (default: 256 at 32x32 px, fewer for "
+                                                   "larger images, at least 16: evaluate.eval_batch_size)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(fn=cmd_eval)
 
