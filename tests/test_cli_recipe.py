@@ -181,6 +181,20 @@ def test_compact_model_gets_the_compact_recipe(captured, dw_spec):
     assert config.alloc_max_error == quant["alloc_max_error"]
     assert config.alloc_menu == quant["alloc_menu"] and config.codebook_bits == 8
     assert config.calib_images == 16                             # BASE's --calib-images wins over the recipe's
+    import bitdown.cli as cli
+    args = BASE[:BASE.index("--calib-images")] + BASE[BASE.index("--calib-images") + 2:]
+    seen = {}
+
+    def fake(model, data, config, **kw):
+        seen["config"] = config
+        raise Stop
+
+    import pytest as _pytest
+    with _pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bitdown, "compress", fake)
+        with pytest.raises(Stop):
+            cli.main([*args, "--model", dw_spec])
+    assert seen["config"].calib_images == data["calib_images"]     # no flag: the compact recipe's 128
     config, finetune = captured("--model", dw_spec, "--global-steps", "5",
                                 "--config", json.dumps({"alloc_menu": []}))
     assert finetune.global_steps == 5 and config.alloc_menu == []

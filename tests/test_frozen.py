@@ -101,6 +101,10 @@ def test_train_and_load_state_dict_refused_before_anything_changes(mixed_file):
     with pytest.raises(FrozenModelError, match="cannot export"):
         export_onnx(fr, mixed_file.with_name("m.onnx"), (1, 3, 8, 8))
     assert not mixed_file.with_name("again.bitdown").exists()
+    with pytest.raises(FrozenModelError, match="cannot load a file into"):    # loading into it: refused untouched
+        bitdown.load(mixed_file, fr)
+    assert all(torch.equal(v, state[k]) for k, v in fr.state_dict().items())
+    assert not any(is_quantized(m) for m in fr.modules())
 
 
 def test_copies_and_pickles_stay_frozen(mixed_file):

@@ -38,8 +38,11 @@ def load(path: str | Path, model: nn.Module | None = None, frozen: bool = False)
     fast as the dense model, refusing train(True) and load_state_dict. The default keeps the compressed
     layers, which fine-tuning, resuming, `save` and the ONNX export need."""
     from . import serialize
+    from .frozen import refuse_frozen
     from .zoo import ZOO
 
+    if model is not None:                    # before anything in it is replaced
+        refuse_frozen(model, "load a file into")
     tensors, meta = serialize.read(path)
     arch = meta.get("arch", {})
     if model is None:

@@ -830,8 +830,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="the .bitdown file to write (its folder must exist)")
     c.add_argument("--seed", type=int, default=0, help="seeds the image order, the EM and fine-tuning")
     c.add_argument("--calib-images", type=int,
-                   help="calibration images for each layer's statistics (default: 1024); for a detector the "
-                        "detector recipe's 128")
+                   help="calibration images for each layer's statistics (default: 1024); the compact and the "
+                        "detector recipes: 128")
     c.add_argument("--calib-size", type=int,
                    help="detectors: letterbox size of the calibration and distillation images (default: the "
                         "detector recipe's 320; --image-size is the evaluation size)")
