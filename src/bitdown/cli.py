@@ -409,14 +409,12 @@ def _recipe(a: argparse.Namespace, kind: str = "default") -> tuple[dict[str, Any
     return recipe(kind, fast=bool(getattr(a, "fast", False)))
 
 
-def _detector_data(a: argparse.Namespace) -> tuple[int, int | None]:
-    """(letterbox size of the calibration / distillation images, calibration images) of a detector run: the
-    flags, else the detector recipe's."""
+def _detector_calib_size(a: argparse.Namespace) -> int:
+    """Letterbox size of a detector run's calibration / distillation images: --calib-size, else the detector
+    recipe's (its calibration image count comes with the recipe's other data keys, `_quant_config`)."""
     from .recipes import detector_recipe
 
-    data = detector_recipe()[2]
-    return (a.calib_size or data["calib_size"],
-            a.calib_images if a.calib_images is not None else data["calib_images"])
+    return a.calib_size or detector_recipe()[2]["calib_size"]
 
 
 def _quant_config(a: argparse.Namespace, arch: dict[str, Any], kind: str = "default"):
@@ -548,7 +546,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
     kind = recipe_kind(model, detector)
     config = _quant_config(a, arch, kind)
     ft = _finetune_config(a, kind)
-    calib_size = _detector_data(a)[0] if detector else None
+    calib_size = _detector_calib_size(a) if detector else None
     if a.target_ratio is not None or a.target_size is not None:    # an impossible budget: refused before reading data
         from .allocate import check_budget
         check_budget(model, config, a.target_ratio, a.target_size, extra=config.alloc_menu)

@@ -318,8 +318,8 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     model on `train_data` (a map-style dataset of augmented unlabelled images; default: `data`'s).
     `finetune.holdout` of those images are kept out of fine-tuning: the global stage, and each layer's
     per-layer steps (`finetune.layer_guard`), are measured on them before and after and undone if they made
-    their distillation loss worse or, for class logits, lost more than one image's top-1 agreement with the
-    teacher (`extra["global_finetune"]["holdout"]`, `extra["layer_finetune"]["holdout"]`).
+    their distillation loss worse or, for class logits, lost top-1 agreement with the teacher beyond the
+    slice's binomial band (finetune._worse) (`extra["global_finetune"]["holdout"]`, `extra["layer_finetune"]["holdout"]`).
     `target_ratio` / `target_size` ('100KB', '1.5MB', bytes) choose every layer's block size and
     number of centroids by rate-distortion to fit that paper-style size (allocate.py).
     `device` ('cuda', 'cpu', ...; default: where the model's parameters are) runs the forward passes

@@ -30,7 +30,7 @@ is a TypeError; `check_outputs` runs the model once so that this is known before
   `layer_guard`, default on) the same distillation loss is measured on the holdout before and after the
   layer's steps and the layer's codebook is put back (its EM result) when the stage made the student worse
   (`_worse`: the loss rose, or, for class logits distilled by KL, the top-1 agreement with the teacher fell by
-  more than one image). The teacher's
+  more than the slice's binomial band). The teacher's
   outputs on the holdout are computed once per run (`teacher_outputs`), so the guard costs two student
   forwards of the holdout per layer;
 - global (`finetune_global`): every codebook together, optionally the BatchNorm affine parameters,
@@ -89,7 +89,7 @@ LOSSES = ("auto", "kl", "mse", "bce")
 MSE_EPS = 1e-12          # normalised MSE: sum((s - t)^2) / (sum(t^2) + MSE_EPS)
 HOLDOUT_MIN, HOLDOUT_MAX = 16, 256     # a fractional holdout: at least / at most this many images
 TARGETS_MAX_BYTES = 256 * 2**20        # the teacher's outputs on the holdout are kept when at most this large
-AGREEMENT_TOL_IMAGES = 1               # the guards: a stage may lose at least this many top-1 matches (`_worse`)
+AGREEMENT_TOL_IMAGES = 1               # the guards' floor: a stage may always lose this many top-1 matches (`_worse`)
 
 
 @dataclass
@@ -505,7 +505,7 @@ def finetune_layer(student: nn.Module, teacher: nn.Module, layer: nn.Module, dat
     Guard (with `holdout`, images never trained on, and cfg.layer_guard): the distillation loss on the holdout
     is measured before and after the steps (`evaluate_holdout`; `targets`: the teacher's outputs on it from
     `teacher_outputs`, else the teacher runs each time); when the layer's steps made the student worse
-    (`_worse`: the loss rose, or, for class logits, the top-1 agreement fell by more than one image) the codebook
+    (`_worse`: the loss rose, or, for class logits, the top-1 agreement fell beyond the slice's binomial band) the codebook
     is put back exactly as it was before the steps and a WARNING names the layer (`name`), why and the figures.
     result["holdout"]: {"loss_before", "loss_after", "agreement_before", "agreement_after" (None unless the
     output is class logits), "kept": "finetuned" | "before"}."""
@@ -570,11 +570,10 @@ def _worse(before: dict[str, Any], after: dict[str, Any], loss: str) -> str | No
         return "the distillation loss rose"
     a0, a1 = before.get("agreement"), after.get("agreement")
     if loss in ("kl", "auto") and a0 is not None and a1 is not None:
-        lost = round(a0 * after["n"]) - round(a1 * after["n"])        # images whose top-1 no longer matches
         n = after["n"]
-        k0 = min(max(round(a0 * n), 0), n)                             # matches before: n p, as a count
-        if n and lost > max(AGREEMENT_TOL_IMAGES, math.sqrt(k0 * (n - k0) / n)):
-            return f"the teacher agreement fell by {lost} of {after['n']} images"
+        k0, k1 = round(a0 * n), round(a1 * n)                         # top-1 matches before / after, as counts
+        if n and k0 - k1 > max(AGREEMENT_TOL_IMAGES, math.sqrt(k0 * (n - k0) / n)):
+            return f"the teacher agreement fell by {k0 - k1} of {n} images"
     return None
 
 
@@ -669,7 +668,7 @@ def finetune_global(student: nn.Module, teacher: nn.Module, data: Any, cfg: Fine
     Holdout guard: `holdout` is a tensor of images never trained on. The distillation loss (and, for class
     logits, the top-1 agreement with the teacher) is measured on it before and after training
     (`evaluate_holdout`). When the stage made the student worse (`_worse`: the loss rose, or for class logits
-    distilled by KL the agreement fell by more than one image), the trained parameters are restored to their state
+    distilled by KL the agreement fell beyond the slice's binomial band), the trained parameters are restored to their state
     before this stage (a CPU copy of just those is kept) and a WARNING is logged; result["holdout"]["kept"]
     is then "before", else "finetuned". The "before" figures are `holdout_before` when given (the
     `evaluate_holdout` dict of the first run: a resumed run should pass it), else measured here when
@@ -757,7 +756,7 @@ def _guard(student: nn.Module, teacher: nn.Module, holdout: torch.Tensor, cfg: F
            params: list[nn.Parameter], before: dict[str, Any] | None,
            saved: list[torch.Tensor] | None) -> dict[str, Any]:
     """The holdout figures after training; restores `saved` into `params` when the stage made the student worse
-    (`_worse`: the loss rose, or for class logits the top-1 agreement fell by more than one image)."""
+    (`_worse`: the loss rose, or for class logits the top-1 agreement fell beyond the slice's binomial band)."""
     after = evaluate_holdout(student, teacher, holdout, cfg)
     rec = {"n": after["n"], "loss_before": (before or {}).get("loss"), "loss_after": after["loss"],
            "agreement_before": (before or {}).get("agreement"), "agreement_after": after["agreement"],

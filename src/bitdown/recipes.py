@@ -3,6 +3,7 @@ kill-the-bits scripts): the classifier's number of centroids, and ResNet-18 `lar
 1x1 convs at d = 4. `zoo_config` merges them under any user overrides."""
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from torch import nn
@@ -43,7 +44,7 @@ def default_recipe(fast: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     reconstruction, no distillation: FinetuneConfig keys empty)."""
     if fast:
         return dict(FAST_QUANT), {}
-    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in DEFAULT_QUANT.items()}, dict(DEFAULT_FINETUNE)
+    return copy.deepcopy(DEFAULT_QUANT), dict(DEFAULT_FINETUNE)
 
 
 # The recipe of a detector zoo model (ZooEntry.task == "detect": YOLOv5n), picked automatically by
@@ -75,8 +76,7 @@ DETECTOR_DATA: dict[str, Any] = {"calib_size": 320, "calib_images": 128}
 def detector_recipe(fast: bool = False) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(QuantConfig keys, FinetuneConfig keys, data keys) of the detector recipe; data keys: `calib_size` (the
     letterbox size of the calibration and distillation images) and `calib_images`. With `fast` the EM only."""
-    quant = {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
-             for k, v in DETECTOR_QUANT.items()}
+    quant = copy.deepcopy(DETECTOR_QUANT)
     if fast:
         quant["reconstruct"] = {"steps": 0}
         return quant, {}, dict(DETECTOR_DATA)
@@ -90,7 +90,8 @@ def detector_recipe(fast: bool = False) -> tuple[dict[str, Any], dict[str, Any],
 # error and the rate menu (per-channel int8/int4/int2 codes or fp16 next to PQ), EM only: 81.60 / 80.80 %
 # (seeds 0/1), against 78.60 / 79.00 % without the menu and 78.40 % for the same allocation + 150 global
 # distillation steps (500 images over-fit: distillation costs ~3 pt), 77.2 % for the classifier recipe's
-# allocation + 150 steps. No distillation, so the recipe also runs in minutes, not hours, on a CPU.
+# allocation + 150 steps. No distillation, so the whole command takes under an hour on a 2-core CPU (44-47 min at one thread,
+# loaded; benchmarks/results/recipe_cli.md), where the distilling default took ~5.5 h.
 COMPACT_QUANT: dict[str, Any] = {
     "codebook_bits": 8,
     "alloc_weighting": "sensitivity",
@@ -109,9 +110,7 @@ def is_compact(model: nn.Module) -> bool:
 def compact_recipe(fast: bool = False) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(QuantConfig keys, FinetuneConfig keys, data keys) of the compact-network recipe: the EM only, so `fast`
     changes nothing; data keys: `calib_images`."""
-    quant = {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
-             for k, v in COMPACT_QUANT.items()}
-    return quant, {}, dict(COMPACT_DATA)
+    return copy.deepcopy(COMPACT_QUANT), {}, dict(COMPACT_DATA)
 
 
 RECIPES = ("default", "compact", "detector")
