@@ -19,7 +19,7 @@ EVAL_BATCH_MAX, EVAL_BATCH_MIN = 256, 16
 def eval_batch_size(image_shape: torch.Size | tuple[int, ...]) -> int:
     """Images per evaluation forward for images of `image_shape` (C, H, W): 256 at CIFAR's 32x32, fewer for larger
     images (the same pixels per batch, at least 16), so activations stay small: EfficientNet-Lite0 at 224 px and
-    batch 256 peaked at 5.0 GB RSS with its teacher (docs/DESIGN.md session 13), at batch 16 it needs a 16th."""
+    batch 256 peaked at 4.9 GB RSS with its teacher, at batch 16 at 0.67 GB (benchmarks/results/eval_memory.md)."""
     pixels = int(image_shape[-1]) * int(image_shape[-2])
     return max(EVAL_BATCH_MIN, min(EVAL_BATCH_MAX, EVAL_BATCH_MAX * 32 * 32 // max(pixels, 1)))
 
