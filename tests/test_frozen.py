@@ -37,12 +37,18 @@ def _modes(model: nn.Module) -> dict[str, bool]:
     return {n: m.training for n, m in model.named_modules()}
 
 
+def _class(module: nn.Module) -> type:
+    """The class a module had before it was frozen (freeze switches it to a cached frozen subclass)."""
+    return type(module)._frozen_base if is_frozen(module) else type(module)
+
+
 def test_frozen_model_is_plain_layers_with_identical_outputs(mixed_file):
     pq = bitdown.load(mixed_file, Net())
     fr = bitdown.load(mixed_file, Net(), frozen=True)
     assert is_frozen(fr) and not is_frozen(pq) and not fr.training
     assert not any(is_quantized(m) for m in fr.modules())
-    assert [type(fr.get_submodule(n)) for n in ("stem", "dw", "pw", "mid", "fc")] == [nn.Conv2d] * 4 + [nn.Linear]
+    assert [_class(fr.get_submodule(n)) for n in ("stem", "dw", "pw", "mid", "fc")] == [nn.Conv2d] * 4 + [nn.Linear]
+    assert all(is_frozen(m) for m in fr.modules()) and "Conv2d(3, " in repr(fr) and "Frozen" not in repr(fr)
     assert all(isinstance(p, nn.Parameter) and not p.requires_grad for p in fr.parameters())
     for name in ("stem", "dw", "pw", "mid", "fc"):
         assert torch.equal(fr.get_submodule(name).weight, pq.get_submodule(name).weight), name
@@ -69,9 +75,10 @@ def test_freeze_in_place_keeps_subclasses_hooks_and_shared_layers():
     with torch.no_grad():
         ref = model(x)
     seen = []
-    handle = model[0].register_forward_hook(lambda m, i, o: seen.append(type(m)))
+    handle = model[0].register_forward_hook(lambda m, i, o: seen.append(_class(m)))
     assert freeze(model) is model and freeze(model) is model           # in place; freezing again: the same
-    assert type(model[0]) is MyLinear and type(model[2]) is nn.Linear and model[3] is model[2]
+    assert _class(model[0]) is MyLinear and _class(model[2]) is nn.Linear and model[3] is model[2]
+    assert isinstance(model[0], MyLinear) and type(model[2]) is type(freeze(nn.Linear(1, 1)))   # one class each
     with torch.no_grad():
         assert torch.equal(model(x), ref)
     assert seen == [MyLinear]                            # the hook moved to the dense layer
@@ -81,7 +88,7 @@ def test_freeze_in_place_keeps_subclasses_hooks_and_shared_layers():
 
     layer = quantize_module(nn.Linear(4, 2), torch.randn(3, 2, generator=g), torch.randint(0, 3, (2, 2), generator=g))
     dense = freeze(layer)                                # a bare compressed layer: a new dense one
-    assert type(dense) is nn.Linear and is_frozen(dense) and torch.equal(dense.weight, layer.dequantize())
+    assert _class(dense) is nn.Linear and is_frozen(dense) and torch.equal(dense.weight, layer.dequantize())
 
 
 def test_train_and_load_state_dict_refused_before_anything_changes(mixed_file):
@@ -113,7 +120,8 @@ def test_copies_and_pickles_stay_frozen(mixed_file):
     torch.save(fr, buf)
     buf.seek(0)
     for other in (copy.deepcopy(fr), pickle.loads(pickle.dumps(fr)), torch.load(buf, weights_only=False)):
-        assert is_frozen(other) and other.train.module is other and other.bn.train.module is other.bn
+        assert all(is_frozen(m) for m in other.modules()) and type(other.fc) is type(fr.fc)   # the cached class
+        assert _modes(other) == _modes(fr) and not any(p.requires_grad for p in other.parameters())
         with pytest.raises(FrozenModelError):
             other.train()
         with torch.no_grad():
@@ -159,3 +167,48 @@ def test_detector_files_load_frozen(monkeypatch, tmp_path):
     (tmp_path / "d.bitdown").write_bytes(b"")
     resolve_detector(tmp_path / "d.bitdown")
     assert calls == [{"frozen": True}]
+
+
+class _Sub(nn.Linear):
+    """A user's layer class (module level, so pickle finds it by name)."""
+
+
+def _sub_model() -> nn.Module:
+    g = torch.Generator().manual_seed(5)
+    model = nn.Sequential(_Sub(12, 6), nn.ReLU(), nn.Linear(6, 4))
+    quantize_module(model[0], torch.randn(8, 4, generator=g), torch.randint(0, 8, (6, 3), generator=g))
+    return model
+
+
+def test_a_frozen_model_is_freed_without_the_cycle_collector(mixed_file):
+    import gc
+    import weakref
+
+    gc.collect()
+    gc.disable()
+    try:
+        for make in (lambda: freeze(_sub_model()), lambda: bitdown.load(mixed_file, Net(), frozen=True)):
+            fr = make()
+            refs = [weakref.ref(fr), weakref.ref(next(fr.parameters()))]
+            assert is_frozen(fr) and all(r() is not None for r in refs)
+            del fr                                       # the last reference: freed now, not at the next gc run
+            assert [r() for r in refs] == [None, None]
+    finally:
+        gc.enable()
+
+
+def test_copies_and_pickles_are_frozen_with_the_same_outputs():
+    fr = freeze(_sub_model())
+    x = torch.randn(3, 12, generator=torch.Generator().manual_seed(6))
+    data = pickle.dumps(fr)
+    assert b"Frozen" not in data                         # pickled as its original classes: loads without bitdown's cache
+    for other in (copy.deepcopy(fr), pickle.loads(data)):
+        assert other is not fr and other[0].weight is not fr[0].weight
+        assert is_frozen(other) and isinstance(other[0], _Sub) and type(other[0]) is type(fr[0])
+        assert all(is_frozen(m) for m in other.modules()) and not other.training
+        with torch.no_grad():
+            assert torch.equal(other(x), fr(x))
+        for call in (lambda: other.train(True), lambda: other[0].train(), lambda: other.load_state_dict(fr.state_dict())):
+            with pytest.raises(FrozenModelError, match="without frozen=True"):
+                call()
+        assert not any(m.training for m in other.modules()) and other.eval() is other
