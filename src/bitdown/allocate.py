@@ -191,6 +191,14 @@ def check_budget(model: nn.Module, config: QuantConfig, target_ratio: float | No
     return budget_bytes(model, resolve_plan(model, config)[0], target_ratio, target_size, extra)
 
 
+def budget_ratio(model: nn.Module, config: QuantConfig, target_ratio: float | None = None,
+                 target_size: str | float | None = None, extra: Sequence[str] | None = None) -> float:
+    """The compression ratio a budget asks for (paper-style dense bytes / budget bytes: `target_ratio` itself, or
+    what `target_size` means for `model`); refuses an impossible budget as `check_budget` does."""
+    plans = resolve_plan(model, config)[0]
+    return size_bounds(model, plans, extra)[1] / budget_bytes(model, plans, target_ratio, target_size, extra)
+
+
 def alloc_em(em: EMConfig) -> EMConfig:
     """The fast EM of the rate-distortion sweep (the paper's pooled EM, 10 iterations), with `em`'s
     post-BatchNorm channel weighting ('bn'; the 'variance' weighting is the compression EM's only)."""

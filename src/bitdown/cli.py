@@ -401,12 +401,13 @@ def _is_detector(arch: dict[str, Any]) -> bool:
     return (entry is not None and entry.task == "detect") or arch.get("preprocess") == LETTERBOX
 
 
-def _recipe(a: argparse.Namespace, kind: str = "default") -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+def _recipe(a: argparse.Namespace, kind: str = "default", ratio: float | None = None
+            ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(QuantConfig keys, FinetuneConfig keys, data keys) of recipe `kind` (recipes.recipe_kind: 'default',
-    'compact' or 'detector') under --fast."""
+    'compact' or 'detector') under --fast, for a budget of `ratio` (allocate.budget_ratio; None: no budget)."""
     from .recipes import recipe
 
-    return recipe(kind, fast=bool(getattr(a, "fast", False)))
+    return recipe(kind, fast=bool(getattr(a, "fast", False)), ratio=ratio)
 
 
 def _detector_calib_size(a: argparse.Namespace) -> int:
@@ -457,11 +458,12 @@ def _sub_object(obj: Any, what: str) -> dict[str, Any]:
     return obj
 
 
-def _finetune_config(a: argparse.Namespace, kind: str = "default"):
-    """FinetuneConfig: the recipe's keys, then the flags the user gave, then `--finetune-config` on top."""
+def _finetune_config(a: argparse.Namespace, kind: str = "default", ratio: float | None = None):
+    """FinetuneConfig: the recipe's keys (for a budget of `ratio`), then the flags the user gave, then
+    `--finetune-config` on top."""
     from .finetune import FinetuneConfig
 
-    _, recipe, _ = _recipe(a, kind)
+    _, recipe, _ = _recipe(a, kind, ratio)
     given = {"layer_steps": a.finetune_steps, "global_steps": a.global_steps, "batch_size": a.ft_batch_size,
              "loss": getattr(a, "distill_loss", None), "grad_slices": getattr(a, "grad_slices", None)}
     return FinetuneConfig.from_dict({**recipe, "seed": a.seed, "checkpoint_every": a.checkpoint_every,
@@ -545,11 +547,12 @@ def cmd_compress(a: argparse.Namespace) -> int:
         raise UsageError(f"{a.model} is a detector: it needs --preprocess {LETTERBOX} (got {preprocess!r})")
     kind = recipe_kind(model, detector)
     config = _quant_config(a, arch, kind)
-    ft = _finetune_config(a, kind)
-    calib_size = _detector_calib_size(a) if detector else None
+    ratio = None
     if a.target_ratio is not None or a.target_size is not None:    # an impossible budget: refused before reading data
-        from .allocate import check_budget
-        check_budget(model, config, a.target_ratio, a.target_size, extra=config.alloc_menu)
+        from .allocate import budget_ratio
+        ratio = budget_ratio(model, config, a.target_ratio, a.target_size, extra=config.alloc_menu)
+    ft = _finetune_config(a, kind, ratio)
+    calib_size = _detector_calib_size(a) if detector else None
     if a.device is not None:                 # a device torch cannot use: refused before reading data
         from .compress import resolve_device
         resolve_device(model, a.device)
@@ -752,14 +755,15 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
 
 def _recipe_text() -> tuple[dict[str, Any], dict[str, Any], str]:
-    from .recipes import compact_recipe, default_recipe, detector_recipe
+    from .recipes import LONG_GLOBAL_STEPS, LONG_RATIO, compact_recipe, default_recipe, detector_recipe
 
     quant, ft = default_recipe()
     fast, _ = default_recipe(fast=True)
     dq, dft, ddata = detector_recipe()
     cq, _, cdata = compact_recipe()
     text = (f"Defaults are the recipe (recipes.default_recipe): QuantConfig {json.dumps(quant)}, fine-tuning "
-            f"{json.dumps(ft)}; --fast: {json.dumps(fast)} and no fine-tuning (the EM only). Each flag given "
+            f"{json.dumps(ft)} ({LONG_GLOBAL_STEPS} global steps for a budget above {LONG_RATIO:g}x); --fast: "
+            f"{json.dumps(fast)} and no fine-tuning (the EM only). Each flag given "
             f"overrides its part of the recipe; --config / --finetune-config JSON go on top of everything.")
     det = (f"Detectors (a zoo entry with task 'detect', e.g. yolov5n_coco, or --preprocess letterbox) get "
            f"recipes.detector_recipe instead: QuantConfig {json.dumps(dq)}, fine-tuning {json.dumps(dft)} "
@@ -772,6 +776,8 @@ def _recipe_text() -> tuple[dict[str, Any], dict[str, Any], str]:
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import GRAD_SLICES
+
+    from .recipes import LONG_GLOBAL_STEPS, LONG_RATIO
 
     quant, ft, recipe_text = _recipe_text()
     recon = quant.get("reconstruct", {})
@@ -853,8 +859,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--finetune-steps", type=int,
                    help=f"per-layer distillation steps, 0: off (default: the recipe's {ft.get('layer_steps', 0)})")
     c.add_argument("--global-steps", type=int,
-                   help=f"global distillation steps, 0: off (default: the recipe's {ft.get('global_steps', 0)}; "
-                        f"--fast: 0)")
+                   help=f"global distillation steps, 0: off (default: the recipe's {ft.get('global_steps', 0)}, "
+                        f"{LONG_GLOBAL_STEPS} for a budget above {LONG_RATIO:g}x; --fast: 0)")
     c.add_argument("--ft-batch-size", type=int,
                    help=f"fine-tuning batch size (default: the recipe's {ft.get('batch_size', 64)})")
     c.add_argument("--grad-slices", type=int, metavar="S",
