@@ -319,6 +319,29 @@ def test_compress_with_error_cap(data):
             QuantConfig(alloc_max_error=bad)
 
 
+def test_error_cap_list_keeps_the_first_cap_the_budget_satisfies(data):
+    """alloc_max_error as a list: caps tried in order, the first one the budget can satisfy is used (and reported);
+    none satisfiable names the loosest. Bad lists are refused."""
+    plain = bitdown.compress(net(), data, QuantConfig(calib_images=128, bn_recalibrate=False), target_ratio=10.0,
+                             progress=False)
+    worst = max(v["rel_err2"] for v in plain.bitdown.extra["allocation"]["layers"].values())
+    cap = 0.8 * worst
+    cfg = QuantConfig(calib_images=128, bn_recalibrate=False, alloc_max_error=[1e-9, cap, 10.0])
+    q = bitdown.compress(net(), data, cfg, target_ratio=10.0, progress=False)
+    al = q.bitdown.extra["allocation"]
+    assert al["max_error"] == cap                            # 1e-9 cannot fit 10x, cap can: 10.0 is never reached
+    assert max(v["rel_err2"] for v in al["layers"].values()) <= cap
+    with pytest.raises(ValueError, match="<= 2e-09"):
+        bitdown.compress(net(), data, QuantConfig(calib_images=128, alloc_max_error=[1e-9, 2e-9]), target_ratio=10.0,
+                         progress=False)
+    assert QuantConfig(alloc_max_error=[0.3]).alloc_max_error == 0.3      # a one-cap list is that cap
+    assert QuantConfig(alloc_max_error=[0.2, 0.3]).alloc_caps == [0.2, 0.3]
+    assert QuantConfig.from_dict(QuantConfig(alloc_max_error=[0.2, 0.3]).to_json()).alloc_max_error == [0.2, 0.3]
+    for bad in ([], [0.2, 0.0], [0.2, float("nan")], ["0.2"], [True]):
+        with pytest.raises(ValueError, match="alloc_max_error"):
+            QuantConfig(alloc_max_error=bad)
+
+
 def test_rate_distortion_table_measured_once_per_inputs(data, monkeypatch):
     import bitdown.allocate as ba
     calls = []

@@ -370,6 +370,24 @@ def _output_tensors(out) -> list[torch.Tensor]:
     return [t.float() for t in tensors_of(out) if t.is_floating_point()]
 
 
+def first_feasible_cap(options: dict[str, list[Option]], caps: list[float], budget: float, other: float,
+                       dense: float) -> tuple[dict[str, list[Option]], float]:
+    """(options capped at the first of `caps` that the budget can satisfy, that cap); QuantConfig.alloc_max_error
+    as a list: e.g. [0.15, 0.2, 0.3] keeps the tightest cap a budget allows. None satisfiable: ValueError naming
+    the smallest model the loosest cap allows."""
+    for cap in caps:
+        out = capped(options, cap)
+        smallest = other + sum(min(o.bytes for o in opts) for opts in out.values())
+        if smallest <= budget:
+            if cap != caps[0]:
+                log.info("allocation: error cap %g (the tighter %s cannot fit %.4f MB)", cap,
+                         ", ".join(f"{c:g}" for c in caps[:caps.index(cap)]), budget / MB)
+            return out, cap
+    raise ValueError(f"no allocation keeps every layer's relative output error <= {caps[-1]} within "
+                     f"{budget / MB:.4f} MB: the smallest such model is {smallest / MB:.4f} MB ({dense / smallest:.1f}x); "
+                     "raise alloc_max_error or the budget")
+
+
 def capped(options: dict[str, list[Option]], max_error: float) -> dict[str, list[Option]]:
     """Each layer's options with distortion <= `max_error`; a layer with none keeps its least distorted
     option(s) (e.g. only keeping it uncompressed qualifies)."""
@@ -446,13 +464,9 @@ def budget_config(model: nn.Module, batches: list[torch.Tensor], config: QuantCo
     _, dense, other = size_bounds(model, plans, extra)
     options = measure_options(model, plans, batches, em=alloc_em(config.em), seed=config.seed, progress=progress,
                               extra=extra)
+    cap = None
     if config.alloc_max_error is not None:
-        options = capped(options, config.alloc_max_error)
-        smallest = other + sum(min(o.bytes for o in opts) for opts in options.values())
-        if smallest > budget:
-            raise ValueError(f"no allocation keeps every layer's relative output error <= {config.alloc_max_error} "
-                             f"within {budget / MB:.4f} MB: the smallest such model is {smallest / MB:.4f} MB "
-                             f"({dense / smallest:.1f}x); raise alloc_max_error or the budget")
+        options, cap = first_feasible_cap(options, config.alloc_caps, budget, other, dense)
     sens = None
     if config.alloc_weighting == "sensitivity":
         sens = layer_sensitivity(model, plans, batches, seed=config.seed, progress=progress,
@@ -465,7 +479,7 @@ def budget_config(model: nn.Module, batches: list[torch.Tensor], config: QuantCo
     achieved = other + sum(o.bytes for o in choice.values())
     report = {"budget_bytes": budget, "achieved_bytes": achieved, "ratio": dense / achieved,
               "target_ratio": target_ratio, "target_size": target_size,
-              "weighting": config.alloc_weighting, "max_error": config.alloc_max_error,
+              "weighting": config.alloc_weighting, "max_error": cap,
               **({"sensitivity_loss": config.alloc_sensitivity_loss} if sens else {}),
               **({"sensitivity_norm": config.alloc_sensitivity_norm}
                  if sens and config.alloc_sensitivity_norm != "sum" else {}),

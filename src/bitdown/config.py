@@ -270,8 +270,9 @@ class QuantConfig:
                                     # every output tensor: a detector's P3 map, 16x the cells of P5, dominates) or
                                     # 'level' (each output tensor's KL averaged over its elements: every level counts
                                     # alike). 'mse' already normalises each tensor by its own energy: 'sum' only
-    alloc_max_error: float | None = None  # with a target size: no layer gets an option whose relative output
-                                          # error D_l exceeds this (e.g. 0.3), whatever the weighting says
+    alloc_max_error: float | list[float] | None = None  # with a target size: no layer gets an option whose
+                                          # relative output error D_l exceeds this (e.g. 0.3), whatever the weighting
+                                          # says; a list (e.g. [0.15, 0.2, 0.3]): the first cap the budget satisfies
     alloc_menu: list[str] = field(default_factory=list)  # with a target size: options beyond PQ the allocator may
                                     # pick per layer: 'int8', 'int4', 'int3', 'int2' (per-channel scalar), 'fp16'
     blocks: list[str] | None = None  # regexes naming the blocks (blocks.py); None: found by the default rules
@@ -336,11 +337,26 @@ class QuantConfig:
             raise ValueError(f"alloc_weighting must be 'none' or 'sensitivity', got {self.alloc_weighting!r}")
         check_sensitivity_loss(self.alloc_sensitivity_loss, "alloc_sensitivity_loss", self.alloc_sensitivity_norm,
                                "alloc_sensitivity_norm")
-        if self.alloc_max_error is not None and not (0 < self.alloc_max_error and math.isfinite(self.alloc_max_error)):
-            raise ValueError(f"alloc_max_error must be a finite number > 0 (or None), got {self.alloc_max_error!r}")
+        if self.alloc_max_error is not None:
+            caps = self.alloc_max_error
+            if isinstance(caps, (list, tuple)):
+                caps = list(caps)
+                if not caps:
+                    raise ValueError("alloc_max_error must be a number > 0, a non-empty list of them, or None; got []")
+                self.alloc_max_error = caps if len(caps) > 1 else caps[0]
+            for c in caps if isinstance(caps, list) else [caps]:
+                if isinstance(c, bool) or not isinstance(c, (int, float)) or not (0 < c and math.isfinite(c)):
+                    raise ValueError(f"alloc_max_error must be a finite number > 0, a list of them (the first cap the "
+                                     f"budget satisfies is used), or None; got {self.alloc_max_error!r}")
         for k in ("calib_images", "batch_size", "bn_images"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+
+    @property
+    def alloc_caps(self) -> list[float]:
+        """alloc_max_error as a list of caps, tried in order (empty: no cap)."""
+        c = self.alloc_max_error
+        return [] if c is None else [float(x) for x in c] if isinstance(c, list) else [float(c)]
 
     @property
     def recalibrates_bn(self) -> bool:
