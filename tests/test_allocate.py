@@ -337,7 +337,7 @@ def test_error_cap_list_keeps_the_first_cap_the_budget_satisfies(data):
     assert QuantConfig(alloc_max_error=[0.3]).alloc_max_error == 0.3      # a one-cap list is that cap
     assert QuantConfig(alloc_max_error=[0.2, 0.3]).alloc_caps == [0.2, 0.3]
     assert QuantConfig.from_dict(QuantConfig(alloc_max_error=[0.2, 0.3]).to_json()).alloc_max_error == [0.2, 0.3]
-    for bad in ([], [0.2, 0.0], [0.2, float("nan")], ["0.2"], [True]):
+    for bad in ([], [0.2, 0.0], [0.2, float("nan")], ["0.2"], [True], [0.3, 0.2], [0.2, 0.2]):
         with pytest.raises(ValueError, match="alloc_max_error"):
             QuantConfig(alloc_max_error=bad)
 

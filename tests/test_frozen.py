@@ -37,18 +37,13 @@ def _modes(model: nn.Module) -> dict[str, bool]:
     return {n: m.training for n, m in model.named_modules()}
 
 
-def _class(module: nn.Module) -> type:
-    """The class a module had before it was frozen (freeze switches it to a cached frozen subclass)."""
-    return type(module)._frozen_base if is_frozen(module) else type(module)
-
-
 def test_frozen_model_is_plain_layers_with_identical_outputs(mixed_file):
     pq = bitdown.load(mixed_file, Net())
     fr = bitdown.load(mixed_file, Net(), frozen=True)
     assert is_frozen(fr) and not is_frozen(pq) and not fr.training
     assert not any(is_quantized(m) for m in fr.modules())
-    assert [_class(fr.get_submodule(n)) for n in ("stem", "dw", "pw", "mid", "fc")] == [nn.Conv2d] * 4 + [nn.Linear]
-    assert all(is_frozen(m) for m in fr.modules()) and "Conv2d(3, " in repr(fr) and "Frozen" not in repr(fr)
+    assert [type(fr.get_submodule(n)) for n in ("stem", "dw", "pw", "mid", "fc")] == [nn.Conv2d] * 4 + [nn.Linear]
+    assert all(is_frozen(m) for m in fr.modules()) and "Conv2d(3, " in repr(fr)
     assert all(isinstance(p, nn.Parameter) and not p.requires_grad for p in fr.parameters())
     for name in ("stem", "dw", "pw", "mid", "fc"):
         assert torch.equal(fr.get_submodule(name).weight, pq.get_submodule(name).weight), name
@@ -75,10 +70,9 @@ def test_freeze_in_place_keeps_subclasses_hooks_and_shared_layers():
     with torch.no_grad():
         ref = model(x)
     seen = []
-    handle = model[0].register_forward_hook(lambda m, i, o: seen.append(_class(m)))
+    handle = model[0].register_forward_hook(lambda m, i, o: seen.append(type(m)))
     assert freeze(model) is model and freeze(model) is model           # in place; freezing again: the same
-    assert _class(model[0]) is MyLinear and _class(model[2]) is nn.Linear and model[3] is model[2]
-    assert isinstance(model[0], MyLinear) and type(model[2]) is type(freeze(nn.Linear(1, 1)))   # one class each
+    assert type(model[0]) is MyLinear and type(model[2]) is nn.Linear and model[3] is model[2]   # classes kept
     with torch.no_grad():
         assert torch.equal(model(x), ref)
     assert seen == [MyLinear]                            # the hook moved to the dense layer
@@ -88,7 +82,7 @@ def test_freeze_in_place_keeps_subclasses_hooks_and_shared_layers():
 
     layer = quantize_module(nn.Linear(4, 2), torch.randn(3, 2, generator=g), torch.randint(0, 3, (2, 2), generator=g))
     dense = freeze(layer)                                # a bare compressed layer: a new dense one
-    assert _class(dense) is nn.Linear and is_frozen(dense) and torch.equal(dense.weight, layer.dequantize())
+    assert type(dense) is nn.Linear and is_frozen(dense) and torch.equal(dense.weight, layer.dequantize())
 
 
 def test_train_and_load_state_dict_refused_before_anything_changes(mixed_file):
@@ -120,7 +114,8 @@ def test_copies_and_pickles_stay_frozen(mixed_file):
     torch.save(fr, buf)
     buf.seek(0)
     for other in (copy.deepcopy(fr), pickle.loads(pickle.dumps(fr)), torch.load(buf, weights_only=False)):
-        assert all(is_frozen(m) for m in other.modules()) and type(other.fc) is type(fr.fc)   # the cached class
+        assert is_frozen(other) and other.train.module is other and other.bn.train.module is other.bn
+        assert all(is_frozen(m) for m in other.modules()) and type(other.fc) is type(fr.fc)
         assert _modes(other) == _modes(fr) and not any(p.requires_grad for p in other.parameters())
         with pytest.raises(FrozenModelError):
             other.train()
@@ -201,10 +196,9 @@ def test_copies_and_pickles_are_frozen_with_the_same_outputs():
     fr = freeze(_sub_model())
     x = torch.randn(3, 12, generator=torch.Generator().manual_seed(6))
     data = pickle.dumps(fr)
-    assert b"Frozen" not in data                         # pickled as its original classes: loads without bitdown's cache
     for other in (copy.deepcopy(fr), pickle.loads(data)):
         assert other is not fr and other[0].weight is not fr[0].weight
-        assert is_frozen(other) and isinstance(other[0], _Sub) and type(other[0]) is type(fr[0])
+        assert is_frozen(other) and type(other[0]) is _Sub and other[0].train.module is other[0]
         assert all(is_frozen(m) for m in other.modules()) and not other.training
         with torch.no_grad():
             assert torch.equal(other(x), fr(x))
@@ -212,3 +206,26 @@ def test_copies_and_pickles_are_frozen_with_the_same_outputs():
             with pytest.raises(FrozenModelError, match="without frozen=True"):
                 call()
         assert not any(m.training for m in other.modules()) and other.eval() is other
+
+
+def test_frozen_models_trace_and_fuse_as_plain_models():
+    """freeze keeps every module's class: torch.fx sees nn layers as leaves, Conv-BN-ReLU fusion finds its pattern
+    (a frozen model made of subclasses broke both)."""
+    import torch.fx as fx
+    from torch.ao.quantization import fuse_modules
+
+    model = freeze(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 5)))
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    graph = fx.symbolic_trace(model)
+    assert [n.op for n in graph.graph.nodes].count("call_module") == 5
+    with torch.no_grad():
+        assert torch.equal(graph(x), model(x))
+        fused = fuse_modules(copy.deepcopy(model), [["0", "1", "2"]])
+        assert type(fused[0]).__name__ == "ConvReLU2d"
+        assert torch.allclose(fused(x), model(x), atol=1e-5)
+
+
+def test_compressing_a_frozen_model_is_refused_first():
+    fr = freeze(_sub_model())
+    with pytest.raises(FrozenModelError, match="cannot compress a frozen model"):
+        bitdown.compress(fr, [torch.randn(4, 12)], bitdown.QuantConfig())

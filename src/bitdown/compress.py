@@ -30,6 +30,7 @@ from . import dist
 from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from .config import LayerPlan, QuantConfig, quantizable_layers, resolve_plan, share_groups
 from .em import assign_codes, kmeans, kmeans_shared
+from .frozen import refuse_frozen
 from .meancorrect import bn_gain, correct_layer_mean, following_batchnorm
 from .memtrim import release_memory
 from .modules import empty_pq_like, is_pq, module_device, quantize_module, round_codebook, round_codebooks_
@@ -329,6 +330,7 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     """
     config = config or QuantConfig()
     _check_model(model)
+    refuse_frozen(model, "compress")                 # before any work: its guards would refuse training mode later
     t0 = time.perf_counter()
     progress = progress and dist.is_main()           # under torchrun: bars on rank 0 only
     model.eval()

@@ -348,6 +348,9 @@ class QuantConfig:
                 if isinstance(c, bool) or not isinstance(c, (int, float)) or not (0 < c and math.isfinite(c)):
                     raise ValueError(f"alloc_max_error must be a finite number > 0, a list of them (the first cap the "
                                      f"budget satisfies is used), or None; got {self.alloc_max_error!r}")
+            if isinstance(caps, list) and any(b <= a for a, b in zip(caps, caps[1:])):
+                raise ValueError(f"alloc_max_error as a list must be strictly ascending (tightest cap first: a "
+                                 f"looser cap before a tighter one would always win), got {caps!r}")
         for k in ("calib_images", "batch_size", "bn_images"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
@@ -356,7 +359,7 @@ class QuantConfig:
     def alloc_caps(self) -> list[float]:
         """alloc_max_error as a list of caps, tried in order (empty: no cap)."""
         c = self.alloc_max_error
-        return [] if c is None else [float(x) for x in c] if isinstance(c, list) else [float(c)]
+        return [] if c is None else [float(x) for x in c] if isinstance(c, (list, tuple)) else [float(c)]
 
     @property
     def recalibrates_bn(self) -> bool:

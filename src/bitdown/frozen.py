@@ -16,17 +16,17 @@ code that restores a mode in a `finally` keeps working: `eval()` and `train(Fals
 fine-tune, resume or save, load the file without `frozen=True`.
 
 `freeze` works in place (like `quantize_module` and `serialize.apply`: a copy would hold the model twice);
-`copy.deepcopy(model)` first to keep the compressed one. The guards are methods of a frozen subclass made
-once per class (`_frozen_class`: nn.Conv2d -> FrozenConv2d, printed as Conv2d) that each module's `__class__`
-is switched to, as `modules._pq_class` does for PQ layers: no module refers to itself, so a frozen model is
-freed as soon as its last reference goes (no reference cycle left for the cycle collector). The subclass
-pickles as its original class plus a flag (`__reduce_ex__`), so a frozen model deep-copies, pickles and
-`torch.save`s as one, and the unpickled copy is frozen too.
+`copy.deepcopy(model)` first to keep the compressed one. The guards are instance attributes of each module
+(`_Refuse`, shadowing the class's `train` / `load_state_dict`); the modules keep their classes, so torch.fx, Conv-BN
+fusion and anything keyed by `type(m)` see the same model as before. A guard holds its module by weak reference:
+no module refers to itself, so a frozen model is freed as soon as its last reference goes (no reference cycle
+left for the cycle collector). A guard pickles as (its module, its method) (`__reduce__`), so a frozen model
+deep-copies, pickles and `torch.save`s as one, and the copy's guards hold the copy.
 """
 from __future__ import annotations
 
-import copyreg
 import logging
+import weakref
 
 import torch.nn as nn
 
@@ -44,52 +44,36 @@ class FrozenModelError(RuntimeError):
     """An operation that would change a frozen (inference-only) model: training mode, load_state_dict."""
 
 
-class _Frozen:
-    """The guards of a frozen module, mixed in before its class (`_frozen_class`): `train(False)` (= `eval()`)
-    goes through, anything that would change the module raises FrozenModelError before touching it."""
+class _Refuse:
+    """Stands in for `module.train` / `module.load_state_dict` on a frozen module (an instance attribute
+    shadows the class's method): `train(False)` (= `eval()`) goes through, anything that would change the
+    module raises FrozenModelError before touching it. Holds its module by weak reference (no cycle)."""
 
-    _frozen_base: type                             # the class it was made from (nn.Conv2d for FrozenConv2d)
+    __slots__ = ("_module", "method")
 
-    def train(self, mode: bool = True):
-        if not mode:
-            return nn.Module.train(self, False)
-        raise FrozenModelError(f"cannot put a frozen model in training mode: {_FIX}")
+    def __init__(self, module: nn.Module, method: str) -> None:
+        self._module, self.method = weakref.ref(module), method
 
-    def load_state_dict(self, *args, **kwargs):
+    @property
+    def module(self) -> nn.Module:
+        return self._module()
+
+    def __call__(self, *args, **kwargs):
+        if self.method == "train":
+            mode = args[0] if args else kwargs.get("mode", True)
+            if not mode:
+                return nn.Module.train(self.module, False)
+            raise FrozenModelError(f"cannot put a frozen model in training mode: {_FIX}")
         raise FrozenModelError(f"cannot load a state dict into a frozen model (it would no longer be what its file "
                                f"holds): {_FIX}")
 
-    def _get_name(self) -> str:                    # the model prints as before: Conv2d(...), not FrozenConv2d(...)
-        return self._frozen_base.__name__
-
-    def __reduce_ex__(self, protocol):
-        # pickled as the original class (found by its name) and rebuilt as its frozen subclass by _new_frozen
-        rv = super().__reduce_ex__(max(protocol, 2))
-        if isinstance(rv, tuple) and rv[0] is copyreg.__newobj__ and rv[1][:1] == (type(self),):
-            return (_new_frozen, (self._frozen_base, *rv[1][1:]), *rv[2:])
-        return rv
-
-
-_CLASSES: dict[type, type] = {}
-
-
-def _frozen_class(cls: type) -> type:
-    """The frozen subclass of module class `cls` (made once per class, cached)."""
-    if issubclass(cls, _Frozen):
-        return cls
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Frozen{cls.__name__}", (_Frozen, cls), {"__module__": __name__, "_frozen_base": cls})
-    return _CLASSES[cls]
-
-
-def _new_frozen(cls: type, *args) -> nn.Module:
-    """An empty instance of `cls`'s frozen subclass (unpickling: the state is set after)."""
-    return copyreg.__newobj__(_frozen_class(cls), *args)
+    def __reduce__(self):                # pickle / deepcopy: a guard of the copied module (found in the memo)
+        return (_Refuse, (self.module, self.method))
 
 
 def is_frozen(model: nn.Module) -> bool:
     """Whether `model` was made by `freeze` (or `bitdown.load(..., frozen=True)`)."""
-    return isinstance(model, _Frozen)
+    return isinstance(model.__dict__.get("train"), _Refuse)
 
 
 def refuse_frozen(model: nn.Module, what: str) -> None:
@@ -126,6 +110,7 @@ def freeze(model: nn.Module) -> nn.Module:
     nn.Module.train(model, False)
     model.requires_grad_(False)
     for m in model.modules():
-        m.__class__ = _frozen_class(type(m))
+        m.train = _Refuse(m, "train")
+        m.load_state_dict = _Refuse(m, "load_state_dict")
     log.debug("froze %s: %d compressed layers now dense", type(model).__name__, len(dense))
     return model
