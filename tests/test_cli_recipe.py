@@ -103,6 +103,25 @@ def test_a_high_budget_distils_longer(captured, monkeypatch):
     assert finetune is None
 
 
+def test_synthetic_data_distils_with_mixup_longer(ws, captured):  # noqa: F811
+    """Images `bitdown synthesize` wrote (its manifest in the --data folder) get recipes.SYNTHETIC_FINETUNE on top of
+    the default recipe; mixed with real --extra-data, --fast, or an explicit flag: not (or the flag wins)."""
+    from bitdown.synthesize import MANIFEST
+
+    _, finetune = captured()
+    assert finetune.mixup == 0.0 and finetune.global_steps == recipes.default_recipe()[1]["global_steps"]
+    (ws / "imgs" / MANIFEST).write_text("{}")
+    _, finetune = captured()
+    assert (finetune.mixup, finetune.global_steps) == (recipes.SYNTHETIC_FINETUNE["mixup"],
+                                                       recipes.SYNTHETIC_FINETUNE["global_steps"])
+    _, finetune = captured("--global-steps", "9", "--finetune-config", json.dumps({"mixup": 0.1}))
+    assert (finetune.mixup, finetune.global_steps) == (0.1, 9)
+    _, finetune = captured("--extra-data", "imgs")
+    assert finetune.mixup == 0.0
+    _, finetune = captured("--fast")
+    assert finetune is None
+
+
 def test_json_configs_go_on_top(captured):
     config, finetune = captured("--codebook-bits", "8", "--reconstruct", json.dumps({"steps": 5, "lr": 0.01}),
                                 "--config", json.dumps({"codebook_bits": 16, "reconstruct": {"steps": 9}}),

@@ -407,7 +407,18 @@ def _recipe(a: argparse.Namespace, kind: str = "default", ratio: float | None = 
     'compact' or 'detector') under --fast, for a budget of `ratio` (allocate.budget_ratio; None: no budget)."""
     from .recipes import recipe
 
-    return recipe(kind, fast=bool(getattr(a, "fast", False)), ratio=ratio)
+    return recipe(kind, fast=bool(getattr(a, "fast", False)), ratio=ratio, synthetic=_synthetic_data(a))
+
+
+def _synthetic_data(a: argparse.Namespace) -> bool:
+    """Whether --data is images synthesised by bitdown: `synthetic:N`, or a folder `bitdown synthesize` wrote (its
+    manifest is there) — not mixed with real --extra-data."""
+    from .synthesize import MANIFEST
+
+    data, extra = getattr(a, "data", None), getattr(a, "extra_data", None)
+    if data is None or extra is not None:
+        return False
+    return _synthetic_count(data, "--data") is not None or (Path(data).expanduser() / MANIFEST).is_file()
 
 
 def _detector_calib_size(a: argparse.Namespace) -> int:
@@ -755,7 +766,8 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
 
 def _recipe_text() -> tuple[dict[str, Any], dict[str, Any], str]:
-    from .recipes import LONG_GLOBAL_STEPS, LONG_RATIO, compact_recipe, default_recipe, detector_recipe
+    from .recipes import (LONG_GLOBAL_STEPS, LONG_RATIO, SYNTHETIC_FINETUNE, compact_recipe, default_recipe,
+                          detector_recipe)
 
     quant, ft = default_recipe()
     fast, _ = default_recipe(fast=True)
@@ -763,7 +775,8 @@ def _recipe_text() -> tuple[dict[str, Any], dict[str, Any], str]:
     cq, _, cdata = compact_recipe()
     text = (f"Defaults are the recipe (recipes.default_recipe): QuantConfig {json.dumps(quant)}, fine-tuning "
             f"{json.dumps(ft)} ({LONG_GLOBAL_STEPS} global steps for a budget above {LONG_RATIO:g}x); --fast: "
-            f"{json.dumps(fast)} and no fine-tuning (the EM only). Each flag given "
+            f"{json.dumps(fast)} and no fine-tuning (the EM only). Images synthesised by bitdown (--data "
+            f"synthetic:N, or a folder `bitdown synthesize` wrote) add {json.dumps(SYNTHETIC_FINETUNE)}. Each flag given "
             f"overrides its part of the recipe; --config / --finetune-config JSON go on top of everything.")
     det = (f"Detectors (a zoo entry with task 'detect', e.g. yolov5n_coco, or --preprocess letterbox) get "
            f"recipes.detector_recipe instead: QuantConfig {json.dumps(dq)}, fine-tuning {json.dumps(dft)} "
