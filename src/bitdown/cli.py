@@ -407,10 +407,10 @@ def _recipe(a: argparse.Namespace, kind: str = "default", ratio: float | None = 
     'compact' or 'detector') under --fast, for a budget of `ratio` (allocate.budget_ratio; None: no budget)."""
     from .recipes import recipe
 
-    return recipe(kind, fast=bool(getattr(a, "fast", False)), ratio=ratio, synthetic=_synthetic_data(a))
+    return recipe(kind, fast=bool(getattr(a, "fast", False)), ratio=ratio, synthetic=_data_is_synthetic(a))
 
 
-def _synthetic_data(a: argparse.Namespace) -> bool:
+def _data_is_synthetic(a: argparse.Namespace) -> bool:
     """Whether --data is images synthesised by bitdown: `synthetic:N`, or a folder `bitdown synthesize` wrote (its
     manifest is there) — not mixed with real --extra-data."""
     from .synthesize import MANIFEST
