@@ -105,7 +105,8 @@ def detector_recipe(fast: bool = False) -> tuple[dict[str, Any], dict[str, Any],
 # allocation + 150 steps. No distillation, so the whole command takes under an hour on a 2-core CPU (44-47 min at one thread,
 # loaded; benchmarks/results/recipe_cli.md), where the distilling default took ~5.5 h.
 # Session 14: the cap is the tightest of [0.2, 0.3] the budget allows (0.2 fits up to ~20x): at 16x 0.2 gives
-# 54.00 % against 47.80 % with 0.3 and 45.20 % with 0.15 (one seed each; benchmarks/results/budget_effnet16_s14.md);
+# 54.00 / 53.80 % (seeds 0/1) against 47.80 / 47.40 % with 0.3; 0.15 is too tight (45.20 %, seed 0;
+# benchmarks/results/budget_effnet16_s14.md);
 # at 10x it does not bind (the largest chosen D_l is 0.12).
 COMPACT_QUANT: dict[str, Any] = {
     "codebook_bits": 8,
