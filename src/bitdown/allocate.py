@@ -375,13 +375,13 @@ def first_feasible_cap(options: dict[str, list[Option]], caps: list[float], budg
     """(options capped at the first of `caps` that the budget can satisfy, that cap); QuantConfig.alloc_max_error
     as a list: e.g. [0.15, 0.2, 0.3] keeps the tightest cap a budget allows. None satisfiable: ValueError naming
     the smallest model the loosest cap allows."""
-    for cap in caps:
+    for i, cap in enumerate(caps):
         out = capped(options, cap)
         smallest = other + sum(min(o.bytes for o in opts) for opts in out.values())
         if smallest <= budget:
-            if cap != caps[0]:
+            if i:
                 log.info("allocation: error cap %g (the tighter %s cannot fit %.4f MB)", cap,
-                         ", ".join(f"{c:g}" for c in caps[:caps.index(cap)]), budget / MB)
+                         ", ".join(f"{c:g}" for c in caps[:i]), budget / MB)
             return out, cap
     raise ValueError(f"no allocation keeps every layer's relative output error <= {caps[-1]} within "
                      f"{budget / MB:.4f} MB: the smallest such model is {smallest / MB:.4f} MB ({dense / smallest:.1f}x); "

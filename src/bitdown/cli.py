@@ -789,7 +789,6 @@ def _recipe_text() -> tuple[dict[str, Any], dict[str, Any], str]:
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import GRAD_SLICES
-
     from .recipes import LONG_GLOBAL_STEPS, LONG_RATIO
 
     quant, ft, recipe_text = _recipe_text()

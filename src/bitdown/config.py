@@ -338,19 +338,16 @@ class QuantConfig:
         check_sensitivity_loss(self.alloc_sensitivity_loss, "alloc_sensitivity_loss", self.alloc_sensitivity_norm,
                                "alloc_sensitivity_norm")
         if self.alloc_max_error is not None:
-            caps = self.alloc_max_error
-            if isinstance(caps, (list, tuple)):
-                caps = list(caps)
-                if not caps:
-                    raise ValueError("alloc_max_error must be a number > 0, a non-empty list of them, or None; got []")
-                self.alloc_max_error = caps if len(caps) > 1 else caps[0]
-            for c in caps if isinstance(caps, list) else [caps]:
-                if isinstance(c, bool) or not isinstance(c, (int, float)) or not (0 < c and math.isfinite(c)):
-                    raise ValueError(f"alloc_max_error must be a finite number > 0, a list of them (the first cap the "
-                                     f"budget satisfies is used), or None; got {self.alloc_max_error!r}")
-            if isinstance(caps, list) and any(b <= a for a, b in zip(caps, caps[1:])):
+            given = self.alloc_max_error
+            caps = list(given) if isinstance(given, (list, tuple)) else [given]
+            if not caps or any(isinstance(c, bool) or not isinstance(c, (int, float)) or not (0 < c and math.isfinite(c))
+                               for c in caps):
+                raise ValueError(f"alloc_max_error must be a finite number > 0, a non-empty list of them (the first cap "
+                                 f"the budget satisfies is used), or None; got {given!r}")
+            if any(b <= a for a, b in zip(caps, caps[1:])):
                 raise ValueError(f"alloc_max_error as a list must be strictly ascending (tightest cap first: a "
                                  f"looser cap before a tighter one would always win), got {caps!r}")
+            self.alloc_max_error = caps if len(caps) > 1 else caps[0]
         for k in ("calib_images", "batch_size", "bn_images"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
