@@ -24,14 +24,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "efficientnet_lite0"
 GRID = (8, 10, 12, 14, 16, 20, 25)          # the ratios the curve should cover (issue 13: 8-25x)
 GRID_TOL = 0.3                              # a row within this of a grid ratio covers it
-COMPACT = "compact recipe (EM only: sensitivity allocation, cap 0.3, rate menu)"
+COMPACT = "compact recipe (EM only: sensitivity allocation, error cap [0.2, 0.3], rate menu)"      # since session 14
+COMPACT_03 = "compact recipe with cap 0.3 (sessions 12-13)"                # the same with the single cap 0.3
+CAP_LIST = (0.2, 0.3)                       # the compact recipe's caps: the first the budget allows (0.2 to ~20x)
 SESSION7 = "session-7 recipe (allocation, cap 0.3 + 150 global distillation steps)"
 BLOCKS = "block pipeline with reconstruction"
 GPTQ = "GPTQ-style per-channel scalar"
 CML_PTP = "coremltools k-means palettization"
 CML_SKM = "coremltools sensitive k-means"
-MAIN = (COMPACT, SESSION7, BLOCKS, GPTQ, CML_PTP, CML_SKM)
-STYLE = {COMPACT: ("C0", "o", "-"), SESSION7: ("C1", "s", "-"), BLOCKS: ("C2", "^", "-"),
+MAIN = (COMPACT, COMPACT_03, SESSION7, BLOCKS, GPTQ, CML_PTP, CML_SKM)
+STYLE = {COMPACT: ("C0", "o", "-"), COMPACT_03: ("C0", "o", ":"), SESSION7: ("C1", "s", "-"), BLOCKS: ("C2", "^", "-"),
          GPTQ: ("C3", "D", "-"), CML_PTP: ("C4", "v", ":"), CML_SKM: ("C5", "P", ":")}
 OTHER_COLORS = ("C6", "C7", "C8", "C9", "k", "0.55", "olive", "teal", "navy", "salmon", "gold")
 MENU = ["int8", "int4", "int2", "fp16"]
@@ -46,11 +48,18 @@ def _rows(doc: object) -> list[dict]:
 
 def _budget_settings(r: dict) -> dict:
     """A budget.py row's recorded settings (defaults filled in for rows written before a key existed)."""
-    return {"method": r.get("method"), "weighting": r.get("alloc_weighting", "none"), "cap": r.get("alloc_max_error"),
+    cap = r.get("alloc_max_error")
+    return {"method": r.get("method"), "weighting": r.get("alloc_weighting", "none"),
+            "cap": tuple(cap) if isinstance(cap, list) else cap,
             "menu": list(r.get("alloc_menu") or []), "layer": r.get("layer_steps", 0),
             "global": r.get("global_steps", 0), "recon": r.get("reconstruct") or {}, "em": r.get("em") or {},
             "calib": r.get("calib_images"), "bits": r.get("codebook_bits"), "mixup": r.get("mixup") or 0.0,
             "positions": r.get("stats_positions") or 0, "device": r.get("device", "cpu"), "pool": r.get("train_pool")}
+
+
+def _cap(c: float | tuple | None) -> str:
+    """A recorded error cap as a flag value: '0.2', '0.2,0.3' (a list: the first the budget allows), 'none'."""
+    return "none" if c is None else ",".join(f"{x:g}" for x in c) if isinstance(c, tuple) else f"{c:g}"
 
 
 def _differences(s: dict) -> str:
@@ -61,7 +70,7 @@ def _differences(s: dict) -> str:
     if s["weighting"] != "sensitivity":
         out.append("unweighted allocation")
     if s["cap"] != 0.3:
-        out.append("no error cap" if s["cap"] is None else f"cap {s['cap']:g}")
+        out.append("no error cap" if s["cap"] is None else f"cap {_cap(s['cap'])}")
     if s["menu"] != MENU:
         out.append("no rate menu" if not s["menu"] else "menu " + "/".join(s["menu"]))
     if s["layer"] or s["global"]:
@@ -78,7 +87,10 @@ def _differences(s: dict) -> str:
 def method_of(r: dict) -> tuple[str, str]:
     """(method, detail) of a result row: one of MAIN, or 'other: ...' naming what differs."""
     if "recipe" in r:                                           # recipe_cli.py: the plain CLI command
-        return (COMPACT if r["recipe"] == "compact" else f"other: CLI recipe {r['recipe']}"), "bitdown compress CLI"
+        if r["recipe"] != "compact":
+            return f"other: CLI recipe {r['recipe']}", "bitdown compress CLI"
+        listed = "cap list" in (r.get("tag") or "")             # session 14 on: rows tagged with the cap list
+        return (COMPACT if listed else COMPACT_03), "bitdown compress CLI"
     if r.get("method") in ("ptp", "skm"):                       # peers.py
         return (CML_PTP if r["method"] == "ptp" else CML_SKM), f"{r['setting']}: {r.get('description', '')}"
     if str(r.get("method", "")).startswith("gptq"):
@@ -94,8 +106,12 @@ def method_of(r: dict) -> tuple[str, str]:
             and s["bits"] == 8 and s["calib"] == 128 and not s["mixup"] and not s["positions"] and not s["pool"])
     if core and s["recon"]:
         return BLOCKS, detail + ", reconstruction " + ",".join(f"{k}={v}" for k, v in s["recon"].items())
+    if s["cap"] in (0.2, CAP_LIST) and s["method"] == "alloc" and s["weighting"] == "sensitivity" and \
+            s["menu"] == MENU and not (s["em"] or s["recon"] or s["layer"] or s["global"] or s["mixup"] or s["pool"]
+                                       or s["positions"]) and s["bits"] == 8 and s["calib"] == 128:
+        return COMPACT, f"budget.py, cap {_cap(s['cap'])}"     # 0.2: what the cap list picks up to ~20x
     if core and s["menu"] == MENU and s["layer"] == 0 and s["global"] == 0:
-        return COMPACT, "budget.py"
+        return COMPACT_03, "budget.py"
     if core and not s["menu"] and s["layer"] == 0 and s["global"] == 150:
         return SESSION7, "budget.py"
     return f"other: compact recipe with {detail}", "budget.py"
@@ -111,7 +127,7 @@ def budget_command(r: dict) -> str:
     cmd += f" --calib-images {s['calib']}"
     cmd += f" --seed {r['seed']}" if r.get("seed") else ""
     cmd += f" --alloc-weighting {s['weighting']}" if s["weighting"] != "none" else ""
-    cmd += f" --alloc-max-error {s['cap']:g}" if s["cap"] is not None else ""
+    cmd += f" --alloc-max-error {_cap(s['cap'])}" if s["cap"] is not None else ""
     cmd += f" --alloc-menu {','.join(s['menu'])}" if s["menu"] else ""
     cmd += f" --em '{json.dumps(s['em'])}'" if s["em"] else ""
     cmd += f" --reconstruct '{json.dumps(s['recon'])}'" if s["recon"] else ""

@@ -6,6 +6,7 @@ the teacher's BatchNorm statistics, against the same recipe on real training ima
         --finetune-config '{"holdout": 0}'     # the same with images from other SynthConfig keys: a row of its own
     python benchmarks/synthetic.py main-fast   # the same images, EM only (--fast)
     python benchmarks/synthetic.py effnet      # EfficientNet-Lite0: seconds per synthesis step (cost only)
+    python benchmarks/synthetic.py effnet10 [--n 128]   # EfficientNet-Lite0 10x, compact recipe, synthetic only
     python benchmarks/synthetic.py ablation    # loss terms at a cheaper setting: EM only (--fast), 256 images
     python benchmarks/synthetic.py report      # rewrite synthetic.md from synthetic.json
 
@@ -34,13 +35,17 @@ ASSETS = Path(os.environ.get("BITDOWN_ASSETS", Path(__file__).resolve().parents[
 TEST = ASSETS / "cifar10" / "cifar10-test-jpeg.zip"
 REAL_20X = 80.70            # budget_pool.json: ResNet-20 20x, default recipe, 50,000 real training images
 OUT_JSON = RESULTS / "synthetic.json"
+EFF_JSON = RESULTS / "synthetic_effnet.json"     # its own file: an EfficientNet run may overlap a ResNet-20 one
+REAL_EFF_10X = 81.80        # recipe_cli.json: EfficientNet-Lite0 10x, plain CLI (compact recipe, cap list), seed 0,
+                            # calibrated on the 500 real images of the seeded split; held-out 500
 
 # loss-term ablation: SynthConfig keys on top of the defaults
-ABLATION = {
-    "BN only": {"w_div": 0.0, "w_tv": 0.0, "jitter": 0, "flip": False},
-    "BN + CE": {"w_tv": 0.0, "jitter": 0, "flip": False},
-    "BN + CE + TV": {"jitter": 0, "flip": False},
-    "BN + CE + TV + jitter/flip (default)": {},
+DEEPINVERSION = {"w_div": 0.1, "w_tv": 1e-3, "jitter": None, "flip": True}    # SynthConfig's defaults before session 15
+ABLATION = {                                       # every key explicit: the defaults are the BatchNorm term alone since
+    "BN only": {"w_div": 0.0, "w_tv": 0.0, "jitter": 0, "flip": False},              # session 15
+    "BN + CE": {"w_div": 0.1, "w_tv": 0.0, "jitter": 0, "flip": False},
+    "BN + CE + TV": {"w_div": 0.1, "w_tv": 1e-3, "jitter": 0, "flip": False},
+    "BN + CE + TV + jitter/flip (default)": DEEPINVERSION,    # the name the committed rows carry (default then)
 }
 
 
@@ -158,7 +163,7 @@ def run_main(work: Path, n: int) -> None:
     folder = work / "main"
     results = _load()
     results["reference_bn"] = reference_bn()
-    syn = _synth(folder, n, {}, log)
+    syn = _synth(folder, n, DEEPINVERSION, log)       # the main row: DeepInversion's terms, as committed
     results["main"] = {"synthesis": syn}
     _save(results)
     grid(folder, RESULTS / "synthetic_grid.png")
@@ -199,6 +204,93 @@ def run_main_fast(work: Path, tag: str | None = None) -> None:
     row["compress_fast"] = _compress(work / name, work / f"r20_synth_fast_{name}.bitdown", fast=True,
                                      log=work / f"{name}.log")
     _save(results)
+
+
+def effnet_reference_bn(n: int = 64) -> dict:
+    """The BatchNorm term (w_bn = 1) of EfficientNet-Lite0 on a batch of `n` real images (the first `n` of the
+    seeded calibration 500, centre crop) and on `n` Gaussian-noise inputs: the scale of the synthesis's figures."""
+    import torch
+
+    from bitdown.data import ImageDataset, split_indices
+    from bitdown.synthesize import _BNLoss, batchnorms
+    from bitdown.zoo import build_model
+
+    torch.set_num_threads(1)
+    model = build_model("efficientnet_lite0")
+    ds = ImageDataset(ASSETS / "imagenet" / "imagenet-sample-images-256.zip", "efficientnet")
+    calib_idx, _ = split_indices(len(ds), [500, 500], seed=0)
+    hooks = _BNLoss(batchnorms(model), 1.0)
+    out = {}
+    with torch.no_grad():
+        model(torch.stack([ds[int(i)] for i in calib_idx[:n]]))
+        out["real"] = float(hooks.take())
+        model(torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(0)))
+        out["noise"] = float(hooks.take())
+    hooks.remove()
+    return {"images": n, **out}
+
+
+def run_effnet10(work: Path, n: int, batch_size: int = 64) -> None:
+    """EfficientNet-Lite0 at 10x with no real image: `n` images synthesised from the teacher (SynthConfig defaults,
+    batches of `batch_size`), then the plain CLI (the compact recipe: EM only on 128 calibration images), top-1 on
+    the held-out 500 of the seeded split; the reference is the same command on the 500 real images (REAL_EFF_10X).
+    Written to synthetic_effnet.json."""
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from recipe_cli import _split_zips
+
+    log, folder = work / "effnet10.log", work / "effnet10"
+    res = json.loads(EFF_JSON.read_text()) if EFF_JSON.exists() else {}
+    res["reference_bn"] = effnet_reference_bn(batch_size)
+    syn = _bitdown("synthesize", "--model", "efficientnet_lite0", "--n", str(n), "--batch-size", str(batch_size),
+                   "--out", str(folder), "--json", log=log)
+    manifest = json.loads((folder / "bitdown-synthesize.json").read_text())
+    syn["per_batch"] = [manifest["batches"][k] for k in sorted(manifest["batches"], key=int)]
+    syn["config"] = manifest["settings"]["config"]
+    res["synthesis"] = syn
+    EFF_JSON.write_text(json.dumps(res, indent=1))
+    with tempfile.TemporaryDirectory() as tmp:
+        _, ev = _split_zips(ASSETS / "imagenet" / "imagenet-sample-images-256.zip", Path(tmp))
+        comp = _bitdown("compress", "--model", "efficientnet_lite0", "--data", str(folder), "--target-ratio", "10",
+                        "--eval-data", str(ev), "--seed", "0", "--out", str(work / "effnet10.bitdown"), "--json",
+                        log=log)
+        comp["command"] = comp["command"].replace(str(ev), "$TMP/imagenet-eval.zip")
+    res["compress"] = comp
+    EFF_JSON.write_text(json.dumps(res, indent=1))
+    report(_load())
+
+
+def _effnet10_lines() -> list[str]:
+    if not EFF_JSON.exists():
+        return []
+    res = json.loads(EFF_JSON.read_text())
+    syn, comp, ref = res.get("synthesis"), res.get("compress"), res.get("reference_bn", {})
+    if not syn:
+        return []
+    pb = syn["per_batch"]
+    lines = ["## EfficientNet-Lite0 at 10x on synthetic images only (`synthetic.py effnet10`)", "",
+             f"- synthesis: `{syn['command']}` (SynthConfig defaults: `{json.dumps(syn['config'])}`)",
+             f"- {len(pb)} batches: {syn['seconds']:.0f} s in all, {syn['seconds_per_image']:.2f} s per image "
+             f"({syn['seconds_per_image'] / syn['config']['steps']:.2f} s per image and step; loadavg at the end "
+             f"{syn.get('loadavg_after')})",
+             "- final BatchNorm term per batch: " + ", ".join(f"{b['bn']:.0f}" for b in pb)
+             + (f" (a batch of {ref['images']} real calibration images: {ref['real']:.0f}; of Gaussian noise: "
+                f"{ref['noise']:.0f})" if ref else ""), ""]
+    if comp:
+        lines += [f"- compression: `{comp['command']}` (the plain CLI: the compact recipe, EM only on 128 "
+                  f"calibration images; loadavg at the end {comp.get('loadavg_after')})", "",
+                  "| calibration data | ratio | top-1 % | teacher % | drop | agreement % | compress wall s |",
+                  "|---|---|---|---|---|---|---|",
+                  f"| {syn['images']} synthetic images (no real image) | {comp['ratio']:.1f}x | {comp['top1']:.2f} | "
+                  f"{comp['teacher_top1']:.2f} | {comp['drop']:.2f} | {comp['agreement']:.2f} | "
+                  f"{comp['child_wall_s']:.0f} |",
+                  f"| the 500 real calibration images (recipe_cli.json) | 10.0x | {REAL_EFF_10X:.2f} | 87.80 | "
+                  f"{87.80 - REAL_EFF_10X:.2f} | 89.60 | - |", "",
+                  f"Target (within 3 pt of real, >= {REAL_EFF_10X - 3:.1f} %): "
+                  f"**{'met' if comp['top1'] >= REAL_EFF_10X - 3 else 'missed'}** "
+                  f"({comp['top1'] - REAL_EFF_10X:+.2f} pt).", ""]
+    return lines
 
 
 def run_ablation(work: Path, n: int) -> None:
@@ -270,7 +362,7 @@ def _variant_lines(results: dict) -> list[str]:
             if v.get("compress_fast"):
                 lines.append(_row("the same images, EM only (`--fast`)", v["compress_fast"]))
             if main:
-                lines.append(_row(f"{syn['images']:,} synthetic images, SynthConfig defaults (above)", main))
+                lines.append(_row(f"{syn['images']:,} synthetic images, DeepInversion terms (main row above)", main))
             if main and results["main"].get("compress_fast"):
                 lines.append(_row("the default-synthesis images, EM only (`--fast`)", results["main"]["compress_fast"]))
             lines += ["", f"Target (>= {REAL_20X - 2:.1f} %): **{'met' if comp['top1'] >= REAL_20X - 2 else 'missed'}** "
@@ -287,8 +379,9 @@ def report(results: dict) -> None:
     lines = ["# Compression without data (issue 15)", "",
              "ResNet-20 (CIFAR-10, teacher top-1 81.03 % on the 10,000 test JPEGs) compressed to 20x by the default "
              "recipe (allocation, int8 codebooks, teacher targets, 10 per-layer + 300 global distillation steps "
-             "of 64) on images synthesised from the teacher alone (`bitdown synthesize`, SynthConfig defaults "
-             "unless stated). Top-1 on all 10,000 test JPEGs, never used for anything else. One thread "
+             "of 64) on images synthesised from the teacher alone (`bitdown synthesize`; the main row with DeepInversion's "
+             "terms, SynthConfig's defaults before session 15; since then the defaults are the BatchNorm term alone, "
+             "the `bn_only` rows). Top-1 on all 10,000 test JPEGs, never used for anything else. One thread "
              "(OMP_NUM_THREADS=1) of the shared 2-core CPU; `loadavg` says how busy it was. Written by "
              "`benchmarks/synthetic.py`.", ""]
     main = results.get("main")
@@ -320,6 +413,7 @@ def report(results: dict) -> None:
                   f"(loadavg {eff['loadavg_after']}). At the default 50 steps a batch of 256 would take "
                   f"~{eff['seconds_per_image_step'] * 256 * 50 / 3600:.1f} h here; its compression on synthetic "
                   "images (the 10x target) is not measured on this CPU.", ""]
+    lines += _effnet10_lines()
     abl = results.get("ablation")
     if abl:
         lines += ["## Loss-term ablation (EM only, --fast, 20x, calibration on the same number of images)", "",
@@ -344,7 +438,7 @@ def report(results: dict) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["main", "main-fast", "ablation", "report", "reference", "effnet"])
+    p.add_argument("what", choices=["main", "main-fast", "ablation", "report", "reference", "effnet", "effnet10"])
     p.add_argument("--work", default="/tmp/bitdown-synthetic", help="folder for the images, files and logs")
     p.add_argument("--n", type=int, help="images (default: 2048 for main, 256 for the ablation)")
     p.add_argument("--synth-config", help="main only: SynthConfig keys (JSON) over the defaults, e.g. "
@@ -378,6 +472,8 @@ def main() -> None:
         results = _load()
         results["effnet_cost"] = effnet_cost()
         _save(results)
+    elif a.what == "effnet10":                   # EfficientNet-Lite0 10x on synthetic images (~1 h at one thread)
+        run_effnet10(work, a.n or 128)
     elif a.what == "reference":                  # the BatchNorm-term scale alone (seconds)
         results = _load()
         results["reference_bn"] = reference_bn()

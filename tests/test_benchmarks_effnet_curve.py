@@ -32,13 +32,19 @@ def write_results(tmp: Path, teacher: float = 87.8) -> Path:
                       alloc_max_error=None, alloc_menu=[], global_steps=150, ratio=5.87, top1=86.0, bytes_on_disk=4)
     mc = budget_row(target_ratio=16.0, ratio=16.0, em={"mean_correction": True}, top1=47.4, bytes_on_disk=5)
     no_menu = budget_row(alloc_menu=[], top1=78.6, bytes_on_disk=6)
+    cap02 = budget_row(target_ratio=16.0, ratio=16.0, alloc_max_error=0.2, top1=54.0, bytes_on_disk=7)
+    caps = budget_row(target_ratio=20.0, ratio=20.0, alloc_max_error=[0.2, 0.3], top1=30.0, bytes_on_disk=8)
+    cap015 = budget_row(target_ratio=16.0, ratio=16.0, alloc_max_error=0.15, top1=45.2, bytes_on_disk=9)
     other_model = budget_row(model="resnet20_cifar10", teacher_top1=81.03)
     (tmp / "one.json").write_text(json.dumps({"teachers": {"efficientnet_lite0": 87.8}, "rows": [compact]}))
     (tmp / "merged.json").write_text(json.dumps({"teachers": {"efficientnet_lite0": teacher},
-                                                 "rows": [compact, s7, blocks, gptq, mc, no_menu, other_model]}))
+                                                 "rows": [compact, s7, blocks, gptq, mc, no_menu, other_model,
+                                                          cap02, caps, cap015]}))
     (tmp / "recipe_cli.json").write_text(json.dumps([
         {"model": "efficientnet_lite0", "recipe": "compact", "seed": 0, "ratio": 16.0, "top1": 47.8,
-         "agreement": 50.4, "teacher_top1": 87.8, "command": "bitdown compress --target-ratio 16"}]))
+         "agreement": 50.4, "teacher_top1": 87.8, "command": "bitdown compress --target-ratio 16"},
+        {"model": "efficientnet_lite0", "recipe": "compact", "seed": 0, "ratio": 10.0, "top1": 81.8, "agreement": 89.6,
+         "teacher_top1": 87.8, "tag": "cap list [0.2, 0.3] (session 14 recipe)", "command": "bitdown compress"}]))
     (tmp / "peers.json").write_text(json.dumps({
         "runs": [{"command": "python benchmarks/peers.py --models efficientnet_lite0 --settings b4g8,b2"}],
         "rows": [{"model": "efficientnet_lite0", "method": "skm", "setting": "b4g8", "top1": 68.0, "agreement": 70.4,
@@ -53,9 +59,13 @@ def test_rows_are_grouped_deduplicated_and_cite_their_file(tmp_path):
     rows, teacher = ec.collect(write_results(tmp_path))
     assert teacher == 87.8
     by = {(r["method"], r["top1"]): r for r in rows}
-    assert len(rows) == 8                                       # the merged copy of `compact` and resnet20: gone
-    assert by[(ec.COMPACT, 81.6)]["source"] == "one.json" and by[(ec.COMPACT, 81.6)]["also_in"] == ["merged.json"]
-    assert by[(ec.COMPACT, 47.8)]["command"] == "bitdown compress --target-ratio 16"
+    assert len(rows) == 12                                      # the merged copy of `compact` and resnet20: gone
+    assert by[(ec.COMPACT_03, 81.6)]["source"] == "one.json"
+    assert by[(ec.COMPACT_03, 81.6)]["also_in"] == ["merged.json"]
+    assert by[(ec.COMPACT_03, 47.8)]["command"] == "bitdown compress --target-ratio 16"    # untagged CLI row: cap 0.3
+    assert (ec.COMPACT, 81.8) in by and by[(ec.COMPACT, 54.0)]["detail"] == "budget.py, cap 0.2"
+    assert "--alloc-max-error 0.2,0.3 " in by[(ec.COMPACT, 30.0)]["command"]         # a list cap, as budget.py takes it
+    assert "--alloc-max-error 0.15 " in by[("other: compact recipe with cap 0.15", 45.2)]["command"]
     assert (ec.SESSION7, 77.2) in by and (ec.BLOCKS, 50.2) in by and (ec.GPTQ, 86.0) in by
     assert (ec.CML_SKM, 68.0) in by and by[(ec.CML_SKM, 68.0)]["command"].endswith("--settings b4g8,b2")
     assert by[("other: compact recipe with EM mean_correction=True", 47.4)]["seen_top1"] == 83.8
@@ -63,7 +73,8 @@ def test_rows_are_grouped_deduplicated_and_cite_their_file(tmp_path):
     s7 = by[(ec.SESSION7, 77.2)]["command"]
     assert "--global-steps 150" in s7 and "--alloc-menu" not in s7 and "--ratios 10" in s7
     assert "--ratios" not in by[(ec.GPTQ, 86.0)]["command"]
-    assert ec.missing(rows, ec.COMPACT) == [8, 12, 14, 20, 25]
+    assert ec.missing(rows, ec.COMPACT) == [8, 12, 14, 25]
+    assert ec.missing(rows, ec.COMPACT_03) == [8, 12, 14, 20, 25]
 
 
 def test_md_and_png_are_written(tmp_path):
@@ -73,7 +84,7 @@ def test_md_and_png_are_written(tmp_path):
     ec.write_md(rows, teacher, tmp_path / "c.md")
     text = (tmp_path / "c.md").read_text()
     assert "| one.json (also in merged.json) |" in text
-    assert f"- {ec.COMPACT}: 8x, 12x, 14x, 20x, 25x" in text
+    assert f"- {ec.COMPACT}: 8x, 12x, 14x, 25x" in text
     assert "GPTQ-style variants measured: gptq4" in text
     pytest.importorskip("matplotlib")
     ec.write_png(rows, teacher, tmp_path / "c.png")

@@ -80,17 +80,21 @@ def test_flags_override_their_part_of_the_recipe(captured):
     assert finetune.grad_slices == config.reconstruct.grad_slices == GRAD_SLICES
 
 
-def test_a_high_budget_distils_longer(captured, monkeypatch):
+def test_a_high_budget_distils_longer(captured, monkeypatch, caplog):
     """Above recipes.LONG_RATIO the default recipe's global stage is LONG_GLOBAL_STEPS long, whether the budget is a
     ratio or a size; at or below it, or without a budget, the recipe's 300; a flag still wins. (TinyNet reaches
     only ~6x, so the threshold is lowered for the test.)"""
     monkeypatch.setattr(recipes, "LONG_RATIO", 3.0)
     short = recipes.default_recipe()[1]["global_steps"]
     assert recipes.LONG_GLOBAL_STEPS > short
-    _, finetune = captured("--target-ratio", "4")
+    with caplog.at_level("INFO", logger="bitdown"):
+        _, finetune = captured("--target-ratio", "4")
     assert finetune.global_steps == recipes.LONG_GLOBAL_STEPS
-    _, finetune = captured("--target-ratio", "3")
-    assert finetune.global_steps == short
+    assert f"budget 4.0x is above 3x: the default recipe distils {recipes.LONG_GLOBAL_STEPS} global steps" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="bitdown"):
+        _, finetune = captured("--target-ratio", "3")
+    assert finetune.global_steps == short and "is above" not in caplog.text
     _, finetune = captured()
     assert finetune.global_steps == short
     _, finetune = captured("--target-size", str(6892 / 4))       # TinyNet's dense paper-style bytes / 4: 4x

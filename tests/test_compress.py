@@ -347,10 +347,13 @@ def test_checkpoint_of_another_config_refused(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="interrupted"):
         bitdown.compress(make_net(), batches(), cfg(), checkpoint_dir=tmp_path, progress=False)
     monkeypatch.undo()
-    for other in (cfg(seed=1), cfg(preset="large"), cfg(em={"n_iter": 11})):
-        with pytest.raises(ValueError, match="belongs to another run"):
+    for other, named in ((cfg(seed=1), "quant.seed: 0 in the checkpoint, 1 now"),     # the refusal names the key
+                         (cfg(preset="large"), 'quant.preset: "small" in the checkpoint, "large" now'),
+                         (cfg(em={"n_iter": 11}), "quant.em.n_iter: ")):
+        with pytest.raises(ValueError, match="belongs to another run") as e:
             bitdown.compress(make_net(), batches(), other, checkpoint_dir=tmp_path, progress=False)
-    with pytest.raises(ValueError, match="belongs to another run"):        # another model
+        assert named in str(e.value)
+    with pytest.raises(ValueError, match="belongs to another run.*same settings, but different model"):  # another model
         bitdown.compress(make_net(seed=1), batches(), cfg(), checkpoint_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="belongs to another run"):        # other data
         bitdown.compress(make_net(), batches(seed=1), cfg(), checkpoint_dir=tmp_path, progress=False)

@@ -97,8 +97,10 @@ def test_resize_preset_canvas_reads_back_through_the_centre_crop(tmp_path):
 
 
 def test_entropy_diversity_for_non_classifier_outputs():
-    res = synthesize(_model(spatial_out=True), 4, "cifar10", SynthConfig(**FAST), progress=False)
+    res = synthesize(_model(spatial_out=True), 4, "cifar10", SynthConfig(**FAST, w_div=0.1), progress=False)
     assert res.classes is None and res.batches[0]["div"] != 0.0
+    plain = synthesize(_model(spatial_out=True), 4, "cifar10", SynthConfig(**FAST), progress=False)
+    assert plain.batches[0]["div"] == plain.batches[0]["tv"] == 0.0      # default: the BatchNorm term alone (ZeroQ)
     with pytest.raises(ValueError, match="classes"):
         synthesize(_model(spatial_out=True), 4, "cifar10", SynthConfig(**FAST, diversity="classes"), progress=False)
 

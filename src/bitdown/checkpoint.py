@@ -6,7 +6,9 @@ close to, not identical with, an uninterrupted one).
 A checkpoint folder holds `state.safetensors` (every tensor of the student, fp32 codebooks
 included, plus optimizer/RNG tensors the caller adds) whose metadata carries the progress JSON.
 The progress records a fingerprint of the run (config, model, data) and a resume is refused when
-it differs, so a checkpoint is never silently applied to another run.
+it differs, so a checkpoint is never silently applied to another run. It also records the run's readable
+settings (`RunKey.settings`: the quantization and fine-tuning configs as fingerprinted), so the refusal names
+the keys that changed (e.g. a recipe's step count) rather than only saying that something did.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,33 @@ def fingerprint(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class RunKey:
+    """What identifies a run: `fingerprint` (a hash of everything that must match to resume: configs, model,
+    weights, data) and `settings`, the readable part of it (JSON: the configs), kept to name what changed."""
+    fingerprint: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def settings_diff(old: Any, new: Any, path: str = "") -> list[str]:
+    """'key: OLD in the checkpoint, NEW now' for every leaf where two settings trees differ (dicts by key)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            sub = f"{path}.{k}" if path else str(k)
+            if k not in old:
+                out.append(f"{sub}: not set in the checkpoint, {json.dumps(new[k], default=str)} now")
+            elif k not in new:
+                out.append(f"{sub}: {json.dumps(old[k], default=str)} in the checkpoint, not set now")
+            else:
+                out += settings_diff(old[k], new[k], sub)
+        return out
+    if json.dumps(old, sort_keys=True, default=str) == json.dumps(new, sort_keys=True, default=str):
+        return []
+    return [f"{path or 'settings'}: {json.dumps(old, default=str)} in the checkpoint, "
+            f"{json.dumps(new, default=str)} now"]
+
+
 def save_checkpoint(folder: str | Path, tensors: dict[str, torch.Tensor], progress: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
@@ -60,8 +90,9 @@ def save_checkpoint(folder: str | Path, tensors: dict[str, torch.Tensor], progre
             os.unlink(tmp)
 
 
-def load_checkpoint(folder: str | Path, expect_fingerprint: str) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """(tensors, progress) of the checkpoint in `folder`, None if there is none.
+def load_checkpoint(folder: str | Path, expect: str | RunKey) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(tensors, progress) of the checkpoint in `folder`, None if there is none. `expect`: the run's
+    fingerprint, or its RunKey (then a refusal names the settings that differ).
 
     Raises ValueError when it belongs to another run or cannot be read."""
     from safetensors import safe_open
@@ -75,7 +106,16 @@ def load_checkpoint(folder: str | Path, expect_fingerprint: str) -> tuple[dict[s
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise ValueError(f"checkpoint {path} is unreadable ({e}); delete it to start over") from None
-    if progress.get("fingerprint") != expect_fingerprint:
-        raise ValueError(f"checkpoint {path} belongs to another run (different model, data or config); "
-                         f"delete it or choose another checkpoint folder")
+    key = expect if isinstance(expect, RunKey) else RunKey(expect)
+    if progress.get("fingerprint") != key.fingerprint:
+        if "settings" not in progress or not isinstance(expect, RunKey):
+            why = "different model, data or config" + ("; it records no settings (written by an older bitdown)"
+                                                       if isinstance(expect, RunKey) else "")
+        else:
+            diff = settings_diff(progress["settings"], key.settings)
+            why = ("changed settings: " + "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8
+                                                                 else "")
+                   if diff else "same settings, but different model weights, architecture or calibration data")
+        raise ValueError(f"checkpoint {path} belongs to another run ({why}); pass the run's settings again to "
+                         f"resume it, or delete it or choose another checkpoint folder to start over")
     return tensors, progress

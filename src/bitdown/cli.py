@@ -410,6 +410,15 @@ def _recipe(a: argparse.Namespace, kind: str = "default", ratio: float | None = 
     return recipe(kind, fast=bool(getattr(a, "fast", False)), ratio=ratio, synthetic=_data_is_synthetic(a))
 
 
+def _log_long_recipe(a: argparse.Namespace, kind: str, ratio: float | None, global_steps: int) -> None:
+    """Say so when the budget switched the default recipe to its long distillation (recipes.LONG_RATIO)."""
+    from .recipes import LONG_RATIO
+
+    if kind == "default" and ratio is not None and ratio > LONG_RATIO and not a.fast and a.global_steps is None:
+        log.info("budget %.1fx is above %gx: the default recipe distils %d global steps (--global-steps N to change)",
+                 ratio, LONG_RATIO, global_steps)
+
+
 def _data_is_synthetic(a: argparse.Namespace) -> bool:
     """Whether --data is images synthesised by bitdown: `synthetic:N`, or a folder `bitdown synthesize` wrote (its
     manifest is there) — not mixed with real --extra-data."""
@@ -563,6 +572,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
         from .allocate import budget_ratio
         ratio = budget_ratio(model, config, a.target_ratio, a.target_size, extra=config.alloc_menu)
     ft = _finetune_config(a, kind, ratio)
+    _log_long_recipe(a, kind, ratio, ft.global_steps)
     calib_size = _detector_calib_size(a) if detector else None
     if a.device is not None:                 # a device torch cannot use: refused before reading data
         from .compress import resolve_device
@@ -955,8 +965,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="images synthesised from a model's own BatchNorm statistics (compress without data)",
         description="Write N images synthesised from a trained model alone (DeepInversion / ZeroQ): each batch is "
                     "optimised\nfrom noise with Adam to match every BatchNorm layer's input mean and variance to its "
-                    "running\nstatistics, plus class-balanced cross-entropy (a classifier; entropy otherwise), a small "
-                    "total-\nvariation prior and random jitter / flips. PNGs in the model's input space: read them back "
+                    "running\nstatistics (ZeroQ; measured best). DeepInversion's class-balanced cross-entropy, total-variation "
+                    "prior\nand random jitter / flips are options (--config). PNGs in the model's input space: read them back "
                     "with\n--data FOLDER and the same preprocessing. Seeded; identical at one thread; a rerun into the "
                     "same\nfolder resumes.",
         epilog="example:\n  bitdown synthesize --model resnet20_cifar10 --n 2048 --out synth/\n"

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import dist
-from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from .checkpoint import RunKey, fingerprint, load_checkpoint, save_checkpoint
 from .config import LayerPlan, QuantConfig, quantizable_layers, resolve_plan, share_groups
 from .em import assign_codes, kmeans, kmeans_shared
 from .frozen import refuse_frozen
@@ -389,8 +389,9 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
 
     ft_data = _finetune_data(train_data, data, calib) if ft is not None else None
     # what identifies the run, the same for any number of processes (the calibration batches by their hashes)
-    fp = fingerprint(_fp_json(config.to_json()), _fp_json(ft.to_json()) if ft is not None else None, info.arch,
-                     weights_key, batch_digests(calib), _describe(ft_data))
+    settings = {"quant": _fp_json(config.to_json()), "finetune": _fp_json(ft.to_json()) if ft is not None else None}
+    fp = RunKey(fingerprint(settings["quant"], settings["finetune"], info.arch, weights_key, batch_digests(calib),
+                            _describe(ft_data)), settings)
     holdout = None                   # images kept out of fine-tuning: both stages' guards (finetune.py)
     if ft is not None and ft.enabled:
         from .finetune import batch_rows, split_holdout
@@ -507,7 +508,7 @@ class _BlockRun:
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, blocks: list[Block], plans: list[LayerPlan],
                  calib: list[torch.Tensor], probe: torch.Tensor, n_calib: int, config: QuantConfig, ft, ft_data,
-                 info: CompressionInfo, shared: dict[str, torch.Tensor], checkpoint_dir, fp: str,
+                 info: CompressionInfo, shared: dict[str, torch.Tensor], checkpoint_dir, fp: RunKey,
                  progress: bool, holdout: torch.Tensor | None = None) -> None:
         self.student, self.teacher, self.blocks, self.plans = student, teacher, blocks, plans
         self.calib, self.probe, self.n_calib = calib, probe, n_calib    # this rank's batches; all ranks' count
@@ -898,13 +899,14 @@ def _learn_shared(teacher: nn.Module, plans: list[LayerPlan], done: int, calib: 
     return out
 
 
-def _save(folder, student: nn.Module, plans_done: list[LayerPlan], info: CompressionInfo, fp: str, stage: str,
+def _save(folder, student: nn.Module, plans_done: list[LayerPlan], info: CompressionInfo, fp: RunKey, stage: str,
           step: int = 0, extra_tensors: dict[str, torch.Tensor] | None = None, extra: dict | None = None) -> None:
     if not dist.is_main():       # under torchrun rank 0 writes (every rank holds the same state)
         return
     tensors = dict(student.state_dict())
     tensors.update(extra_tensors or {})
-    save_checkpoint(folder, tensors, {"fingerprint": fp, "stage": stage, "step": step,
+    save_checkpoint(folder, tensors, {"fingerprint": fp.fingerprint, "settings": fp.settings, "stage": stage,
+                                       "step": step,
                                        "done": [p.name for p in plans_done], "layers": info.layers,
                                        "reconstruct": info.extra.get("reconstruct", {}), **(extra or {})})
 
