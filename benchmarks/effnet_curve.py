@@ -89,7 +89,8 @@ def method_of(r: dict) -> tuple[str, str]:
     if "recipe" in r:                                           # recipe_cli.py: the plain CLI command
         if r["recipe"] != "compact":
             return f"other: CLI recipe {r['recipe']}", "bitdown compress CLI"
-        listed = "cap list" in (r.get("tag") or "")             # session 14 on: rows tagged with the cap list
+        listed = (r.get("alloc_caps") == list(CAP_LIST)          # recorded by recipe_cli.py since session 15,
+                  or "cap list" in (r.get("tag") or ""))            # in the tag of the session-14 row
         return (COMPACT if listed else COMPACT_03), "bitdown compress CLI"
     if r.get("method") in ("ptp", "skm"):                       # peers.py
         return (CML_PTP if r["method"] == "ptp" else CML_SKM), f"{r['setting']}: {r.get('description', '')}"

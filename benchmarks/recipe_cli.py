@@ -82,7 +82,10 @@ def main() -> None:
            "threads": os.environ.get("OMP_NUM_THREADS", "all"), "wall_s": round(wall, 1),
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
            **{k: res[k] for k in ("recipe", "ratio", "size_mb", "bytes_on_disk", "top1", "teacher_top1", "drop",
-                                  "agreement", "eval_images") if k in res}}
+                                  "agreement", "eval_images", "alloc_max_error") if k in res}}
+    if res.get("recipe") == "compact" and "--config" not in a.extra:     # the recipe's cap list when it ran
+        from bitdown.recipes import compact_recipe
+        row["alloc_caps"] = compact_recipe()[0]["alloc_max_error"]
     out = Path(a.out)
     rows = json.loads(out.read_text()) if out.exists() else []
     rows.append(row)

@@ -44,7 +44,10 @@ def write_results(tmp: Path, teacher: float = 87.8) -> Path:
         {"model": "efficientnet_lite0", "recipe": "compact", "seed": 0, "ratio": 16.0, "top1": 47.8,
          "agreement": 50.4, "teacher_top1": 87.8, "command": "bitdown compress --target-ratio 16"},
         {"model": "efficientnet_lite0", "recipe": "compact", "seed": 0, "ratio": 10.0, "top1": 81.8, "agreement": 89.6,
-         "teacher_top1": 87.8, "tag": "cap list [0.2, 0.3] (session 14 recipe)", "command": "bitdown compress"}]))
+         "teacher_top1": 87.8, "tag": "cap list [0.2, 0.3] (session 14 recipe)", "command": "bitdown compress"},
+        {"model": "efficientnet_lite0", "recipe": "compact", "seed": 0, "ratio": 20.0, "top1": 31.0, "agreement": 33.0,
+         "teacher_top1": 87.8, "tag": "", "alloc_caps": [0.2, 0.3], "alloc_max_error": 0.3,
+         "command": "bitdown compress --target-ratio 20"}]))
     (tmp / "peers.json").write_text(json.dumps({
         "runs": [{"command": "python benchmarks/peers.py --models efficientnet_lite0 --settings b4g8,b2"}],
         "rows": [{"model": "efficientnet_lite0", "method": "skm", "setting": "b4g8", "top1": 68.0, "agreement": 70.4,
@@ -59,11 +62,11 @@ def test_rows_are_grouped_deduplicated_and_cite_their_file(tmp_path):
     rows, teacher = ec.collect(write_results(tmp_path))
     assert teacher == 87.8
     by = {(r["method"], r["top1"]): r for r in rows}
-    assert len(rows) == 12                                      # the merged copy of `compact` and resnet20: gone
+    assert len(rows) == 13                                      # the merged copy of `compact` and resnet20: gone
     assert by[(ec.COMPACT_03, 81.6)]["source"] == "one.json"
     assert by[(ec.COMPACT_03, 81.6)]["also_in"] == ["merged.json"]
     assert by[(ec.COMPACT_03, 47.8)]["command"] == "bitdown compress --target-ratio 16"    # untagged CLI row: cap 0.3
-    assert (ec.COMPACT, 81.8) in by and by[(ec.COMPACT, 54.0)]["detail"] == "budget.py, cap 0.2"
+    assert (ec.COMPACT, 81.8) in by and (ec.COMPACT, 31.0) in by and by[(ec.COMPACT, 54.0)]["detail"] == "budget.py, cap 0.2"
     assert "--alloc-max-error 0.2,0.3 " in by[(ec.COMPACT, 30.0)]["command"]         # a list cap, as budget.py takes it
     assert "--alloc-max-error 0.15 " in by[("other: compact recipe with cap 0.15", 45.2)]["command"]
     assert (ec.SESSION7, 77.2) in by and (ec.BLOCKS, 50.2) in by and (ec.GPTQ, 86.0) in by

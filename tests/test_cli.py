@@ -286,6 +286,7 @@ def test_error_cap_and_mixup_from_the_cli(ws, capsys):
                        "--ft-batch-size", "8", "--config", json.dumps({"alloc_max_error": cap}),
                        "--finetune-config", json.dumps({"mixup": 0.4}))
     assert rc == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["alloc_max_error"] == cap     # the summary names the cap used
     rc, out, err = run(capsys, "info", "cap.bitdown", "--json")
     al = json.loads(out)["allocation"]
     assert al["max_error"] == cap and max(v["rel_err2"] for v in al["layers"].values()) <= cap

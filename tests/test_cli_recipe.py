@@ -95,6 +95,9 @@ def test_a_high_budget_distils_longer(captured, monkeypatch, caplog):
     with caplog.at_level("INFO", logger="bitdown"):
         _, finetune = captured("--target-ratio", "3")
     assert finetune.global_steps == short and "is above" not in caplog.text
+    with caplog.at_level("INFO", logger="bitdown"):
+        _, finetune = captured("--target-ratio", "4", "--finetune-config", json.dumps({"global_steps": 500}))
+    assert finetune.global_steps == 500 and "is above" not in caplog.text         # the user's count: not claimed
     _, finetune = captured()
     assert finetune.global_steps == short
     _, finetune = captured("--target-size", str(6892 / 4))       # TinyNet's dense paper-style bytes / 4: 4x

@@ -94,6 +94,12 @@ def test_resize_preset_canvas_reads_back_through_the_centre_crop(tmp_path):
     assert res.images.shape[-1] == canvas_size(get_preset("imagenet")) == 256
     disk = ImageDataset(tmp_path / "i", "imagenet")
     assert disk[0].shape == (3, 224, 224) and torch.equal(disk[0], PixelDataset(res.images, "imagenet")[0])
+    # the 16 px frame the model never saw (jitter 0) is the reflection of the centre, not leftover noise
+    inner = res.images[..., 16:240, 16:240].float()
+    assert torch.equal(res.images.float(), torch.nn.functional.pad(inner, (16, 16, 16, 16), mode="reflect"))
+    wide = synthesize(m, 1, "imagenet", SynthConfig(batch_size=1, steps=1, jitter=16), progress=False)
+    w_inner = wide.images[..., 16:240, 16:240].float()          # jitter 16 reaches the whole canvas: nothing filled
+    assert not torch.equal(wide.images.float(), torch.nn.functional.pad(w_inner, (16, 16, 16, 16), mode="reflect"))
 
 
 def test_entropy_diversity_for_non_classifier_outputs():
@@ -132,8 +138,11 @@ def test_bad_input_is_refused(tmp_path):
     assert (busy / "notes.txt").read_text() == "mine" and (busy / image_name(1)).exists()
     done = tmp_path / "done"
     synthesize(m, 2, "cifar10", SynthConfig(**FAST), out=done, progress=False)
-    with pytest.raises(ValueError, match="other settings"):                     # another run's folder
+    with pytest.raises(ValueError, match="other settings: n: 2 in the folder, 3 now"):   # another run's folder
         synthesize(m, 3, "cifar10", SynthConfig(**FAST), out=done, progress=False)
+    with pytest.raises(ValueError, match=r"config\.w_div: 0\.1 in .*, 0\.0 now.*DeepInversion's terms: --config"):
+        synthesize(m, 2, "cifar10", SynthConfig(**FAST, w_div=0.1), out=tmp_path / "old", progress=False)
+        synthesize(m, 2, "cifar10", SynthConfig(**FAST), out=tmp_path / "old", progress=False)
 
 
 def test_concat_images_forwards_the_epoch():

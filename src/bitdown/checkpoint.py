@@ -51,23 +51,22 @@ class RunKey:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def settings_diff(old: Any, new: Any, path: str = "") -> list[str]:
-    """'key: OLD in the checkpoint, NEW now' for every leaf where two settings trees differ (dicts by key)."""
+def settings_diff(old: Any, new: Any, path: str = "", where: str = "the checkpoint") -> list[str]:
+    """'key: OLD in `where`, NEW now' for every leaf where two settings trees differ (dicts by key)."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for k in sorted(set(old) | set(new), key=str):
             sub = f"{path}.{k}" if path else str(k)
             if k not in old:
-                out.append(f"{sub}: not set in the checkpoint, {json.dumps(new[k], default=str)} now")
+                out.append(f"{sub}: not set in {where}, {json.dumps(new[k], default=str)} now")
             elif k not in new:
-                out.append(f"{sub}: {json.dumps(old[k], default=str)} in the checkpoint, not set now")
+                out.append(f"{sub}: {json.dumps(old[k], default=str)} in {where}, not set now")
             else:
-                out += settings_diff(old[k], new[k], sub)
+                out += settings_diff(old[k], new[k], sub, where)
         return out
     if json.dumps(old, sort_keys=True, default=str) == json.dumps(new, sort_keys=True, default=str):
         return []
-    return [f"{path or 'settings'}: {json.dumps(old, default=str)} in the checkpoint, "
-            f"{json.dumps(new, default=str)} now"]
+    return [f"{path or 'settings'}: {json.dumps(old, default=str)} in {where}, {json.dumps(new, default=str)} now"]
 
 
 def save_checkpoint(folder: str | Path, tensors: dict[str, torch.Tensor], progress: dict[str, Any]) -> None:

@@ -411,10 +411,11 @@ def _recipe(a: argparse.Namespace, kind: str = "default", ratio: float | None = 
 
 
 def _log_long_recipe(a: argparse.Namespace, kind: str, ratio: float | None, global_steps: int) -> None:
-    """Say so when the budget switched the default recipe to its long distillation (recipes.LONG_RATIO)."""
-    from .recipes import LONG_RATIO
+    """Say so when the budget switched the default recipe to its long distillation (recipes.long_distillation)
+    and nothing the user gave changed the step count."""
+    from .recipes import LONG_GLOBAL_STEPS, LONG_RATIO, long_distillation
 
-    if kind == "default" and ratio is not None and ratio > LONG_RATIO and not a.fast and a.global_steps is None:
+    if kind == "default" and not a.fast and long_distillation(ratio) and global_steps == LONG_GLOBAL_STEPS:
         log.info("budget %.1fx is above %gx: the default recipe distils %d global steps (--global-steps N to change)",
                  ratio, LONG_RATIO, global_steps)
 
@@ -599,6 +600,9 @@ def cmd_compress(a: argparse.Namespace) -> int:
     rep = size_report(q, q.bitdown.plans)
     out = {"out": str(path), "size_mb": rep.size_mb, "ratio": rep.ratio, "bytes_on_disk": path.stat().st_size,
            "layers": len(q.bitdown.plans), "recipe": kind + (" fast" if a.fast else ""), "wall_s": wall}
+    alloc = q.bitdown.extra.get("allocation")
+    if isinstance(alloc, dict) and "max_error" in alloc:     # the error cap the allocation used (of a list: the first
+        out["alloc_max_error"] = alloc["max_error"]          # the budget allows)
     if ev is not None and detector:
         from .detection import evaluate_detection
         teacher_map = evaluate_detection(model.to(module_device(q)), ev, batch_size=8)

@@ -390,6 +390,7 @@ def compress(model: nn.Module, data: Iterable, config: QuantConfig | None = None
     ft_data = _finetune_data(train_data, data, calib) if ft is not None else None
     # what identifies the run, the same for any number of processes (the calibration batches by their hashes)
     settings = {"quant": _fp_json(config.to_json()), "finetune": _fp_json(ft.to_json()) if ft is not None else None}
+    settings = json.loads(json.dumps(settings, default=str))    # as fingerprint() reads them (numpy scalars: str)
     fp = RunKey(fingerprint(settings["quant"], settings["finetune"], info.arch, weights_key, batch_digests(calib),
                             _describe(ft_data)), settings)
     holdout = None                   # images kept out of fine-tuning: both stages' guards (finetune.py)

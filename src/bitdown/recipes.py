@@ -48,13 +48,18 @@ LONG_RATIO = 20.0
 LONG_GLOBAL_STEPS = 3000
 
 
+def long_distillation(ratio: float | None) -> bool:
+    """Whether a budget of `ratio` (None: no budget) gets the default recipe's long distillation."""
+    return ratio is not None and ratio > LONG_RATIO
+
+
 def default_recipe(fast: bool = False, ratio: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(QuantConfig keys, FinetuneConfig keys) of the default recipe for a budget of `ratio` (None: no budget);
     with `fast` the EM only (no block reconstruction, no distillation: FinetuneConfig keys empty)."""
     if fast:
         return dict(FAST_QUANT), {}
     ft = dict(DEFAULT_FINETUNE)
-    if ratio is not None and ratio > LONG_RATIO:
+    if long_distillation(ratio):
         ft["global_steps"] = LONG_GLOBAL_STEPS
     return copy.deepcopy(DEFAULT_QUANT), ft
 

@@ -20,6 +20,8 @@ with Adam (cosine learning rate) for ``steps`` steps, the model frozen in eval m
 - Each step the model sees the canvas rolled by a random shift of up to ``jitter`` pixels on each axis and
   flipped left-right with probability 1/2 (whole-batch ``torch.roll`` / ``torch.flip``), then centre-cropped to
   the model's input size. After each step the canvas is clamped to the pixel range [0, 255] of the preset.
+  Canvas pixels the model never sees (the frame outside the centre crop widened by ``jitter``: 16 px of a 256 px
+  ImageNet canvas at the default jitter 0) are, at the end, the reflection of those it saw, not leftover noise.
 
 The canvas has the size the preset's loader produces before cropping: ``crop`` x ``crop`` for fixed-size
 presets (CIFAR: 32), ``resize`` x ``resize`` for the resize-and-crop presets (ImageNet: 256), so an image saved
@@ -53,7 +55,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .blockio import tensors_of
-from .checkpoint import fingerprint
+from .checkpoint import fingerprint, settings_diff
 from .config import _checked
 from .data import Preset, get_preset
 
@@ -363,7 +365,20 @@ class _Synthesizer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{terms['loss']:.3f}", bn=f"{terms['bn']:.3f}", refresh=False)
         info = {"batch": b, "images": n_images, **terms, "seconds": time.perf_counter() - t0}
-        return to_pixels(x, self.preset), info
+        return to_pixels(self._fill_unseen(x.detach()), self.preset), info
+
+    def _fill_unseen(self, x: torch.Tensor) -> torch.Tensor:
+        """The canvas with the pixels the model never saw (outside the centre crop widened by the jitter, e.g. the
+        16 px frame of a 256 px ImageNet canvas at jitter 0) replaced by the reflection of those it saw, so no
+        noise frame reaches the fine-tuning's random crops; the centre crop is unchanged."""
+        crop = self.preset.crop
+        top = (self.size - crop) // 2 - self.jitter
+        bottom = self.size - crop - (self.size - crop) // 2 - self.jitter
+        if top <= 0 and bottom <= 0:
+            return x
+        top, bottom = max(top, 0), max(bottom, 0)
+        inner = x[..., top:self.size - bottom, top:self.size - bottom]
+        return F.pad(inner, (top, bottom, top, bottom), mode="reflect")
 
 
 # ----------------------------------------------------------------------------- folder
@@ -412,8 +427,15 @@ def prepare_folder(out: str | os.PathLike, settings: dict[str, Any], overwrite: 
                          f"{', ...' if len(others) > 5 else ''}): give an empty or new folder, or --overwrite "
                          f"(they would be read with the images by --data)")
     if (ours or MANIFEST in entries) and not same and not overwrite:
-        raise ValueError(f"--out {out} holds a synthesis with other settings (or none recorded): give another "
-                         f"folder, or --overwrite to replace it")
+        diff = settings_diff(old["settings"], settings, where="the folder") if isinstance(old.get("settings"), dict) else []
+        why = (": " + "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")) if diff else \
+            " (or none recorded)"
+        hint = (" (SynthConfig's defaults before session 15 were DeepInversion's terms: --config "
+                "'{\"w_div\": 0.1, \"w_tv\": 0.001, \"jitter\": null, \"flip\": true}' resumes such a folder)"
+                if any(d.startswith(("config.w_div", "config.w_tv", "config.jitter", "config.flip")) for d in diff)
+                else "")
+        raise ValueError(f"--out {out} holds a synthesis with other settings{why}{hint}: give the same settings "
+                         f"to resume it, another folder, or --overwrite to replace it")
     if overwrite and not same:
         for e in ours + ([MANIFEST] if MANIFEST in entries else []):
             (folder / e).unlink()
