@@ -119,6 +119,9 @@ def main() -> None:
     p.add_argument("--em", default="{}", help='EM options on top of the default EMConfig, JSON')
     p.add_argument("--reconstruct", default="{}", help='block reconstruction options (QuantConfig.reconstruct, '
                                                         'config.ReconstructConfig), JSON, e.g. \'{"steps": 200}\'')
+    p.add_argument("--alloc-sensitivity-loss", default="mse", choices=["mse", "kl", "bce"],
+                   help="alloc with sensitivity weighting: how a layer's output noise is measured at the network's "
+                        "output (QuantConfig.alloc_sensitivity_loss)")
     p.add_argument("--stats-positions", type=int, default=QuantConfig().stats_positions,
                    help="QuantConfig.stats_positions: output positions per image in a conv's Grams (0: all)")
     p.add_argument("--mixup", type=float, default=0.0, help="fine-tuning mixup alpha (FinetuneConfig.mixup; 0: off)")
@@ -164,6 +167,7 @@ def main() -> None:
                                target_ratio=None if scalar_bits else ratio, em=em_key,
                                reconstruct=rc_key,
                                alloc_weighting=weighting, alloc_max_error=cap, mixup=a.mixup,
+                               alloc_sensitivity_loss=a.alloc_sensitivity_loss if weighting != "none" else "mse",
                                alloc_menu=menu if method == "alloc" else [], stats_positions=a.stats_positions,
                                layer_steps=a.layer_steps, global_steps=a.global_steps, calib_images=a.calib_images,
                                batch_size=a.batch_size, seed=a.seed, train_pool=a.train_pool)
@@ -174,7 +178,8 @@ def main() -> None:
                     cfg = zoo_config(name, "small", calib_images=a.calib_images, seed=a.seed, codebook_bits=bits,
                                      em=EMConfig(**em), alloc_weighting=weighting, alloc_max_error=cap,
                                      reconstruct=rc, alloc_menu=menu if method == "alloc" else [],
-                                     stats_positions=a.stats_positions)
+                                     stats_positions=a.stats_positions,
+                                     alloc_sensitivity_loss=key["alloc_sensitivity_loss"])
                     extra, target, given = {}, ratio, None
                     if method == "alloc" and a.allocation:
                         given = _given_allocation(Path(a.allocation), ratio, weighting, cap, teacher, cfg)
@@ -279,7 +284,8 @@ def _row_defaults(row: dict) -> None:
     """Fill the settings rows written before they existed, with the values those runs used, and drop EM
     options equal to EMConfig's defaults (a row asking teacher_target=True ran the default EM)."""
     for k, v in (("em", {}), ("alloc_weighting", "none"), ("mixup", 0.0), ("alloc_max_error", None),
-                 ("train_pool", None), ("reconstruct", {}), ("alloc_menu", []), ("stats_positions", 0)):
+                 ("train_pool", None), ("reconstruct", {}), ("alloc_menu", []), ("stats_positions", 0),
+                 ("alloc_sensitivity_loss", "mse")):
         row.setdefault(k, v)
     row["em"] = _em_key(row["em"])
     row["reconstruct"] = _rc_key(row["reconstruct"])
@@ -330,7 +336,7 @@ def merge(path: Path, others: list[Path]) -> None:
     for r in doc["rows"]:
         _row_defaults(r)
     settings = ("model", "method", "codebook_bits", "target_ratio", "em", "reconstruct", "alloc_weighting",
-                "alloc_max_error", "alloc_menu",
+                "alloc_max_error", "alloc_menu", "alloc_sensitivity_loss",
                 "mixup", "layer_steps",
                 "global_steps", "calib_images", "batch_size", "seed", "train_pool")
     for other in others:
@@ -388,6 +394,7 @@ def write_report(path: Path) -> None:
     for r in rows:
         meth = r["method"] + (f" ({r['preset']})" if r.get("preset") else "")
         meth += ", sensitivity-weighted" if r.get("alloc_weighting", "none") != "none" else ""
+        meth += f" ({r['alloc_sensitivity_loss']} sensitivity)" if r.get("alloc_sensitivity_loss", "mse") != "mse" else ""
         meth += "".join(f", {k}={v}" for k, v in r.get("em", {}).items())
         meth += (", block reconstruction " + ",".join(f"{k}={v}" for k, v in r["reconstruct"].items())
                  if r.get("reconstruct") else "")

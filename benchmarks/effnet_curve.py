@@ -54,7 +54,8 @@ def _budget_settings(r: dict) -> dict:
             "menu": list(r.get("alloc_menu") or []), "layer": r.get("layer_steps", 0),
             "global": r.get("global_steps", 0), "recon": r.get("reconstruct") or {}, "em": r.get("em") or {},
             "calib": r.get("calib_images"), "bits": r.get("codebook_bits"), "mixup": r.get("mixup") or 0.0,
-            "positions": r.get("stats_positions") or 0, "device": r.get("device", "cpu"), "pool": r.get("train_pool")}
+            "positions": r.get("stats_positions") or 0, "device": r.get("device", "cpu"), "pool": r.get("train_pool"),
+            "sens": r.get("alloc_sensitivity_loss", "mse")}
 
 
 def _cap(c: float | tuple | None) -> str:
@@ -69,6 +70,8 @@ def _differences(s: dict) -> str:
         out.append(f"{s['method']} preset")
     if s["weighting"] != "sensitivity":
         out.append("unweighted allocation")
+    elif s["sens"] != "mse":
+        out.append(f"{s['sens']} sensitivity")
     if s["cap"] != 0.3:
         out.append("no error cap" if s["cap"] is None else f"cap {_cap(s['cap'])}")
     if s["menu"] != MENU:
@@ -103,11 +106,13 @@ def method_of(r: dict) -> tuple[str, str]:
     detail = _differences(s)
     if s["device"] != "cpu":
         return "other: GPU long distillation", f"{detail}, on {s['device']}"
-    core = (s["method"] == "alloc" and s["weighting"] == "sensitivity" and s["cap"] == 0.3 and not s["em"]
+    core = (s["method"] == "alloc" and s["weighting"] == "sensitivity" and s["sens"] == "mse" and s["cap"] == 0.3
+            and not s["em"]
             and s["bits"] == 8 and s["calib"] == 128 and not s["mixup"] and not s["positions"] and not s["pool"])
     if core and s["recon"]:
         return BLOCKS, detail + ", reconstruction " + ",".join(f"{k}={v}" for k, v in s["recon"].items())
     if s["cap"] in (0.2, CAP_LIST) and s["method"] == "alloc" and s["weighting"] == "sensitivity" and \
+            s["sens"] == "mse" and \
             s["menu"] == MENU and not (s["em"] or s["recon"] or s["layer"] or s["global"] or s["mixup"] or s["pool"]
                                        or s["positions"]) and s["bits"] == 8 and s["calib"] == 128:
         return COMPACT, f"budget.py, cap {_cap(s['cap'])}"     # 0.2: what the cap list picks up to ~20x
@@ -128,6 +133,7 @@ def budget_command(r: dict) -> str:
     cmd += f" --calib-images {s['calib']}"
     cmd += f" --seed {r['seed']}" if r.get("seed") else ""
     cmd += f" --alloc-weighting {s['weighting']}" if s["weighting"] != "none" else ""
+    cmd += f" --alloc-sensitivity-loss {s['sens']}" if s["sens"] != "mse" else ""
     cmd += f" --alloc-max-error {_cap(s['cap'])}" if s["cap"] is not None else ""
     cmd += f" --alloc-menu {','.join(s['menu'])}" if s["menu"] else ""
     cmd += f" --em '{json.dumps(s['em'])}'" if s["em"] else ""

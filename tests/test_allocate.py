@@ -209,10 +209,43 @@ def test_layer_sensitivity_bce_reads_the_decoded_probabilities(data):
     bce = layer_sensitivity(model, plans, data, progress=False, loss="bce")
     assert 0.5 < mse["a"] / mse["b"] < 2
     assert bce["a"] < 0.01 * bce["b"] and bce["a"] > 0
-    with pytest.raises(ValueError, match="loss must be one of 'mse', 'bce'"):
+    with pytest.raises(ValueError, match="loss must be one of 'mse', 'bce', 'kl'"):
+        layer_sensitivity(model, plans, data, progress=False, loss="l1")
+    with pytest.raises(ValueError, match="kl"):                       # class logits only: maps are refused
         layer_sensitivity(model, plans, data, progress=False, loss="kl")
     with pytest.raises(ValueError, match="alloc_sensitivity_loss"):
         QuantConfig(alloc_sensitivity_loss="l1")
+
+
+class TailLogits(nn.Module):
+    """A classifier whose logits come from two layers: `head` gives two classes near 0 (where the prediction is
+    decided), `tail` eight classes near -30 (probability ~1e-13). The tail holds almost all the logits' energy."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.feat = nn.Conv2d(3, 64, 3, padding=1)
+        self.head = nn.Linear(64, 2)
+        self.tail = nn.Linear(64, 8)
+        with torch.no_grad():
+            self.tail.weight.mul_(0.05)
+            self.tail.bias.fill_(-30.0)
+            self.head.bias.zero_()
+
+    def forward(self, x):
+        z = self.feat(x).mean((2, 3))
+        return torch.cat([self.head(z), self.tail(z)], 1)
+
+
+def test_layer_sensitivity_kl_reads_the_predicted_distribution(data):
+    """loss='kl': noise on the tail logits moves their normalised MSE most, the softmax hardly at all."""
+    from bitdown.allocate import layer_sensitivity
+    model = TailLogits().eval()
+    plans, _ = resolve_plan(model, QuantConfig(quantize_stem=True))
+    mse = layer_sensitivity(model, plans, data, progress=False)
+    kl = layer_sensitivity(model, plans, data, progress=False, loss="kl")
+    assert mse["tail"] > 10 * mse["head"]
+    assert kl["tail"] < 1e-3 * kl["head"] and kl["head"] > 0
 
 
 def test_budget_config_uses_the_sensitivity_loss(data):

@@ -302,7 +302,9 @@ def layer_sensitivity(model: nn.Module, plans: list[LayerPlan], batches: list[to
 
         s_l = L(f(x; y_l + n), f(x)) / eps^2,   n ~ N(0, eps^2 mean(y_l^2)),
 
-    L = finetune.distill_loss under `loss`: 'mse' the normalised E||f(x; y_l + n) - f(x)||^2 / E||f(x)||^2
+    L = finetune.distill_loss under `loss`: 'kl' KL(softmax f(x) || softmax f(x; y_l + n)) for class logits (N, C)
+    (an error counts by what it does to the predicted distribution, not to the 1,000 logits' energy); 'mse' the
+    normalised E||f(x; y_l + n) - f(x)||^2 / E||f(x)||^2
     (summed over the output's tensors when it has several, e.g. a detector's three head maps: the same
     normalisation as the distillation loss); 'bce' the Bernoulli KL between sigmoid(f(x)) and sigmoid of the
     noisy output (every element read through a sigmoid, as a YOLO head's decode reads its maps: an error

@@ -37,7 +37,8 @@ LAYER_KINDS = ("conv1x1", "convkxk", "linear")
 OVERRIDE_KEYS = ("block_size", "n_centroids", "skip", "codebook_bits", "share", "scalar_bits", "fp16")
 SCALAR_BITS = (2, 3, 4, 8)  # per-output-channel scalar codes (scalar.py); 0 in a plan: product quantization
 SENSITIVITY_NORMS = ("sum", "level")  # QuantConfig.alloc_sensitivity_norm (allocate.layer_sensitivity)
-SENSITIVITY_LOSSES = ("mse", "bce")  # QuantConfig.alloc_sensitivity_loss: finetune.distill_loss's losses for any output
+SENSITIVITY_LOSSES = ("mse", "bce", "kl")  # QuantConfig.alloc_sensitivity_loss: finetune.distill_loss's losses
+                                           # ('kl': class logits (N, C) only)
 CODEBOOK_BITS = (16, 8)     # fp16 codebooks (the paper), or int8 with one fp16 scale per column
 MAX_CENTROIDS = 1 << 15  # codes are stored as int16 at most
 CHANNEL_WEIGHTINGS = ("none", "variance", "bn")
@@ -264,8 +265,9 @@ class QuantConfig:
     alloc_weighting: str = "none"   # with a target size: 'none' minimises sum_l D_l (relative output errors);
                                     # 'sensitivity' weights each D_l by how much it reaches the network output
     alloc_sensitivity_loss: str = "mse"  # with alloc_weighting 'sensitivity': how a layer's output noise is measured
-                                    # at the network's output: 'mse' (normalised, per output tensor) or 'bce'
-                                    # (Bernoulli KL of sigmoid outputs: what a YOLO head's decode reads)
+                                    # at the network's output: 'mse' (normalised, per output tensor), 'bce'
+                                    # (Bernoulli KL of sigmoid outputs: what a YOLO head's decode reads) or 'kl'
+                                    # (the KL of a classifier's softmax: what its top-1 reads)
     alloc_sensitivity_norm: str = "sum"  # with the 'bce' sensitivity: 'sum' (the KL summed over every element of
                                     # every output tensor: a detector's P3 map, 16x the cells of P5, dominates) or
                                     # 'level' (each output tensor's KL averaged over its elements: every level counts
