@@ -429,8 +429,8 @@ def report(results: dict) -> None:
                   f"{eff['images']} images on the 256 px canvas (224 px input), {eff['steps']} steps: "
                   f"{eff['seconds_per_step']:.1f} s per step, {eff['seconds_per_image_step']:.2f} s per image and step "
                   f"(loadavg {eff['loadavg_after']}). At the default 50 steps a batch of 256 would take "
-                  f"~{eff['seconds_per_image_step'] * 256 * 50 / 3600:.1f} h here; its compression on synthetic "
-                  "images (the 10x target) is not measured on this CPU.", ""]
+                  f"~{eff['seconds_per_image_step'] * 256 * 50 / 3600:.1f} h here (DeepInversion's terms, the "
+                  "defaults then; the BatchNorm term alone on a quieter CPU: the next section).", ""]
     lines += _effnet10_lines()
     abl = results.get("ablation")
     if abl:
