@@ -288,7 +288,8 @@ def _effnet10_lines() -> list[str]:
     pb = syn["per_batch"]
     lines = ["## EfficientNet-Lite0 at 10x on synthetic images only (`synthetic.py effnet10`)", "",
              f"- synthesis: `{syn['command']}` (SynthConfig: `{json.dumps(syn['config'])}`)",
-             f"- {len(pb)} batches: {syn['seconds']:.0f} s in all, {syn['seconds_per_image']:.2f} s per image "
+             f"- {len(pb)} batches of {syn['batch_size']}: {syn['seconds']:.0f} s in all, "
+             f"{syn['seconds_per_image']:.2f} s per image "
              f"({syn['seconds_per_image'] / syn['config']['steps']:.2f} s per image and step; loadavg at the end "
              f"{syn.get('loadavg_after')})",
              "- final BatchNorm term per batch: " + ", ".join(f"{b['bn']:.0f}" for b in pb)
@@ -303,7 +304,8 @@ def _effnet10_lines() -> list[str]:
                   f"| {syn['images']} synthetic images (no real image) | {comp['ratio']:.1f}x | {comp['top1']:.2f} | "
                   f"{comp['teacher_top1']:.2f} | {comp['drop']:.2f} | {comp['agreement']:.2f} | "
                   f"{comp['child_wall_s']:.0f} |",
-                  f"| the 500 real calibration images (recipe_cli.json) | {real['ratio']:.1f}x | {real['top1']:.2f} | "
+                  f"| real images: the calibration 500 of the split (the recipe calibrates on 128; recipe_cli.json) | "
+                  f"{real['ratio']:.1f}x | {real['top1']:.2f} | "
                   f"{real['teacher_top1']:.2f} | {real['drop']:.2f} | {real['agreement']:.2f} | {real['wall_s']:.0f} |",
                   "", f"Target (within 3 pt of real, >= {real['top1'] - 3:.1f} %): "
                   f"**{'met' if comp['top1'] >= real['top1'] - 3 else 'missed'}** "
