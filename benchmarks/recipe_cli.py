@@ -88,7 +88,8 @@ def main() -> None:
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
            **{k: res[k] for k in ("recipe", "ratio", "size_mb", "bytes_on_disk", "top1", "teacher_top1", "drop",
                                   "agreement", "eval_images", "alloc_max_error") if k in res}}
-    if res.get("recipe") == "compact" and "--config" not in a.extra:     # the recipe's cap list when it ran
+    if res.get("recipe") == "compact" and "--config" not in a.extra:     # the recipe's cap list when it ran (its
+        # version: above recipes.COMPACT_TIGHT_RATIO the cap used is 0.3 alone; `alloc_max_error`: the one used)
         from bitdown.recipes import compact_recipe
         row["alloc_caps"] = compact_recipe()[0]["alloc_max_error"]
     out = Path(a.out)
