@@ -106,17 +106,15 @@ def method_of(r: dict) -> tuple[str, str]:
     detail = _differences(s)
     if s["device"] != "cpu":
         return "other: GPU long distillation", f"{detail}, on {s['device']}"
-    core = (s["method"] == "alloc" and s["weighting"] == "sensitivity" and s["sens"] == "mse" and s["cap"] == 0.3
-            and not s["em"]
+    base = (s["method"] == "alloc" and s["weighting"] == "sensitivity" and s["sens"] == "mse" and not s["em"]
             and s["bits"] == 8 and s["calib"] == 128 and not s["mixup"] and not s["positions"] and not s["pool"])
+    core = base and s["cap"] == 0.3
     if core and s["recon"]:
         return BLOCKS, detail + ", reconstruction " + ",".join(f"{k}={v}" for k, v in s["recon"].items())
-    if s["cap"] in (0.2, CAP_LIST) and s["method"] == "alloc" and s["weighting"] == "sensitivity" and \
-            s["sens"] == "mse" and \
-            s["menu"] == MENU and not (s["em"] or s["recon"] or s["layer"] or s["global"] or s["mixup"] or s["pool"]
-                                       or s["positions"]) and s["bits"] == 8 and s["calib"] == 128:
+    em_only = s["menu"] == MENU and not (s["recon"] or s["layer"] or s["global"])
+    if base and em_only and s["cap"] in (0.2, CAP_LIST):
         return COMPACT, f"budget.py, cap {_cap(s['cap'])}"     # 0.2: what the cap list picks up to ~20x
-    if core and s["menu"] == MENU and s["layer"] == 0 and s["global"] == 0:
+    if core and em_only:
         return COMPACT_03, "budget.py"
     if core and not s["menu"] and s["layer"] == 0 and s["global"] == 150:
         return SESSION7, "budget.py"

@@ -67,8 +67,10 @@ def _bitdown(*args: str, log: Path) -> dict:
     return out
 
 
-def _synth(folder: Path, n: int, config: dict, log: Path) -> dict:
-    args = ["synthesize", "--model", "resnet20_cifar10", "--n", str(n), "--out", str(folder), "--json"]
+def _synth(folder: Path, n: int, config: dict, log: Path, model: str = "resnet20_cifar10", *extra: str) -> dict:
+    """`bitdown synthesize` of `n` images of `model` into `folder` (SynthConfig keys `config`, CLI flags `extra`), with
+    each batch's final loss terms and seconds and the resolved config read back from the folder's manifest."""
+    args = ["synthesize", "--model", model, "--n", str(n), "--out", str(folder), "--json", *extra]
     if config:
         args += ["--config", json.dumps(config)]
     res = _bitdown(*args, log=log)
@@ -115,28 +117,36 @@ def grid(folder: Path, path: Path, per_class: int = 10, classes: int = 10, scale
     img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path, optimize=True)
 
 
-def reference_bn(n: int = 256) -> dict:
-    """The BatchNorm term of the synthesis objective (w_bn = 1) on `n` real training images (every 97th of the
-    zip, as calibration would see them) and on `n` Gaussian-noise inputs: the scale the synthetic figures are
-    read against."""
+def _bn_reference(model_name: str, real) -> dict:
+    """The BatchNorm term of the synthesis objective (w_bn = 1) of `model_name` on the batch `real` and on as many
+    seeded Gaussian-noise inputs of its shape: the scale the synthetic figures are read against."""
     import torch
 
-    from bitdown.data import ImageDataset
     from bitdown.synthesize import _BNLoss, batchnorms
     from bitdown.zoo import build_model
 
     torch.set_num_threads(1)
-    model = build_model("resnet20_cifar10")
+    model = build_model(model_name)
     hooks = _BNLoss(batchnorms(model), 1.0)
-    ds = ImageDataset(ASSETS / "cifar10" / "cifar10-train-jpeg.zip", "cifar10")
     out = {}
     with torch.no_grad():
-        model(torch.stack([ds[i * 97] for i in range(n)]))
+        model(real)
         out["real"] = float(hooks.take())
-        model(torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+        model(torch.randn(real.shape, generator=torch.Generator().manual_seed(0)))
         out["noise"] = float(hooks.take())
     hooks.remove()
-    return {"images": n, **out}
+    return {"images": real.shape[0], **out}
+
+
+def reference_bn(n: int = 256) -> dict:
+    """ResNet-20's BatchNorm term on `n` real training images (every 97th of the zip, as calibration would see
+    them) and on `n` noise inputs (_bn_reference)."""
+    import torch
+
+    from bitdown.data import ImageDataset
+
+    ds = ImageDataset(ASSETS / "cifar10" / "cifar10-train-jpeg.zip", "cifar10")
+    return _bn_reference("resnet20_cifar10", torch.stack([ds[i * 97] for i in range(n)]))
 
 
 def effnet_cost(images: int = 16, steps: int = 3) -> dict:
@@ -206,27 +216,15 @@ def run_main_fast(work: Path, tag: str | None = None) -> None:
 
 
 def effnet_reference_bn(n: int = 64) -> dict:
-    """The BatchNorm term (w_bn = 1) of EfficientNet-Lite0 on a batch of `n` real images (the first `n` of the
-    seeded calibration 500, centre crop) and on `n` Gaussian-noise inputs: the scale of the synthesis's figures."""
+    """EfficientNet-Lite0's BatchNorm term on a batch of `n` real images (the first `n` of the seeded calibration
+    500, centre crop) and on `n` noise inputs (_bn_reference)."""
     import torch
 
     from bitdown.data import ImageDataset, split_indices
-    from bitdown.synthesize import _BNLoss, batchnorms
-    from bitdown.zoo import build_model
 
-    torch.set_num_threads(1)
-    model = build_model("efficientnet_lite0")
     ds = ImageDataset(ASSETS / "imagenet" / "imagenet-sample-images-256.zip", "efficientnet")
     calib_idx, _ = split_indices(len(ds), [500, 500], seed=0)
-    hooks = _BNLoss(batchnorms(model), 1.0)
-    out = {}
-    with torch.no_grad():
-        model(torch.stack([ds[int(i)] for i in calib_idx[:n]]))
-        out["real"] = float(hooks.take())
-        model(torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(0)))
-        out["noise"] = float(hooks.take())
-    hooks.remove()
-    return {"images": n, **out}
+    return _bn_reference("efficientnet_lite0", torch.stack([ds[int(i)] for i in calib_idx[:n]]))
 
 
 def run_effnet10(work: Path, n: int, batch_size: int = 64) -> None:
@@ -242,12 +240,7 @@ def run_effnet10(work: Path, n: int, batch_size: int = 64) -> None:
     log, folder = work / "effnet10.log", work / "effnet10"
     res = json.loads(EFF_JSON.read_text()) if EFF_JSON.exists() else {}
     res["reference_bn"] = effnet_reference_bn(batch_size)
-    syn = _bitdown("synthesize", "--model", "efficientnet_lite0", "--n", str(n), "--batch-size", str(batch_size),
-                   "--out", str(folder), "--json", log=log)
-    manifest = json.loads((folder / "bitdown-synthesize.json").read_text())
-    syn["per_batch"] = [manifest["batches"][k] for k in sorted(manifest["batches"], key=int)]
-    syn["config"] = manifest["settings"]["config"]
-    res["synthesis"] = syn
+    res["synthesis"] = _synth(folder, n, {}, log, "efficientnet_lite0", "--batch-size", str(batch_size))
     _write_json(EFF_JSON, res)
     with tempfile.TemporaryDirectory() as tmp:
         _, ev = _split_zips(ASSETS / "imagenet" / "imagenet-sample-images-256.zip", Path(tmp))

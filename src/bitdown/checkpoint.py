@@ -69,6 +69,11 @@ def settings_diff(old: Any, new: Any, path: str = "", where: str = "the checkpoi
     return [f"{path or 'settings'}: {json.dumps(old, default=str)} in {where}, {json.dumps(new, default=str)} now"]
 
 
+def summarise_diff(diff: list[str], limit: int) -> str:
+    """The first `limit` lines of a settings_diff joined by '; ', and how many more there are."""
+    return "; ".join(diff[:limit]) + (f"; and {len(diff) - limit} more" if len(diff) > limit else "")
+
+
 def save_checkpoint(folder: str | Path, tensors: dict[str, torch.Tensor], progress: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
@@ -112,9 +117,8 @@ def load_checkpoint(folder: str | Path, expect: str | RunKey) -> tuple[dict[str,
                                                        if isinstance(expect, RunKey) else "")
         else:
             diff = settings_diff(progress["settings"], key.settings)
-            why = ("changed settings: " + "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8
-                                                                 else "")
-                   if diff else "same settings, but different model weights, architecture or calibration data")
+            why = ("changed settings: " + summarise_diff(diff, 8) if diff
+                   else "same settings, but different model weights, architecture or calibration data")
         raise ValueError(f"checkpoint {path} belongs to another run ({why}); pass the run's settings again to "
                          f"resume it, or delete it or choose another checkpoint folder to start over")
     return tensors, progress

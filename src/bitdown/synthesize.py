@@ -55,7 +55,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .blockio import tensors_of
-from .checkpoint import fingerprint, settings_diff
+from .checkpoint import fingerprint, settings_diff, summarise_diff
 from .config import _checked
 from .data import Preset, get_preset
 
@@ -428,8 +428,7 @@ def prepare_folder(out: str | os.PathLike, settings: dict[str, Any], overwrite: 
                          f"(they would be read with the images by --data)")
     if (ours or MANIFEST in entries) and not same and not overwrite:
         diff = settings_diff(old["settings"], settings, where="the folder") if isinstance(old.get("settings"), dict) else []
-        why = (": " + "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")) if diff else \
-            " (or none recorded)"
+        why = ": " + summarise_diff(diff, 6) if diff else " (or none recorded)"
         hint = (" (SynthConfig's defaults before session 15 were DeepInversion's terms: --config "
                 "'{\"w_div\": 0.1, \"w_tv\": 0.001, \"jitter\": null, \"flip\": true}' resumes such a folder)"
                 if any(d.startswith(("config.w_div", "config.w_tv", "config.jitter", "config.flip")) for d in diff)
