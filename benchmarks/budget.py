@@ -125,6 +125,8 @@ def main() -> None:
     p.add_argument("--stats-positions", type=int, default=QuantConfig().stats_positions,
                    help="QuantConfig.stats_positions: output positions per image in a conv's Grams (0: all)")
     p.add_argument("--mixup", type=float, default=0.0, help="fine-tuning mixup alpha (FinetuneConfig.mixup; 0: off)")
+    p.add_argument("--schedule", default="step", choices=["step", "cosine"],
+                   help="the global stage's learning-rate schedule (FinetuneConfig.schedule)")
     p.add_argument("--device", default="cpu", help="where forward passes and fine-tuning run (cuda on a GPU machine)")
     p.add_argument("--checkpoint-root", help="each row's compression checkpoints (and size allocation) in a "
                                              "subfolder named by its settings: a killed run resumes")
@@ -166,7 +168,7 @@ def main() -> None:
                     key = dict(model=name, method=method, codebook_bits=None if scalar_bits else bits,
                                target_ratio=None if scalar_bits else ratio, em=em_key,
                                reconstruct=rc_key,
-                               alloc_weighting=weighting, alloc_max_error=cap, mixup=a.mixup,
+                               alloc_weighting=weighting, alloc_max_error=cap, mixup=a.mixup, schedule=a.schedule,
                                alloc_sensitivity_loss=a.alloc_sensitivity_loss if weighting != "none" else "mse",
                                alloc_menu=menu if method == "alloc" else [], stats_positions=a.stats_positions,
                                layer_steps=a.layer_steps, global_steps=a.global_steps, calib_images=a.calib_images,
@@ -212,7 +214,7 @@ def main() -> None:
                         extra, target = {}, None
                     t0 = time.perf_counter()
                     ft = FinetuneConfig(layer_steps=a.layer_steps, global_steps=a.global_steps,
-                                        batch_size=a.batch_size, seed=a.seed, mixup=a.mixup)
+                                        batch_size=a.batch_size, seed=a.seed, mixup=a.mixup, schedule=a.schedule)
                     ck = None
                     if a.checkpoint_root:
                         ck = Path(a.checkpoint_root) / fingerprint(key, given)
@@ -285,7 +287,7 @@ def _row_defaults(row: dict) -> None:
     options equal to EMConfig's defaults (a row asking teacher_target=True ran the default EM)."""
     for k, v in (("em", {}), ("alloc_weighting", "none"), ("mixup", 0.0), ("alloc_max_error", None),
                  ("train_pool", None), ("reconstruct", {}), ("alloc_menu", []), ("stats_positions", 0),
-                 ("alloc_sensitivity_loss", "mse")):
+                 ("alloc_sensitivity_loss", "mse"), ("schedule", "step")):
         row.setdefault(k, v)
     row["em"] = _em_key(row["em"])
     row["reconstruct"] = _rc_key(row["reconstruct"])
@@ -337,7 +339,7 @@ def merge(path: Path, others: list[Path]) -> None:
         _row_defaults(r)
     settings = ("model", "method", "codebook_bits", "target_ratio", "em", "reconstruct", "alloc_weighting",
                 "alloc_max_error", "alloc_menu", "alloc_sensitivity_loss",
-                "mixup", "layer_steps",
+                "mixup", "schedule", "layer_steps",
                 "global_steps", "calib_images", "batch_size", "seed", "train_pool")
     for other in others:
         od = json.loads(other.read_text())
@@ -401,6 +403,7 @@ def write_report(path: Path) -> None:
         meth += f", max error {r['alloc_max_error']:g}" if r.get("alloc_max_error") else ""
         meth += f", menu {'/'.join(r['alloc_menu'])}" if r.get("alloc_menu") else ""
         meth += f", mixup {r['mixup']:g}" if r.get("mixup") else ""
+        meth += f", {r['schedule']} lr" if r.get("schedule", "step") != "step" else ""
         meth += f", {r['train_pool']} training images" if r.get("train_pool") else ""
         meth += f", Grams on {r['stats_positions']} positions per image" if r.get("stats_positions") else ""
         seen = f"{r['train_top1']:.1f}" if r.get("train_top1") is not None else "-"
@@ -424,6 +427,7 @@ def write_report(path: Path) -> None:
             meth = r["method"] + ("+sens" if r.get("alloc_weighting", "none") != "none" else "")
             meth += f"+cap{r['alloc_max_error']:g}" if r.get("alloc_max_error") else ""
             meth += f"+mixup{r['mixup']:g}" if r.get("mixup") else ""
+            meth += f"+{r['schedule']}" if r.get("schedule", "step") != "step" else ""
             meth += f"+pool{r['train_pool']}" if r.get("train_pool") else ""
             meth += "+recon" + ",".join(f"{k}={v}" for k, v in r["reconstruct"].items()) if r.get("reconstruct") else ""
             meth += " (GPU)" if r.get("device", "cpu") != "cpu" else ""

@@ -676,10 +676,21 @@ def test_finetune_config_from_dict():
 
 
 @pytest.mark.parametrize("kw", [{"layer_steps": -1}, {"batch_size": 0}, {"global_lr": 0.0}, {"optimizer": "lbfgs"},
-                                {"milestones": (0.5, 1.0)}, {"checkpoint_every": 0}])
+                                {"milestones": (0.5, 1.0)}, {"checkpoint_every": 0}, {"schedule": "linear"}])
 def test_finetune_config_validation(kw):
     with pytest.raises(ValueError):
         FinetuneConfig(**kw)
+
+
+def test_lr_schedules():
+    """'step': global_lr x gamma at each milestone passed; 'cosine': global_lr at step 0, half at mid-run, -> 0."""
+    from bitdown.finetune import _lr_at
+    step = FinetuneConfig(global_steps=10, global_lr=1.0, milestones=(0.5, 0.8), gamma=0.1)
+    assert [round(_lr_at(s, step), 6) for s in (0, 4, 5, 7, 8, 9)] == [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
+    cos = FinetuneConfig(global_steps=10, global_lr=2.0, schedule="cosine")
+    lrs = [_lr_at(s, cos) for s in range(10)]
+    assert lrs[0] == 2.0 and lrs[5] == pytest.approx(1.0) and 0 < lrs[9] < 0.06
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
 
 
 def test_empty_finetune_data_rejected():

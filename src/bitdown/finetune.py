@@ -36,7 +36,7 @@ is a TypeError; `check_outputs` runs the model once so that this is known before
 - global (`finetune_global`): every codebook together, optionally the BatchNorm affine parameters,
   still in eval mode (running statistics fixed; compress() re-estimates them first when
   QuantConfig.recalibrates_bn, by default only without teacher targets: docs/DESIGN.md), with a step
-  learning-rate schedule, checkpointed every `checkpoint_every` steps. With a `holdout` tensor of
+  (`milestones` x `gamma`) or cosine (`schedule`) learning-rate schedule, checkpointed every `checkpoint_every` steps. With a `holdout` tensor of
   images (never trained on) the stage never returns a student worse than before it: the distillation
   loss (and the top-1 agreement) on the holdout is measured before and after, and when the stage made the
   student worse (`_worse`, the same rule as per layer) the parameters this stage
@@ -89,6 +89,7 @@ LOSSES = ("auto", "kl", "mse", "bce")
 MSE_EPS = 1e-12          # normalised MSE: sum((s - t)^2) / (sum(t^2) + MSE_EPS)
 HOLDOUT_MIN, HOLDOUT_MAX = 16, 256     # a fractional holdout: at least / at most this many images
 TARGETS_MAX_BYTES = 256 * 2**20        # the teacher's outputs on the holdout are kept when at most this large
+SCHEDULES = ("step", "cosine")         # FinetuneConfig.schedule: the global stage's learning-rate schedule
 AGREEMENT_TOL_IMAGES = 1               # the guards' floor: a stage may always lose this many top-1 matches (`_worse`)
 
 
@@ -107,6 +108,7 @@ class FinetuneConfig:
                                       # (a detector's head convs: its objectness and class offsets)
     milestones: tuple[float, ...] = (0.5, 0.8)   # fractions of global_steps where lr *= gamma
     gamma: float = 0.1
+    schedule: str = "step"            # global stage lr: 'step' (milestones x gamma) | 'cosine' (global_lr -> 0)
     checkpoint_every: int = 100
     seed: int = 0
     mixup: float = 0.0                # > 0: each image mixed with another of the batch, weight ~ Beta(a, a)
@@ -141,6 +143,8 @@ class FinetuneConfig:
             raise ValueError(f"loss must be one of {', '.join(repr(k) for k in LOSSES)}, got {self.loss!r}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(repr(k) for k in SCHEDULES)}, got {self.schedule!r}")
         self.milestones = tuple(float(m) for m in self.milestones)
         if any(not 0 < m < 1 for m in self.milestones):
             raise ValueError(f"milestones are fractions in (0, 1), got {self.milestones}")
@@ -578,6 +582,9 @@ def _worse(before: dict[str, Any], after: dict[str, Any], loss: str) -> str | No
 
 
 def _lr_at(step: int, cfg: FinetuneConfig) -> float:
+    """The global stage's learning rate at `step` (0-based) of cfg.global_steps."""
+    if cfg.schedule == "cosine":
+        return cfg.global_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.global_steps))
     return cfg.global_lr * cfg.gamma ** sum(step >= m * cfg.global_steps for m in cfg.milestones)
 
 
@@ -658,7 +665,7 @@ def finetune_global(student: nn.Module, teacher: nn.Module, data: Any, cfg: Fine
                     holdout_before: dict[str, Any] | None = None,
                     holdout_state: list[torch.Tensor] | None = None,
                     last_loss: float | None = None) -> dict[str, Any]:
-    """All codebooks (and BatchNorm affine) by distillation, eval mode, step lr schedule.
+    """All codebooks (and BatchNorm affine) by distillation, eval mode, lr schedule `cfg.schedule`.
 
     `on_checkpoint(step, optimizer)` is called every `cfg.checkpoint_every` steps and at the end (the end
     one after the holdout guard, so that it holds what is returned); (`start`, `opt_state`) resume a run.
