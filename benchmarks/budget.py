@@ -111,6 +111,9 @@ def main() -> None:
     p.add_argument("--alloc-max-error", help="alloc: no layer above this relative output error "
                                              "(QuantConfig.alloc_max_error); a comma list (e.g. 0.3,0.5,none): each "
                                              "ratio uses the first cap in it that the budget can satisfy")
+    p.add_argument("--alloc-cap-rule", default="tightest", choices=["tightest", "measured"],
+                   help="alloc: with 'measured' the --alloc-max-error list goes to QuantConfig as one list and "
+                        "QuantConfig.alloc_cap_rule='measured' picks the cap (one row, recording each cap's error)")
     p.add_argument("--allocation", help="alloc: an allocation report (compress's allocation.json 'allocation', or "
                                         "its bare report) computed on the same calibration images, e.g. on another "
                                         "machine; its ratio, weighting and error cap must match the flags")
@@ -160,7 +163,7 @@ def main() -> None:
         done_alloc: set = set()
         for ratio in [float(r) for r in a.ratios.split(",")]:
             for bits in [int(b) for b in a.codebook_bits.split(",")]:
-                for method, cap in _method_caps(a.methods, a.alloc_max_error):
+                for method, cap in _method_caps(a.methods, a.alloc_max_error, a.alloc_cap_rule):
                     weighting = a.alloc_weighting if method == "alloc" else "none"
                     if method == "alloc" and (ratio, bits) in done_alloc:
                         continue                # a tighter cap of the list already gave this row
@@ -169,6 +172,7 @@ def main() -> None:
                                target_ratio=None if scalar_bits else ratio, em=em_key,
                                reconstruct=rc_key,
                                alloc_weighting=weighting, alloc_max_error=cap, mixup=a.mixup, schedule=a.schedule,
+                               alloc_cap_rule=a.alloc_cap_rule if method == "alloc" else "tightest",
                                alloc_sensitivity_loss=a.alloc_sensitivity_loss if weighting != "none" else "mse",
                                alloc_menu=menu if method == "alloc" else [], stats_positions=a.stats_positions,
                                layer_steps=a.layer_steps, global_steps=a.global_steps, calib_images=a.calib_images,
@@ -179,6 +183,7 @@ def main() -> None:
                         continue
                     cfg = zoo_config(name, "small", calib_images=a.calib_images, seed=a.seed, codebook_bits=bits,
                                      em=EMConfig(**em), alloc_weighting=weighting, alloc_max_error=cap,
+                                     alloc_cap_rule=key["alloc_cap_rule"],
                                      reconstruct=rc, alloc_menu=menu if method == "alloc" else [],
                                      stats_positions=a.stats_positions,
                                      alloc_sensitivity_loss=key["alloc_sensitivity_loss"])
@@ -224,7 +229,7 @@ def main() -> None:
                                      finetune=ft if ft.enabled else None, train_data=aug, target_ratio=target,
                                      device=a.device, checkpoint_dir=ck)
                     except ValueError as e:
-                        if cap is None or "no allocation keeps" not in str(e):
+                        if not isinstance(cap, float) or "no allocation keeps" not in str(e):
                             raise
                         print(f"{name} {ratio:g}x: cap {cap:g} infeasible ({e}); next cap", flush=True)
                         continue
@@ -243,8 +248,11 @@ def main() -> None:
                     if guards:          # what the holdout guards measured on their slice and kept
                         extra["holdout_guard"] = guards
                     if method == "alloc":
-                        extra["calib_distortion"] = sum(v["rel_err2"] for v in
-                                                        q.bitdown.extra["allocation"]["layers"].values())
+                        al = q.bitdown.extra["allocation"]
+                        extra["calib_distortion"] = sum(v["rel_err2"] for v in al["layers"].values())
+                        extra["alloc_cap_used"] = al.get("max_error")
+                        if al.get("cap_errors"):
+                            extra["cap_errors"] = al["cap_errors"]
                     rows.append(dict(key, **extra, teacher_top1=teachers[name], top1=res["top1"],
                                      drop=teachers[name] - res["top1"], agreement=res["agreement"],
                                      train_top1=res_seen["top1"], train_agreement=res_seen["agreement"],
@@ -275,10 +283,14 @@ def _scalar_method(method: str) -> int:
     return int(m.group(1))
 
 
-def _method_caps(methods: str, caps: str | None) -> list[tuple[str, float | None]]:
-    """(method, error cap) in run order: alloc once per cap of the list (the first feasible one is kept),
-    the other methods uncapped."""
+def _method_caps(methods: str, caps: str | None, rule: str = "tightest") -> list[tuple[str, float | list | None]]:
+    """(method, error cap) in run order: alloc once per cap of the list (the first feasible one is kept), or with
+    `rule` 'measured' once with the whole list (QuantConfig picks the cap); the other methods uncapped."""
     cap_list = [None if c in ("none", "") else float(c) for c in (caps or "none").split(",")]
+    if rule == "measured":
+        if None in cap_list or len(cap_list) < 2:
+            raise SystemExit("--alloc-cap-rule measured needs --alloc-max-error as a list of at least two caps")
+        cap_list = [cap_list]
     return [(m, c) for m in methods.split(",") for c in (cap_list if m == "alloc" else [None])]
 
 
@@ -287,7 +299,7 @@ def _row_defaults(row: dict) -> None:
     options equal to EMConfig's defaults (a row asking teacher_target=True ran the default EM)."""
     for k, v in (("em", {}), ("alloc_weighting", "none"), ("mixup", 0.0), ("alloc_max_error", None),
                  ("train_pool", None), ("reconstruct", {}), ("alloc_menu", []), ("stats_positions", 0),
-                 ("alloc_sensitivity_loss", "mse"), ("schedule", "step")):
+                 ("alloc_sensitivity_loss", "mse"), ("schedule", "step"), ("alloc_cap_rule", "tightest")):
         row.setdefault(k, v)
     row["em"] = _em_key(row["em"])
     row["reconstruct"] = _rc_key(row["reconstruct"])
@@ -306,6 +318,16 @@ def _rc_key(rc: dict) -> dict:
 def _non_default(d: dict, cls) -> dict:
     default = dataclasses.asdict(cls())
     return {k: v for k, v in d.items() if default.get(k, object()) != v}
+
+
+def _caps(row: dict) -> str:
+    """'0.3', or for a list of caps '0.2/0.3 measured: 0.3' (the rule and the cap the allocation used)."""
+    c = row["alloc_max_error"]
+    if not isinstance(c, list):
+        return f"{c:g}"
+    used = row.get("alloc_cap_used")
+    return ("/".join(f"{x:g}" for x in c) + f" {row.get('alloc_cap_rule', 'tightest')}"
+            + (f": {used:g}" if used is not None else ""))
 
 
 def _given_allocation(path: Path, ratio: float, weighting: str, cap: float | None, model, cfg) -> dict:
@@ -338,7 +360,7 @@ def merge(path: Path, others: list[Path]) -> None:
     for r in doc["rows"]:
         _row_defaults(r)
     settings = ("model", "method", "codebook_bits", "target_ratio", "em", "reconstruct", "alloc_weighting",
-                "alloc_max_error", "alloc_menu", "alloc_sensitivity_loss",
+                "alloc_max_error", "alloc_cap_rule", "alloc_menu", "alloc_sensitivity_loss",
                 "mixup", "schedule", "layer_steps",
                 "global_steps", "calib_images", "batch_size", "seed", "train_pool")
     for other in others:
@@ -400,7 +422,7 @@ def write_report(path: Path) -> None:
         meth += "".join(f", {k}={v}" for k, v in r.get("em", {}).items())
         meth += (", block reconstruction " + ",".join(f"{k}={v}" for k, v in r["reconstruct"].items())
                  if r.get("reconstruct") else "")
-        meth += f", max error {r['alloc_max_error']:g}" if r.get("alloc_max_error") else ""
+        meth += f", max error {_caps(r)}" if r.get("alloc_max_error") else ""
         meth += f", menu {'/'.join(r['alloc_menu'])}" if r.get("alloc_menu") else ""
         meth += f", mixup {r['mixup']:g}" if r.get("mixup") else ""
         meth += f", {r['schedule']} lr" if r.get("schedule", "step") != "step" else ""
@@ -425,7 +447,7 @@ def write_report(path: Path) -> None:
         mr = [r for r in rows if r["model"] == model]
         def group(r):
             meth = r["method"] + ("+sens" if r.get("alloc_weighting", "none") != "none" else "")
-            meth += f"+cap{r['alloc_max_error']:g}" if r.get("alloc_max_error") else ""
+            meth += f"+cap{_caps(r)}" if r.get("alloc_max_error") else ""
             meth += f"+mixup{r['mixup']:g}" if r.get("mixup") else ""
             meth += f"+{r['schedule']}" if r.get("schedule", "step") != "step" else ""
             meth += f"+pool{r['train_pool']}" if r.get("train_pool") else ""

@@ -395,3 +395,55 @@ def test_rate_distortion_table_measured_once_per_inputs(data, monkeypatch):
         other[0].weight.mul_(2)
     ba.measure_options(other, plans, data, progress=False)                   # other weights: measured
     assert len(calls) == 4
+
+
+def test_measured_cap_rule_picks_the_cap_with_the_least_output_error(data):
+    """alloc_cap_rule 'measured': every satisfiable cap of the list is measured (the network with each layer at its
+    allocated option, fast quantizer, against the unquantized outputs on the calibration images); the reported errors
+    are recomputed here independently, the least wins, the weights are put back, and an unsatisfiable list is still
+    refused. The default rule keeps the tightest."""
+    import copy
+
+    from bitdown.allocate import (_choose, _output_tensors, alloc_em, budget_config, capped, measure_options,
+                                  quantize_option)
+    from bitdown.finetune import distill_loss
+    from bitdown.stats import collect_stats
+
+    model = net()
+    before = copy.deepcopy(model.state_dict())
+    plans, _ = resolve_plan(model, QuantConfig())
+    plain_cfg = QuantConfig(calib_images=128, bn_recalibrate=False)
+    _, plain = budget_config(model, data, plain_cfg, target_ratio=10.0, progress=False)
+    worst = max(v["rel_err2"] for v in plain["layers"].values())
+    caps = [0.5 * worst, 0.8 * worst, 10.0]
+    cfg = QuantConfig(calib_images=128, bn_recalibrate=False, alloc_max_error=caps, alloc_cap_rule="measured")
+    _, rep = budget_config(model, data, cfg, target_ratio=10.0, progress=False)
+    errors = {float(c): e for c, e in rep["cap_errors"].items()}
+    assert rep["max_error"] == min(errors, key=errors.get)
+    for k, v in model.state_dict().items():                     # the model is left as it was
+        assert torch.equal(v, before[k]), k
+    # the figures, recomputed: each cap's allocation quantized by the fast quantizer, the output error measured
+    options = measure_options(model, plans, data, em=alloc_em(cfg.em), progress=False)
+    _, dense, other = size_bounds(model, plans)
+    budget = budget_bytes(model, plans, 10.0)
+    mods = dict(model.named_modules())
+    stats = collect_stats(model, {p.name: (mods[p.name], 1) for p in plans}, data, full_gram=True)
+    x = torch.cat(data)[:64]
+    with torch.no_grad():
+        ref = _output_tensors(model(x))
+        for cap, err in errors.items():
+            q = copy.deepcopy(model)
+            qm = dict(q.named_modules())
+            for n, o in _choose(capped(options, cap), None, budget, other).items():
+                if not o.keep:
+                    qm[n].weight.copy_(quantize_option(mods[n].weight.detach(), stats[n].full_gram, o, alloc_em(cfg.em)))
+            assert err == pytest.approx(float(distill_loss(_output_tensors(q(x)), ref, loss="mse")), rel=1e-5)
+    assert len(set(errors.values())) > 1                        # the caps gave different allocations
+    _, tight = budget_config(model, data, QuantConfig(calib_images=128, bn_recalibrate=False, alloc_max_error=caps),
+                             target_ratio=10.0, progress=False)
+    assert tight["max_error"] == caps[1] and "cap_errors" not in tight    # 0.5 x worst cannot fit: the tightest is next
+    with pytest.raises(ValueError, match="no allocation keeps every layer"):
+        budget_config(model, data, QuantConfig(calib_images=128, alloc_max_error=[1e-9, 2e-9], alloc_cap_rule="measured"),
+                      target_ratio=10.0, progress=False)
+    with pytest.raises(ValueError, match="alloc_cap_rule"):
+        QuantConfig(alloc_cap_rule="loosest")

@@ -789,7 +789,8 @@ class _BlockRun:
 # alloc_sensitivity_norm (session 13) at 'sum'.
 ADDED_KEYS = {"alloc_max_error": None, "mixup": 0.0, "loss": "auto", "alloc_menu": [], "train_bias": False,
               "stats_positions": 0, "forward_mb": 16.0, "alloc_sensitivity_loss": "mse",
-              "alloc_sensitivity_norm": "sum", "schedule": "step"}
+              "alloc_sensitivity_norm": "sum", "schedule": "step",
+              "alloc_cap_rule": "tightest"}
 ADDED_EM_KEYS = {"mean_correction": False}
 # config keys that change no result, fingerprinted at one fixed value: QuantConfig.cache_mb only moves cached
 # activations between RAM and spill files read back exactly. Its value before session 11's default (512) was

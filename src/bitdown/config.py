@@ -37,6 +37,7 @@ LAYER_KINDS = ("conv1x1", "convkxk", "linear")
 OVERRIDE_KEYS = ("block_size", "n_centroids", "skip", "codebook_bits", "share", "scalar_bits", "fp16")
 SCALAR_BITS = (2, 3, 4, 8)  # per-output-channel scalar codes (scalar.py); 0 in a plan: product quantization
 SENSITIVITY_NORMS = ("sum", "level")  # QuantConfig.alloc_sensitivity_norm (allocate.layer_sensitivity)
+CAP_RULES = ("tightest", "measured")  # QuantConfig.alloc_cap_rule: which cap of an alloc_max_error list is used
 SENSITIVITY_LOSSES = ("mse", "bce", "kl")  # QuantConfig.alloc_sensitivity_loss: finetune.distill_loss's losses
                                            # ('kl': class logits (N, C) only)
 CODEBOOK_BITS = (16, 8)     # fp16 codebooks (the paper), or int8 with one fp16 scale per column
@@ -274,7 +275,12 @@ class QuantConfig:
                                     # alike). 'mse' already normalises each tensor by its own energy: 'sum' only
     alloc_max_error: float | list[float] | None = None  # with a target size: no layer gets an option whose
                                           # relative output error D_l exceeds this (e.g. 0.3), whatever the weighting
-                                          # says; a list (e.g. [0.15, 0.2, 0.3]): the first cap the budget satisfies
+                                          # says; a list (e.g. [0.15, 0.2, 0.3]): the first cap the budget satisfies,
+                                          # or with alloc_cap_rule 'measured' the best of those it satisfies
+    alloc_cap_rule: str = "tightest"      # with a list of caps: 'tightest' (the first the budget satisfies) or
+                                          # 'measured' (each satisfiable cap's allocation quantized by the allocator's
+                                          # fast quantizer; the one whose network output is closest to the teacher's on
+                                          # the calibration images, by alloc_sensitivity_loss, wins: allocate.py)
     alloc_menu: list[str] = field(default_factory=list)  # with a target size: options beyond PQ the allocator may
                                     # pick per layer: 'int8', 'int4', 'int3', 'int2' (per-channel scalar), 'fp16'
     blocks: list[str] | None = None  # regexes naming the blocks (blocks.py); None: found by the default rules
@@ -350,6 +356,9 @@ class QuantConfig:
                 raise ValueError(f"alloc_max_error as a list must be strictly ascending (tightest cap first: a "
                                  f"looser cap before a tighter one would always win), got {caps!r}")
             self.alloc_max_error = caps if len(caps) > 1 else caps[0]
+        if self.alloc_cap_rule not in CAP_RULES:
+            raise ValueError(f"alloc_cap_rule must be one of {', '.join(repr(r) for r in CAP_RULES)}, "
+                             f"got {self.alloc_cap_rule!r}")
         for k in ("calib_images", "batch_size", "bn_images"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
