@@ -87,11 +87,12 @@ def main() -> None:
            "threads": os.environ.get("OMP_NUM_THREADS", "all"), "wall_s": round(wall, 1),
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
            **{k: res[k] for k in ("recipe", "ratio", "size_mb", "bytes_on_disk", "top1", "teacher_top1", "drop",
-                                  "agreement", "eval_images", "alloc_max_error") if k in res}}
-    if res.get("recipe") == "compact" and "--config" not in a.extra:     # the recipe's cap list when it ran (its
-        # version: above recipes.COMPACT_TIGHT_RATIO the cap used is 0.3 alone; `alloc_max_error`: the one used)
-        from bitdown.recipes import compact_recipe
-        row["alloc_caps"] = compact_recipe()[0]["alloc_max_error"]
+                                  "agreement", "eval_images", "alloc_max_error", "cap_errors") if k in res}}
+    if res.get("recipe") == "compact" and "--config" not in a.extra:     # the recipe's cap list and rule when it ran
+        from bitdown.recipes import compact_recipe                      # (`alloc_max_error`: the cap used)
+        quant = compact_recipe()[0]
+        row["alloc_caps"] = quant["alloc_max_error"]
+        row["alloc_cap_rule"] = quant.get("alloc_cap_rule", "tightest")
     out = Path(a.out)
     rows = json.loads(out.read_text()) if out.exists() else []
     rows.append(row)

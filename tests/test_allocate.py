@@ -437,7 +437,7 @@ def test_measured_cap_rule_picks_the_cap_with_the_least_output_error(data):
             for n, o in _choose(capped(options, cap), None, budget, other).items():
                 if not o.keep:
                     qm[n].weight.copy_(quantize_option(mods[n].weight.detach(), stats[n].full_gram, o, alloc_em(cfg.em)))
-            assert err == pytest.approx(float(distill_loss(_output_tensors(q(x)), ref, loss="mse")), rel=1e-5)
+            assert err == pytest.approx(float(distill_loss(_output_tensors(q(x)), ref, loss="kl")), rel=1e-5)
     assert len(set(errors.values())) > 1                        # the caps gave different allocations
     _, tight = budget_config(model, data, QuantConfig(calib_images=128, bn_recalibrate=False, alloc_max_error=caps),
                              target_ratio=10.0, progress=False)

@@ -417,7 +417,7 @@ def _choose(options: dict[str, list[Option]], sens: dict[str, float] | None, bud
 @torch.no_grad()
 def measured_cap(model: nn.Module, plans: list[LayerPlan], batches: list[torch.Tensor],
                  options: dict[str, list[Option]], caps: list[float], budget: float, other: float, dense: float,
-                 sens: dict[str, float] | None, em: EMConfig, seed: int = 0, loss: str = "mse", norm: str = "sum",
+                 sens: dict[str, float] | None, em: EMConfig, seed: int = 0, loss: str = "auto",
                  progress: bool = True, n_images: int = 64
                  ) -> tuple[dict[str, list[Option]], float, dict[float, float]]:
     """(options capped at the best of `caps`, that cap, {cap: output error}): QuantConfig.alloc_cap_rule 'measured'.
@@ -425,12 +425,13 @@ def measured_cap(model: nn.Module, plans: list[LayerPlan], batches: list[torch.T
     Every cap the budget satisfies gets its allocation (`_choose`); each layer of `model` is quantized with its
     chosen option by the allocator's fast quantizer (`quantize_option`, on the teacher's full Grams), and the
     network's output error on the first `n_images` calibration images is measured against the unquantized
-    outputs with the sensitivity loss (`loss`, `norm`: finetune.distill_loss, as `layer_sensitivity`). The cap
-    with the smallest error wins (ties: the tighter). The weights are put back before returning. Why: the
-    tightest satisfiable cap can leave the allocator no slack (EfficientNet-Lite0 20x: 8.0 % top-1 with 0.2,
-    26.2 % with 0.3), while a looser cap lets a few layers' errors compound (16x: 54.0 % with 0.2, 47.8 % with
-    0.3); measuring the whole network decides per model and budget. No satisfiable cap: the ValueError of
-    `first_feasible_cap`."""
+    outputs by finetune.distill_loss under `loss` ('auto': the KL of the softmax for class logits (N, C), the
+    normalised MSE otherwise). The cap with the smallest error wins (ties: the tighter). The weights are put back
+    before returning. Why: the tightest satisfiable cap can leave the allocator no slack (EfficientNet-Lite0 20x:
+    8.0 % top-1 with 0.2, 26.2 % with 0.3), while a looser cap lets a few layers' errors compound (16x: 54.0 % with
+    0.2, 47.8 % with 0.3); measuring the whole network decides per model and budget. The KL ranks EfficientNet-
+    Lite0's 16x caps as their final top-1 does, the logits' MSE does not (docs/DESIGN.md, session 16). No
+    satisfiable cap: the ValueError of `first_feasible_cap`."""
     feasible = [c for c in caps if _smallest(capped(options, c), other) <= budget]
     if len(feasible) <= 1:
         out, cap = first_feasible_cap(options, caps, budget, other, dense)
@@ -450,7 +451,7 @@ def measured_cap(model: nn.Module, plans: list[LayerPlan], batches: list[torch.T
                 w = modules[n].weight
                 w.copy_(saved[n] if o.keep else
                         quantize_option(saved[n].cpu(), stats[n].full_gram, o, em, seed).to(w.device, w.dtype))
-            errors[cap] = _output_error(_output_tensors(model(x)), ref, loss, norm)
+            errors[cap] = _output_error(_output_tensors(model(x)), ref, loss)
     finally:
         for n, w in saved.items():
             modules[n].weight.copy_(w)
@@ -546,8 +547,7 @@ def budget_config(model: nn.Module, batches: list[torch.Tensor], config: QuantCo
                                  loss=config.alloc_sensitivity_loss, norm=config.alloc_sensitivity_norm)
     if cap is not None and config.alloc_cap_rule == "measured":
         options, cap, cap_errors = measured_cap(model, plans, batches, options, config.alloc_caps, budget, other,
-                                                dense, sens, alloc_em(config.em), config.seed,
-                                                config.alloc_sensitivity_loss, config.alloc_sensitivity_norm, progress)
+                                                dense, sens, alloc_em(config.em), config.seed, progress=progress)
     else:
         options = tight
     choice = _choose(options, sens, budget, other)

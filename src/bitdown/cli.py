@@ -439,13 +439,13 @@ def _detector_calib_size(a: argparse.Namespace) -> int:
     return a.calib_size or detector_recipe()[2]["calib_size"]
 
 
-def _quant_config(a: argparse.Namespace, arch: dict[str, Any], kind: str = "default", ratio: float | None = None):
-    """QuantConfig: the recipe's keys (for a budget of `ratio`), then the flags the user gave, then `--config` JSON
+def _quant_config(a: argparse.Namespace, arch: dict[str, Any], kind: str = "default"):
+    """QuantConfig: the recipe's keys (none depends on the budget), then the flags the user gave, then `--config` JSON
     on top (its "em" dict merges into the EM options, its "reconstruct" dict over the recipe's and --reconstruct's)."""
     from .config import EMConfig, QuantConfig
     from .recipes import zoo_config
 
-    recipe, _, data = _recipe(a, kind, ratio)
+    recipe, _, data = _recipe(a, kind)
     extra = _json_object(a.config, "--config")
     em = {"n_iter": a.em_iters, "n_restarts": a.restarts}
     if a.paper_em:
@@ -572,8 +572,6 @@ def cmd_compress(a: argparse.Namespace) -> int:
     if a.target_ratio is not None or a.target_size is not None:    # an impossible budget: refused before reading data
         from .allocate import budget_ratio
         ratio = budget_ratio(model, config, a.target_ratio, a.target_size, extra=config.alloc_menu)
-        if kind == "compact":                # its error cap depends on the ratio (recipes.compact_recipe)
-            config = _quant_config(a, arch, kind, ratio)
     ft = _finetune_config(a, kind, ratio)
     _log_long_recipe(a, kind, ratio, ft.global_steps)
     calib_size = _detector_calib_size(a) if detector else None
@@ -603,8 +601,10 @@ def cmd_compress(a: argparse.Namespace) -> int:
     out = {"out": str(path), "size_mb": rep.size_mb, "ratio": rep.ratio, "bytes_on_disk": path.stat().st_size,
            "layers": len(q.bitdown.plans), "recipe": kind + (" fast" if a.fast else ""), "wall_s": wall}
     alloc = q.bitdown.extra.get("allocation")
-    if isinstance(alloc, dict) and "max_error" in alloc:     # the error cap the allocation used (of a list: the first
-        out["alloc_max_error"] = alloc["max_error"]          # the budget allows)
+    if isinstance(alloc, dict) and "max_error" in alloc:     # the error cap the allocation used (of a list: the one
+        out["alloc_max_error"] = alloc["max_error"]          # alloc_cap_rule picked) and, measured, each cap's error
+        if alloc.get("cap_errors"):
+            out["cap_errors"] = alloc["cap_errors"]
     if ev is not None and detector:
         from .detection import evaluate_detection
         teacher_map = evaluate_detection(model.to(module_device(q)), ev, batch_size=8)
@@ -782,8 +782,8 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
 
 def _recipe_text() -> tuple[dict[str, Any], dict[str, Any], str]:
-    from .recipes import (COMPACT_LOOSE_CAP, COMPACT_TIGHT_RATIO, LONG_GLOBAL_STEPS, LONG_RATIO, SYNTHETIC_FINETUNE,
-                          compact_recipe, default_recipe, detector_recipe)
+    from .recipes import (LONG_GLOBAL_STEPS, LONG_RATIO, SYNTHETIC_FINETUNE, compact_recipe, default_recipe,
+                          detector_recipe)
 
     quant, ft = default_recipe()
     fast, _ = default_recipe(fast=True)
@@ -798,8 +798,8 @@ def _recipe_text() -> tuple[dict[str, Any], dict[str, Any], str]:
            f"recipes.detector_recipe instead: QuantConfig {json.dumps(dq)}, fine-tuning {json.dumps(dft)} "
            f"(normalised MSE on the raw head maps), calibration {json.dumps(ddata)} (letterbox px, images).")
     compact = (f"Compact networks (a depthwise conv: MobileNet/EfficientNet-style) get recipes.compact_recipe: "
-               f"QuantConfig {json.dumps(cq)} (alloc_max_error {COMPACT_LOOSE_CAP:g} for a budget above "
-               f"{COMPACT_TIGHT_RATIO:g}x), no fine-tuning (the EM only; distillation on few images cost "
+               f"QuantConfig {json.dumps(cq)} (of the error caps the budget allows, the one whose fast-quantized "
+               f"network is closest to the teacher on the calibration images), no fine-tuning (the EM only; distillation on few images cost "
                f"EfficientNet-Lite0 ~3 pt), calibration {json.dumps(cdata)}.")
     return quant, ft, "\n\n".join(textwrap.fill(t, 100) for t in (text, compact, det))
 

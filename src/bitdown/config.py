@@ -280,7 +280,8 @@ class QuantConfig:
     alloc_cap_rule: str = "tightest"      # with a list of caps: 'tightest' (the first the budget satisfies) or
                                           # 'measured' (each satisfiable cap's allocation quantized by the allocator's
                                           # fast quantizer; the one whose network output is closest to the teacher's on
-                                          # the calibration images, by alloc_sensitivity_loss, wins: allocate.py)
+                                          # the calibration images (KL for class logits, else normalised MSE) wins:
+                                          # allocate.measured_cap)
     alloc_menu: list[str] = field(default_factory=list)  # with a target size: options beyond PQ the allocator may
                                     # pick per layer: 'int8', 'int4', 'int3', 'int2' (per-channel scalar), 'fp16'
     blocks: list[str] | None = None  # regexes naming the blocks (blocks.py); None: found by the default rules
