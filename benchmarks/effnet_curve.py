@@ -24,7 +24,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "efficientnet_lite0"
 GRID = (8, 10, 12, 14, 16, 20, 25)          # the ratios the curve should cover (issue 13: 8-25x)
 GRID_TOL = 0.3                              # a row within this of a grid ratio covers it
-COMPACT = "compact recipe (EM only: sensitivity allocation, error cap [0.2, 0.3], rate menu)"      # since session 14
+MEASURED = "compact recipe (EM only: sensitivity allocation, measured error cap, rate menu)"      # since session 16
+MEASURED_CAPS = (0.15, 0.2, 0.25, 0.3, 0.4)  # its caps; alloc_cap_rule 'measured' picks one by the network's KL
+COMPACT = "compact recipe with cap list [0.2, 0.3] (sessions 14-15)"       # the tightest cap of the list
 COMPACT_03 = "compact recipe with cap 0.3 (sessions 12-13)"                # the same with the single cap 0.3
 CAP_LIST = (0.2, 0.3)                       # the compact recipe's caps: the first the budget allows (0.2 to ~20x)
 SESSION7 = "session-7 recipe (allocation, cap 0.3 + 150 global distillation steps)"
@@ -32,8 +34,8 @@ BLOCKS = "block pipeline with reconstruction"
 GPTQ = "GPTQ-style per-channel scalar"
 CML_PTP = "coremltools k-means palettization"
 CML_SKM = "coremltools sensitive k-means"
-MAIN = (COMPACT, COMPACT_03, SESSION7, BLOCKS, GPTQ, CML_PTP, CML_SKM)
-STYLE = {COMPACT: ("C0", "o", "-"), COMPACT_03: ("C0", "o", ":"), SESSION7: ("C1", "s", "-"), BLOCKS: ("C2", "^", "-"),
+MAIN = (MEASURED, COMPACT, COMPACT_03, SESSION7, BLOCKS, GPTQ, CML_PTP, CML_SKM)
+STYLE = {MEASURED: ("k", "*", "-"), COMPACT: ("C0", "o", "-"), COMPACT_03: ("C0", "o", ":"), SESSION7: ("C1", "s", "-"), BLOCKS: ("C2", "^", "-"),
          GPTQ: ("C3", "D", "-"), CML_PTP: ("C4", "v", ":"), CML_SKM: ("C5", "P", ":")}
 OTHER_COLORS = ("C6", "C7", "C8", "C9", "k", "0.55", "olive", "teal", "navy", "salmon", "gold")
 MENU = ["int8", "int4", "int2", "fp16"]
@@ -55,7 +57,7 @@ def _budget_settings(r: dict) -> dict:
             "global": r.get("global_steps", 0), "recon": r.get("reconstruct") or {}, "em": r.get("em") or {},
             "calib": r.get("calib_images"), "bits": r.get("codebook_bits"), "mixup": r.get("mixup") or 0.0,
             "positions": r.get("stats_positions") or 0, "device": r.get("device", "cpu"), "pool": r.get("train_pool"),
-            "sens": r.get("alloc_sensitivity_loss", "mse")}
+            "sens": r.get("alloc_sensitivity_loss", "mse"), "rule": r.get("alloc_cap_rule", "tightest")}
 
 
 def _cap(c: float | tuple | None) -> str:
@@ -92,6 +94,8 @@ def method_of(r: dict) -> tuple[str, str]:
     if "recipe" in r:                                           # recipe_cli.py: the plain CLI command
         if r["recipe"] != "compact":
             return f"other: CLI recipe {r['recipe']}", "bitdown compress CLI"
+        if r.get("alloc_cap_rule") == "measured" and r.get("alloc_caps") == list(MEASURED_CAPS):
+            return MEASURED, f"bitdown compress CLI, cap {r.get('alloc_max_error')} measured best"
         listed = (r.get("alloc_caps") == list(CAP_LIST)          # recorded by recipe_cli.py since session 15,
                   or "cap list" in (r.get("tag") or ""))            # in the tag of the session-14 row
         return (COMPACT if listed else COMPACT_03), "bitdown compress CLI"
@@ -112,7 +116,9 @@ def method_of(r: dict) -> tuple[str, str]:
     if core and s["recon"]:
         return BLOCKS, detail + ", reconstruction " + ",".join(f"{k}={v}" for k, v in s["recon"].items())
     em_only = s["menu"] == MENU and not (s["recon"] or s["layer"] or s["global"])
-    if base and em_only and s["cap"] in (0.2, CAP_LIST):
+    if base and em_only and s["rule"] == "measured" and s["cap"] == MEASURED_CAPS:
+        return MEASURED, f"budget.py, cap {r.get('alloc_cap_used')} measured best"
+    if base and em_only and s["rule"] == "tightest" and s["cap"] in (0.2, CAP_LIST):
         return COMPACT, f"budget.py, cap {_cap(s['cap'])}"     # 0.2: what the cap list picks up to ~20x
     if core and em_only:
         return COMPACT_03, "budget.py"
@@ -133,6 +139,7 @@ def budget_command(r: dict) -> str:
     cmd += f" --alloc-weighting {s['weighting']}" if s["weighting"] != "none" else ""
     cmd += f" --alloc-sensitivity-loss {s['sens']}" if s["sens"] != "mse" else ""
     cmd += f" --alloc-max-error {_cap(s['cap'])}" if s["cap"] is not None else ""
+    cmd += f" --alloc-cap-rule {s['rule']}" if s["rule"] != "tightest" else ""
     cmd += f" --alloc-menu {','.join(s['menu'])}" if s["menu"] else ""
     cmd += f" --em '{json.dumps(s['em'])}'" if s["em"] else ""
     cmd += f" --reconstruct '{json.dumps(s['recon'])}'" if s["recon"] else ""
@@ -296,7 +303,7 @@ def main() -> None:
     out = Path(a.out)
     write_md(rows, teacher, out.with_suffix(".md"))
     write_png(rows, teacher, out.with_suffix(".png"))
-    log.info("%d rows, teacher %.2f %%; compact recipe missing at %s", len(rows), teacher, missing(rows, COMPACT))
+    log.info("%d rows, teacher %.2f %%; compact recipe missing at %s", len(rows), teacher, missing(rows, MEASURED))
 
 
 if __name__ == "__main__":
