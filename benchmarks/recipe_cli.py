@@ -100,6 +100,14 @@ def main() -> None:
     print(json.dumps(row))
 
 
+def _note(r: dict) -> str:
+    """The row's tag, and for a measured error cap the one the allocation used."""
+    parts = [r["tag"]] if r.get("tag") else []
+    if r.get("alloc_cap_rule") == "measured" and r.get("alloc_max_error") is not None:
+        parts.append(f"cap {r['alloc_max_error']:g} measured best of {'/'.join(f'{c:g}' for c in r['alloc_caps'])}")
+    return "; ".join(parts) or "-"
+
+
 def write(rows: list[dict], out: Path) -> None:
     """The rows as out (JSON) and its .md table."""
     out.write_text(json.dumps(rows, indent=1) + "\n")
@@ -115,7 +123,7 @@ def write(rows: list[dict], out: Path) -> None:
                   f"{r.get('bytes_on_disk', 0):,} | {r.get('top1', float('nan')):.2f} | "
                   f"{r.get('teacher_top1', float('nan')):.2f} | {r.get('drop', float('nan')):.2f} | "
                   f"{r.get('agreement', float('nan')):.1f} | {r['wall_s']:.0f} | {r.get('peak_rss_mb', '-')} | {r['threads']} | "
-                  f"{r['load_1min']:.1f} | {r['tag'] or '-'} |")
+                  f"{r['load_1min']:.1f} | {_note(r)} |")
     md += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in rows]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
 
