@@ -171,19 +171,22 @@ def main() -> None:
                     key = dict(model=name, method=method, codebook_bits=None if scalar_bits else bits,
                                target_ratio=None if scalar_bits else ratio, em=em_key,
                                reconstruct=rc_key,
-                               alloc_weighting=weighting, alloc_max_error=cap, mixup=a.mixup, schedule=a.schedule,
-                               alloc_cap_rule=a.alloc_cap_rule if method == "alloc" else "tightest",
+                               alloc_weighting=weighting, alloc_max_error=cap, mixup=a.mixup,
                                alloc_sensitivity_loss=a.alloc_sensitivity_loss if weighting != "none" else "mse",
                                alloc_menu=menu if method == "alloc" else [], stats_positions=a.stats_positions,
                                layer_steps=a.layer_steps, global_steps=a.global_steps, calib_images=a.calib_images,
                                batch_size=a.batch_size, seed=a.seed, train_pool=a.train_pool)
-                    if any(all(r.get(k) == v for k, v in key.items()) for r in rows):
+                    rule = a.alloc_cap_rule if method == "alloc" else "tightest"
+                    key.update({k: v for k, v in (("schedule", a.schedule), ("alloc_cap_rule", rule))
+                                if v != _DEFAULTS[k]})
+                    # (at their defaults they stay out of the key: a --checkpoint-root folder of an older run resumes)
+                    if any(all(r.get(k, _DEFAULTS.get(k)) == v for k, v in key.items()) for r in rows):
                         if method == "alloc":
                             done_alloc.add((ratio, bits))
                         continue
                     cfg = zoo_config(name, "small", calib_images=a.calib_images, seed=a.seed, codebook_bits=bits,
                                      em=EMConfig(**em), alloc_weighting=weighting, alloc_max_error=cap,
-                                     alloc_cap_rule=key["alloc_cap_rule"],
+                                     alloc_cap_rule=rule,
                                      reconstruct=rc, alloc_menu=menu if method == "alloc" else [],
                                      stats_positions=a.stats_positions,
                                      alloc_sensitivity_loss=key["alloc_sensitivity_loss"])
@@ -294,12 +297,15 @@ def _method_caps(methods: str, caps: str | None, rule: str = "tightest") -> list
     return [(m, c) for m in methods.split(",") for c in (cap_list if m == "alloc" else [None])]
 
 
+_DEFAULTS = {"em": {}, "alloc_weighting": "none", "mixup": 0.0, "alloc_max_error": None, "train_pool": None,
+             "reconstruct": {}, "alloc_menu": [], "stats_positions": 0, "alloc_sensitivity_loss": "mse",
+             "schedule": "step", "alloc_cap_rule": "tightest"}    # the settings of rows written before a key existed
+
+
 def _row_defaults(row: dict) -> None:
     """Fill the settings rows written before they existed, with the values those runs used, and drop EM
     options equal to EMConfig's defaults (a row asking teacher_target=True ran the default EM)."""
-    for k, v in (("em", {}), ("alloc_weighting", "none"), ("mixup", 0.0), ("alloc_max_error", None),
-                 ("train_pool", None), ("reconstruct", {}), ("alloc_menu", []), ("stats_positions", 0),
-                 ("alloc_sensitivity_loss", "mse"), ("schedule", "step"), ("alloc_cap_rule", "tightest")):
+    for k, v in _DEFAULTS.items():
         row.setdefault(k, v)
     row["em"] = _em_key(row["em"])
     row["reconstruct"] = _rc_key(row["reconstruct"])

@@ -28,7 +28,7 @@ MEASURED = "compact recipe (EM only: sensitivity allocation, measured error cap,
 MEASURED_CAPS = (0.15, 0.2, 0.25, 0.3, 0.4)  # its caps; alloc_cap_rule 'measured' picks one by the network's KL
 COMPACT = "compact recipe with cap list [0.2, 0.3] (sessions 14-15)"       # the tightest cap of the list
 COMPACT_03 = "compact recipe with cap 0.3 (sessions 12-13)"                # the same with the single cap 0.3
-CAP_LIST = (0.2, 0.3)                       # the compact recipe's caps: the first the budget allows (0.2 to ~20x)
+CAP_LIST = (0.2, 0.3)                       # sessions 14-15's caps: the first the budget allows (0.2 to ~20x)
 SESSION7 = "session-7 recipe (allocation, cap 0.3 + 150 global distillation steps)"
 BLOCKS = "block pipeline with reconstruction"
 GPTQ = "GPTQ-style per-channel scalar"
@@ -89,13 +89,18 @@ def _differences(s: dict) -> str:
     return ", ".join(out) or "compact recipe"
 
 
+def _picked(r: dict) -> str:
+    """How a measured-rule row got its cap: measured best, or the only one the budget allowed."""
+    return "measured best" if r.get("cap_errors") else "(the only cap that fits)"
+
+
 def method_of(r: dict) -> tuple[str, str]:
     """(method, detail) of a result row: one of MAIN, or 'other: ...' naming what differs."""
     if "recipe" in r:                                           # recipe_cli.py: the plain CLI command
         if r["recipe"] != "compact":
             return f"other: CLI recipe {r['recipe']}", "bitdown compress CLI"
         if r.get("alloc_cap_rule") == "measured" and r.get("alloc_caps") == list(MEASURED_CAPS):
-            return MEASURED, f"bitdown compress CLI, cap {r.get('alloc_max_error')} measured best"
+            return MEASURED, f"bitdown compress CLI, cap {r.get('alloc_max_error')} " + _picked(r)
         listed = (r.get("alloc_caps") == list(CAP_LIST)          # recorded by recipe_cli.py since session 15,
                   or "cap list" in (r.get("tag") or ""))            # in the tag of the session-14 row
         return (COMPACT if listed else COMPACT_03), "bitdown compress CLI"
@@ -117,7 +122,7 @@ def method_of(r: dict) -> tuple[str, str]:
         return BLOCKS, detail + ", reconstruction " + ",".join(f"{k}={v}" for k, v in s["recon"].items())
     em_only = s["menu"] == MENU and not (s["recon"] or s["layer"] or s["global"])
     if base and em_only and s["rule"] == "measured" and s["cap"] == MEASURED_CAPS:
-        return MEASURED, f"budget.py, cap {r.get('alloc_cap_used')} measured best"
+        return MEASURED, f"budget.py, cap {r.get('alloc_cap_used')} " + _picked(r)
     if base and em_only and s["rule"] == "tightest" and s["cap"] in (0.2, CAP_LIST):
         return COMPACT, f"budget.py, cap {_cap(s['cap'])}"     # 0.2: what the cap list picks up to ~20x
     if core and em_only:

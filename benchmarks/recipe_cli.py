@@ -103,7 +103,7 @@ def main() -> None:
 def _note(r: dict) -> str:
     """The row's tag, and for a measured error cap the one the allocation used."""
     parts = [r["tag"]] if r.get("tag") else []
-    if r.get("alloc_cap_rule") == "measured" and r.get("alloc_max_error") is not None:
+    if r.get("alloc_cap_rule") == "measured" and r.get("cap_errors"):
         parts.append(f"cap {r['alloc_max_error']:g} measured best of {'/'.join(f'{c:g}' for c in r['alloc_caps'])}")
     return "; ".join(parts) or "-"
 

@@ -447,3 +447,37 @@ def test_measured_cap_rule_picks_the_cap_with_the_least_output_error(data):
                       target_ratio=10.0, progress=False)
     with pytest.raises(ValueError, match="alloc_cap_rule"):
         QuantConfig(alloc_cap_rule="loosest")
+
+
+def test_measured_cap_with_weighting_puts_the_weights_back_even_on_error(data, monkeypatch):
+    """The measured rule with sensitivity weighting and post-BN row weights runs and leaves the model as it was
+    (weights, BatchNorm statistics); a forward that fails mid-selection still restores it."""
+    import copy
+
+    import bitdown.allocate as al
+    from bitdown.allocate import budget_config
+    from bitdown.config import EMConfig
+
+    model = net()
+    for m in model.modules():                       # non-uniform BN gains, so the 'bn' row weights matter
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.2, 3.0)
+    before = copy.deepcopy(model.state_dict())
+    cfg = QuantConfig(calib_images=128, bn_recalibrate=False, alloc_max_error=[0.05, 0.2, 10.0],
+                      alloc_cap_rule="measured", alloc_weighting="sensitivity", em=EMConfig(channel_weighting="bn"))
+    _, rep = budget_config(model, data, cfg, target_ratio=6.0, progress=False)
+    assert rep["max_error"] in cfg.alloc_caps and len(rep["cap_errors"]) > 1
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+    calls = []
+
+    def boom(*a, **k):              # the sensitivities come from this process's cache: only the cap selection calls it
+        calls.append(1)
+        raise RuntimeError("forward failed")
+    monkeypatch.setattr(al, "_output_error", boom)
+    with pytest.raises(RuntimeError, match="forward failed"):
+        budget_config(model, data, cfg, target_ratio=6.0, progress=False)
+    assert calls == [1]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

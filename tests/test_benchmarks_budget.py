@@ -51,3 +51,12 @@ def test_merge_keeps_rows_that_differ_only_in_pool(tmp_path):
     budget.merge(a, [b])
     rows = json.loads(a.read_text())["rows"]
     assert sorted((r["top1"], r.get("train_pool")) for r in rows) == [(40.0, 500), (50.0, None)]
+
+
+def test_measured_cap_rule_runs_the_list_once_and_labels_the_cap_used():
+    assert budget._method_caps("alloc,uniform", "0.2,0.3", "measured") == [("alloc", [0.2, 0.3]), ("uniform", None)]
+    for bad in ("0.3", "0.2,none"):
+        with pytest.raises(SystemExit, match="at least two caps"):
+            budget._method_caps("alloc", bad, "measured")
+    row = {"alloc_max_error": [0.2, 0.3], "alloc_cap_rule": "measured", "alloc_cap_used": 0.3}
+    assert budget._caps(row) == "0.2/0.3 measured: 0.3" and budget._caps({"alloc_max_error": 0.2}) == "0.2"

@@ -36,7 +36,8 @@ def write_results(tmp: Path, teacher: float = 87.8) -> Path:
     caps = budget_row(target_ratio=20.0, ratio=20.0, alloc_max_error=[0.2, 0.3], top1=30.0, bytes_on_disk=8)
     cap015 = budget_row(target_ratio=16.0, ratio=16.0, alloc_max_error=0.15, top1=45.2, bytes_on_disk=9)
     measured = budget_row(target_ratio=18.0, ratio=18.0, alloc_max_error=list(ec.MEASURED_CAPS),
-                          alloc_cap_rule="measured", alloc_cap_used=0.25, top1=40.0, bytes_on_disk=10)
+                          alloc_cap_rule="measured", alloc_cap_used=0.25, top1=40.0, bytes_on_disk=10,
+                          cap_errors={"0.2": 5.0, "0.25": 4.0})
     other_model = budget_row(model="resnet20_cifar10", teacher_top1=81.03)
     (tmp / "one.json").write_text(json.dumps({"teachers": {"efficientnet_lite0": 87.8}, "rows": [compact]}))
     (tmp / "merged.json").write_text(json.dumps({"teachers": {"efficientnet_lite0": teacher},
@@ -52,7 +53,10 @@ def write_results(tmp: Path, teacher: float = 87.8) -> Path:
          "command": "bitdown compress --target-ratio 20"},
         {"model": "efficientnet_lite0", "recipe": "compact", "seed": 0, "ratio": 14.0, "top1": 70.0, "agreement": 75.0,
          "teacher_top1": 87.8, "tag": "", "alloc_caps": list(ec.MEASURED_CAPS), "alloc_cap_rule": "measured",
-         "alloc_max_error": 0.2, "command": "bitdown compress --target-ratio 14"}]))
+         "alloc_max_error": 0.2, "command": "bitdown compress --target-ratio 14"},
+        {"model": "efficientnet_lite0", "recipe": "compact", "seed": 0, "ratio": 25.0, "top1": 1.0, "agreement": 1.0,
+         "teacher_top1": 87.8, "tag": "", "alloc_caps": list(ec.MEASURED_CAPS), "alloc_cap_rule": "measured",
+         "alloc_max_error": 0.4, "command": "bitdown compress --target-ratio 25"}]))
     (tmp / "peers.json").write_text(json.dumps({
         "runs": [{"command": "python benchmarks/peers.py --models efficientnet_lite0 --settings b4g8,b2"}],
         "rows": [{"model": "efficientnet_lite0", "method": "skm", "setting": "b4g8", "top1": 68.0, "agreement": 70.4,
@@ -67,7 +71,7 @@ def test_rows_are_grouped_deduplicated_and_cite_their_file(tmp_path):
     rows, teacher = ec.collect(write_results(tmp_path))
     assert teacher == 87.8
     by = {(r["method"], r["top1"]): r for r in rows}
-    assert len(rows) == 15                                      # the merged copy of `compact` and resnet20: gone
+    assert len(rows) == 16                                      # the merged copy of `compact` and resnet20: gone
     assert by[(ec.COMPACT_03, 81.6)]["source"] == "one.json"
     assert by[(ec.COMPACT_03, 81.6)]["also_in"] == ["merged.json"]
     assert by[(ec.COMPACT_03, 47.8)]["command"] == "bitdown compress --target-ratio 16"    # untagged CLI row: cap 0.3
@@ -82,10 +86,11 @@ def test_rows_are_grouped_deduplicated_and_cite_their_file(tmp_path):
     assert "--global-steps 150" in s7 and "--alloc-menu" not in s7 and "--ratios 10" in s7
     assert "--ratios" not in by[(ec.GPTQ, 86.0)]["command"]
     assert ec.missing(rows, ec.COMPACT) == [8, 12, 14, 25]
-    assert by[(ec.MEASURED, 70.0)]["detail"] == "bitdown compress CLI, cap 0.2 measured best"
+    assert by[(ec.MEASURED, 70.0)]["detail"] == "bitdown compress CLI, cap 0.2 (the only cap that fits)"
+    assert by[(ec.MEASURED, 1.0)]["detail"] == "bitdown compress CLI, cap 0.4 (the only cap that fits)"
     assert by[(ec.MEASURED, 40.0)]["detail"] == "budget.py, cap 0.25 measured best"
     assert "--alloc-max-error 0.15,0.2,0.25,0.3,0.4 --alloc-cap-rule measured" in by[(ec.MEASURED, 40.0)]["command"]
-    assert ec.missing(rows, ec.MEASURED) == [8, 10, 12, 16, 20, 25]
+    assert ec.missing(rows, ec.MEASURED) == [8, 10, 12, 16, 20]
     assert ec.missing(rows, ec.COMPACT_03) == [8, 12, 14, 20, 25]
 
 

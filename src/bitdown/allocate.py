@@ -256,7 +256,7 @@ def _measure_options(model: nn.Module, plans: list[LayerPlan], batches: list[tor
                      ) -> dict[str, list[Option]]:
     modules = dict(model.named_modules())
     stats = collect_stats(model, {p.name: (modules[p.name], 1) for p in plans}, batches, full_gram=True)
-    gains = (bn_gains(model, batches[0][:2].to(module_device(model)), [p.name for p in plans]) if em.channel_weighting == "bn" else {})
+    gains = _row_gains(model, plans, batches, em)
     out: dict[str, list[Option]] = {}
     for p in tqdm(plans, desc="rate-distortion", unit="layer", disable=not progress):
         module, full = modules[p.name], stats[p.name].full_gram               # (g, R, R)
@@ -271,6 +271,14 @@ def _measure_options(model: nn.Module, plans: list[LayerPlan], batches: list[tor
                 for o in layer_options(p, _kernel_area(module)) + scalar_options(p, extra)]
         out[p.name] = opts
     return out
+
+
+def _row_gains(model: nn.Module, plans: list[LayerPlan], batches: list[torch.Tensor],
+               em: EMConfig) -> dict[str, torch.Tensor]:
+    """The post-BN row weights the allocator's quantizer uses with em.channel_weighting 'bn' (else none)."""
+    if em.channel_weighting != "bn":
+        return {}
+    return bn_gains(model, batches[0][:2].to(module_device(model)), [p.name for p in plans])
 
 
 def quantize_option(w: torch.Tensor, full: torch.Tensor, o: Option, em: EMConfig, seed: int = 0,
@@ -386,17 +394,24 @@ def first_feasible_cap(options: dict[str, list[Option]], caps: list[float], budg
     """(options capped at the first of `caps` that the budget can satisfy, that cap); QuantConfig.alloc_max_error
     as a list: e.g. [0.15, 0.2, 0.3] keeps the tightest cap a budget allows. None satisfiable: ValueError naming
     the smallest model the loosest cap allows."""
-    for i, cap in enumerate(caps):
-        out = capped(options, cap)
-        smallest = _smallest(out, other)
-        if smallest <= budget:
-            if i:
-                log.info("allocation: error cap %g (the tighter %s cannot fit %.4f MB)", cap,
-                         ", ".join(f"{c:g}" for c in caps[:i]), budget / MB)
-            return out, cap
-    raise ValueError(f"no allocation keeps every layer's relative output error <= {caps[-1]} within "
-                     f"{budget / MB:.4f} MB: the smallest such model is {smallest / MB:.4f} MB ({dense / smallest:.1f}x); "
-                     "raise alloc_max_error or the budget")
+    cap = feasible_caps(options, caps, budget, other, dense)[0]
+    if cap != caps[0]:
+        log.info("allocation: error cap %g (the tighter %s cannot fit %.4f MB)", cap,
+                 ", ".join(f"{c:g}" for c in caps[:caps.index(cap)]), budget / MB)
+    return capped(options, cap), cap
+
+
+def feasible_caps(options: dict[str, list[Option]], caps: list[float], budget: float, other: float,
+                  dense: float) -> list[float]:
+    """The caps of `caps` (in order) that the budget can satisfy: every layer keeps an option within the cap and the
+    smallest such model fits. None: ValueError naming the smallest model the loosest cap allows."""
+    out = [c for c in caps if _smallest(capped(options, c), other) <= budget]
+    if not out:
+        smallest = _smallest(capped(options, caps[-1]), other)
+        raise ValueError(f"no allocation keeps every layer's relative output error <= {caps[-1]} within "
+                         f"{budget / MB:.4f} MB: the smallest such model is {smallest / MB:.4f} MB "
+                         f"({dense / smallest:.1f}x); raise alloc_max_error or the budget")
+    return out
 
 
 def _smallest(options: dict[str, list[Option]], other: float) -> float:
@@ -432,31 +447,35 @@ def measured_cap(model: nn.Module, plans: list[LayerPlan], batches: list[torch.T
     0.2, 47.8 % with 0.3); measuring the whole network decides per model and budget. The KL ranks EfficientNet-
     Lite0's 16x caps as their final top-1 does, the logits' MSE does not (docs/DESIGN.md, session 16). No
     satisfiable cap: the ValueError of `first_feasible_cap`."""
-    feasible = [c for c in caps if _smallest(capped(options, c), other) <= budget]
-    if len(feasible) <= 1:
-        out, cap = first_feasible_cap(options, caps, budget, other, dense)
-        return out, cap, {}
+    feasible = feasible_caps(options, caps, budget, other, dense)
+    if len(feasible) == 1:
+        return capped(options, feasible[0]), feasible[0], {}
     modules = dict(model.named_modules())
-    stats = collect_stats(model, {p.name: (modules[p.name], 1) for p in plans}, batches, full_gram=True)
     x = torch.cat(batches)[:n_images]
     was_training = model.training
-    model.eval()
     saved = {p.name: modules[p.name].weight.detach().clone() for p in plans}
     errors: dict[float, float] = {}
+    seen: dict[tuple, float] = {}                 # caps that give the same allocation are measured once
     try:
+        model.eval()                              # the Grams and the outputs of the deployed (eval) model
+        stats = collect_stats(model, {p.name: (modules[p.name], 1) for p in plans}, batches, full_gram=True)
+        gains = _row_gains(model, plans, batches, em)
         ref = _output_tensors(model(x))
         for cap in tqdm(feasible, desc="cap selection", unit="cap", disable=not progress):
-            opts = capped(options, cap)
-            for n, o in _choose(opts, sens, budget, other).items():
-                w = modules[n].weight
-                w.copy_(saved[n] if o.keep else
-                        quantize_option(saved[n].cpu(), stats[n].full_gram, o, em, seed).to(w.device, w.dtype))
-            errors[cap] = _output_error(_output_tensors(model(x)), ref, loss)
+            choice = _choose(capped(options, cap), sens, budget, other)
+            key = tuple((n, o.key) for n, o in choice.items())
+            if key not in seen:
+                for n, o in choice.items():
+                    w = modules[n].weight
+                    w.copy_(saved[n] if o.keep else quantize_option(saved[n].cpu(), stats[n].full_gram, o, em, seed,
+                                                                     gains.get(n)).to(w.device, w.dtype))
+                seen[key] = _output_error(_output_tensors(model(x)), ref, loss)
+            errors[cap] = seen[key]
     finally:
         for n, w in saved.items():
             modules[n].weight.copy_(w)
         model.train(was_training)
-    best = min(feasible, key=lambda c: errors[c])
+    best = min(feasible, key=lambda c: errors[c] if math.isfinite(errors[c]) else math.inf)
     log.info("allocation: error cap %g measured best (network output error %s on %d calibration images)", best,
              ", ".join(f"{c:g}: {e:.4g}" for c, e in errors.items()), x.shape[0])
     return capped(options, best), best, errors
@@ -538,18 +557,18 @@ def budget_config(model: nn.Module, batches: list[torch.Tensor], config: QuantCo
     _, dense, other = size_bounds(model, plans, extra)
     options = measure_options(model, plans, batches, em=alloc_em(config.em), seed=config.seed, progress=progress,
                               extra=extra)
-    cap, cap_errors, tight = None, None, options
-    if config.alloc_max_error is not None:      # no satisfiable cap: refused before the sensitivities
-        tight, cap = first_feasible_cap(options, config.alloc_caps, budget, other, dense)
+    cap, cap_errors, measured = None, None, config.alloc_cap_rule == "measured" and len(config.alloc_caps) > 1
+    if config.alloc_max_error is not None and measured:
+        feasible_caps(options, config.alloc_caps, budget, other, dense)    # none satisfiable: refused before the
+    elif config.alloc_max_error is not None:                                # sensitivities are measured
+        options, cap = first_feasible_cap(options, config.alloc_caps, budget, other, dense)
     sens = None
     if config.alloc_weighting == "sensitivity":
         sens = layer_sensitivity(model, plans, batches, seed=config.seed, progress=progress,
                                  loss=config.alloc_sensitivity_loss, norm=config.alloc_sensitivity_norm)
-    if cap is not None and config.alloc_cap_rule == "measured":
+    if config.alloc_max_error is not None and measured:
         options, cap, cap_errors = measured_cap(model, plans, batches, options, config.alloc_caps, budget, other,
                                                 dense, sens, alloc_em(config.em), config.seed, progress=progress)
-    else:
-        options = tight
     choice = _choose(options, sens, budget, other)
     achieved = other + sum(o.bytes for o in choice.values())
     report = {"budget_bytes": budget, "achieved_bytes": achieved, "ratio": dense / achieved,

@@ -352,7 +352,8 @@ class QuantConfig:
             if not caps or any(isinstance(c, bool) or not isinstance(c, (int, float)) or not (0 < c and math.isfinite(c))
                                for c in caps):
                 raise ValueError(f"alloc_max_error must be a finite number > 0, a non-empty list of them (the first cap "
-                                 f"the budget satisfies is used), or None; got {given!r}")
+                                 f"the budget satisfies is used, or with alloc_cap_rule 'measured' the best), or None; "
+                                 f"got {given!r}")
             if any(b <= a for a, b in zip(caps, caps[1:])):
                 raise ValueError(f"alloc_max_error as a list must be strictly ascending (tightest cap first: a "
                                  f"looser cap before a tighter one would always win), got {caps!r}")
