@@ -240,11 +240,12 @@ def test_tampered_tensor_byte(saved):
 
 def test_tampered_compressed_byte(saved):
     raw = saved.read_bytes()
-    for pos in (len(raw) // 2, len(raw) - 2):   # inside the deflate stream; its adler32 trailer
+    for pos in (len(raw) // 2, len(raw) - 2):   # inside the deflate stream (the error depends on the bytes); its trailer
         data = bytearray(raw)
         data[pos] ^= 0x10
         saved.write_bytes(bytes(data))
-        with pytest.raises(BitdownFileError, match="corrupt compressed payload|checksum mismatch|ends inside"):
+        with pytest.raises(BitdownFileError, match="corrupt compressed payload|checksum mismatch|ends inside|"
+                                                   "holds more than its index declares"):
             bitdown.load(saved, TinyNet())
 
 
