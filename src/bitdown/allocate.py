@@ -446,7 +446,7 @@ def measured_cap(model: nn.Module, plans: list[LayerPlan], batches: list[torch.T
     8.0 % top-1 with 0.2, 26.2 % with 0.3), while a looser cap lets a few layers' errors compound (16x: 54.0 % with
     0.2, 47.8 % with 0.3); measuring the whole network decides per model and budget. The KL ranks EfficientNet-
     Lite0's 16x caps as their final top-1 does, the logits' MSE does not (docs/DESIGN.md, session 16). No
-    satisfiable cap: the ValueError of `first_feasible_cap`."""
+    satisfiable cap: the ValueError of `feasible_caps`."""
     feasible = feasible_caps(options, caps, budget, other, dense)
     if len(feasible) == 1:
         return capped(options, feasible[0]), feasible[0], {}
@@ -557,16 +557,17 @@ def budget_config(model: nn.Module, batches: list[torch.Tensor], config: QuantCo
     _, dense, other = size_bounds(model, plans, extra)
     options = measure_options(model, plans, batches, em=alloc_em(config.em), seed=config.seed, progress=progress,
                               extra=extra)
-    cap, cap_errors, measured = None, None, config.alloc_cap_rule == "measured" and len(config.alloc_caps) > 1
-    if config.alloc_max_error is not None and measured:
-        feasible_caps(options, config.alloc_caps, budget, other, dense)    # none satisfiable: refused before the
-    elif config.alloc_max_error is not None:                                # sensitivities are measured
+    cap, cap_errors = None, None
+    measured = config.alloc_cap_rule == "measured" and len(config.alloc_caps) > 1     # (a list of caps)
+    if measured:                                # none satisfiable: refused before the sensitivities are measured
+        feasible_caps(options, config.alloc_caps, budget, other, dense)
+    elif config.alloc_max_error is not None:
         options, cap = first_feasible_cap(options, config.alloc_caps, budget, other, dense)
     sens = None
     if config.alloc_weighting == "sensitivity":
         sens = layer_sensitivity(model, plans, batches, seed=config.seed, progress=progress,
                                  loss=config.alloc_sensitivity_loss, norm=config.alloc_sensitivity_norm)
-    if config.alloc_max_error is not None and measured:
+    if measured:
         options, cap, cap_errors = measured_cap(model, plans, batches, options, config.alloc_caps, budget, other,
                                                 dense, sens, alloc_em(config.em), config.seed, progress=progress)
     choice = _choose(options, sens, budget, other)

@@ -799,8 +799,8 @@ def _recipe_text() -> tuple[dict[str, Any], dict[str, Any], str]:
            f"(normalised MSE on the raw head maps), calibration {json.dumps(ddata)} (letterbox px, images).")
     compact = (f"Compact networks (a depthwise conv: MobileNet/EfficientNet-style) get recipes.compact_recipe: "
                f"QuantConfig {json.dumps(cq)} (of the error caps the budget allows, the one whose fast-quantized "
-               f"network is closest to the teacher on the calibration images), no fine-tuning (the EM only; distillation on few images cost "
-               f"EfficientNet-Lite0 ~3 pt), calibration {json.dumps(cdata)}.")
+               f"network is closest to the teacher on the calibration images), no fine-tuning (the EM only; "
+               f"distillation on few images cost EfficientNet-Lite0 ~3 pt), calibration {json.dumps(cdata)}.")
     return quant, ft, "\n\n".join(textwrap.fill(t, 100) for t in (text, compact, det))
 
 

@@ -36,8 +36,8 @@ is a TypeError; `check_outputs` runs the model once so that this is known before
 - global (`finetune_global`): every codebook together, optionally the BatchNorm affine parameters,
   still in eval mode (running statistics fixed; compress() re-estimates them first when
   QuantConfig.recalibrates_bn, by default only without teacher targets: docs/DESIGN.md), with a step
-  (`milestones` x `gamma`) or cosine (`schedule`) learning-rate schedule, checkpointed every `checkpoint_every` steps. With a `holdout` tensor of
-  images (never trained on) the stage never returns a student worse than before it: the distillation
+  (`milestones` x `gamma`) or cosine (`schedule`) learning-rate schedule, checkpointed every `checkpoint_every`
+  steps. With a `holdout` tensor of images (never trained on) the stage never returns a student worse than before it: the distillation
   loss (and the top-1 agreement) on the holdout is measured before and after, and when the stage made the
   student worse (`_worse`, the same rule as per layer) the parameters this stage
   trains are put back as they were (a resumed run needs `holdout_state`, which compress keeps in its
