@@ -481,3 +481,22 @@ def test_measured_cap_with_weighting_puts_the_weights_back_even_on_error(data, m
     assert calls == [1]
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_budget_config_on_a_train_mode_model_leaves_its_batchnorm_and_mode(data):
+    """The allocator measures the deployed (eval) model: a model handed over in train mode gets the same allocation
+    as in eval mode, its BatchNorm running statistics are not updated by the passes, and it stays in train mode."""
+    import copy
+
+    from bitdown.allocate import budget_config
+
+    cfg = QuantConfig(calib_images=128, bn_recalibrate=False, alloc_weighting="sensitivity",
+                      alloc_max_error=[0.05, 0.2, 10.0], alloc_cap_rule="measured")
+    model = net().train()
+    before = copy.deepcopy(model.state_dict())
+    _, rep = budget_config(model, data, cfg, target_ratio=6.0, progress=False)
+    assert model.training and all(m.training for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    _, rep_eval = budget_config(net(), data, cfg, target_ratio=6.0, progress=False)
+    assert rep["layers"] == rep_eval["layers"] and rep["cap_errors"] == rep_eval["cap_errors"]

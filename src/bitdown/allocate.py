@@ -551,9 +551,22 @@ def budget_config(model: nn.Module, batches: list[torch.Tensor], config: QuantCo
                   target_size: str | float | None = None, order: list[str] | None = None,
                   progress: bool = True, extra: Sequence[str] | None = None) -> tuple[QuantConfig, dict]:
     """`config` with exact per-layer name overrides realising the allocation, and a report. `extra`: the
-    options beyond PQ and fp32 (default EXTRA_OPTIONS; e.g. RICH_MENU)."""
+    options beyond PQ and fp32 (default EXTRA_OPTIONS; e.g. RICH_MENU). Every pass runs `model` in eval mode (the
+    deployed model: BatchNorm on its running statistics, which a train-mode forward would update); its mode is
+    put back on return."""
     plans, _ = resolve_plan(model, config, order)
     budget = budget_bytes(model, plans, target_ratio, target_size, extra)  # refuses before any work
+    was_training = model.training
+    model.eval()
+    try:
+        return _budget_config(model, batches, config, plans, budget, target_ratio, target_size, progress, extra)
+    finally:
+        model.train(was_training)
+
+
+def _budget_config(model: nn.Module, batches: list[torch.Tensor], config: QuantConfig, plans: list[LayerPlan],
+                   budget: float, target_ratio: float | None, target_size: str | float | None, progress: bool,
+                   extra: Sequence[str] | None) -> tuple[QuantConfig, dict]:
     _, dense, other = size_bounds(model, plans, extra)
     options = measure_options(model, plans, batches, em=alloc_em(config.em), seed=config.seed, progress=progress,
                               extra=extra)
