@@ -101,6 +101,10 @@ def method_of(r: dict) -> tuple[str, str]:
             return f"other: CLI recipe {r['recipe']}", "bitdown compress CLI"
         if r.get("alloc_cap_rule") == "measured" and r.get("alloc_caps") == list(MEASURED_CAPS):
             return MEASURED, f"bitdown compress CLI, cap {r.get('alloc_max_error')} " + _picked(r)
+        if r.get("alloc_caps") is None and r.get("alloc_max_error") is not None:     # one cap given with --config
+            cap = r["alloc_max_error"]                           # (session 17): 0.2 is what the cap list picks
+            method = COMPACT if cap == 0.2 else COMPACT_03 if cap == 0.3 else f"other: compact recipe with cap {cap:g}"
+            return method, f"bitdown compress CLI, --config alloc_max_error {cap:g}"
         listed = (r.get("alloc_caps") == list(CAP_LIST)          # recorded by recipe_cli.py since session 15,
                   or "cap list" in (r.get("tag") or ""))            # in the tag of the session-14 row
         return (COMPACT if listed else COMPACT_03), "bitdown compress CLI"

@@ -56,7 +56,13 @@ def write_results(tmp: Path, teacher: float = 87.8) -> Path:
          "alloc_max_error": 0.2, "command": "bitdown compress --target-ratio 14"},
         {"model": "efficientnet_lite0", "recipe": "compact", "seed": 0, "ratio": 25.0, "top1": 1.0, "agreement": 1.0,
          "teacher_top1": 87.8, "tag": "", "alloc_caps": list(ec.MEASURED_CAPS), "alloc_cap_rule": "measured",
-         "alloc_max_error": 0.4, "command": "bitdown compress --target-ratio 25"}]))
+         "alloc_max_error": 0.4, "command": "bitdown compress --target-ratio 25"},
+        {"model": "efficientnet_lite0", "recipe": "compact", "seed": 0, "ratio": 16.0, "top1": 50.4, "agreement": 54.2,
+         "teacher_top1": 87.8, "tag": "cap 0.2 fixed", "alloc_max_error": 0.2,
+         "command": "bitdown compress --target-ratio 16 --config {\"alloc_max_error\": 0.2}"},
+        {"model": "efficientnet_lite0", "recipe": "compact", "seed": 0, "ratio": 16.0, "top1": 49.0, "agreement": 52.0,
+         "teacher_top1": 87.8, "tag": "", "alloc_max_error": 0.25,
+         "command": "bitdown compress --target-ratio 16 --config {\"alloc_max_error\": 0.25}"}]))
     (tmp / "peers.json").write_text(json.dumps({
         "runs": [{"command": "python benchmarks/peers.py --models efficientnet_lite0 --settings b4g8,b2"}],
         "rows": [{"model": "efficientnet_lite0", "method": "skm", "setting": "b4g8", "top1": 68.0, "agreement": 70.4,
@@ -71,7 +77,7 @@ def test_rows_are_grouped_deduplicated_and_cite_their_file(tmp_path):
     rows, teacher = ec.collect(write_results(tmp_path))
     assert teacher == 87.8
     by = {(r["method"], r["top1"]): r for r in rows}
-    assert len(rows) == 16                                      # the merged copy of `compact` and resnet20: gone
+    assert len(rows) == 18                                      # the merged copy of `compact` and resnet20: gone
     assert by[(ec.COMPACT_03, 81.6)]["source"] == "one.json"
     assert by[(ec.COMPACT_03, 81.6)]["also_in"] == ["merged.json"]
     assert by[(ec.COMPACT_03, 47.8)]["command"] == "bitdown compress --target-ratio 16"    # untagged CLI row: cap 0.3
@@ -92,6 +98,9 @@ def test_rows_are_grouped_deduplicated_and_cite_their_file(tmp_path):
     assert "--alloc-max-error 0.15,0.2,0.25,0.3,0.4 --alloc-cap-rule measured" in by[(ec.MEASURED, 40.0)]["command"]
     assert ec.missing(rows, ec.MEASURED) == [8, 10, 12, 16, 20]
     assert ec.missing(rows, ec.COMPACT_03) == [8, 12, 14, 20, 25]
+    # a single cap given with --config (session 17): 0.2 is the cap list's pick, another cap is 'other'
+    assert by[(ec.COMPACT, 50.4)]["detail"] == "bitdown compress CLI, --config alloc_max_error 0.2"
+    assert ("other: compact recipe with cap 0.25", 49.0) in by
 
 
 def test_md_and_png_are_written(tmp_path):
