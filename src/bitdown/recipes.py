@@ -118,7 +118,10 @@ def detector_recipe(fast: bool = False) -> tuple[dict[str, Any], dict[str, Any],
 # allocate.measured_cap): each cap of the list the budget satisfies gets its allocation, quantized by the allocator's
 # fast quantizer, and the one whose softmax KL to the teacher on the calibration images is least wins. On
 # EfficientNet-Lite0 that KL orders the caps as their final top-1 does at 16x (0.2 54.0 > 0.25 52.6 > 0.3 47.8 > 0.15
-# 45.2 %) and 20x (0.3 26.2 > 0.2 8.0 %); the logits' MSE does not (docs/DESIGN.md, session 16).
+# 45.2 %) and 20x (0.3 26.2 > 0.2 8.0 %); the logits' MSE does not (docs/DESIGN.md, session 16). Session 17, the
+# plain CLI on its own images: 16x picked 0.25 (48.2 %; 0.2 on the same images 50.4 %), 20x picked 0.4 (19.4 %; the
+# tightest rule's 0.2 gave 8.0 %): caps whose KLs lie within ~0.1 are a tie the rule cannot rank, a far-off cap it
+# rejects (docs/DESIGN.md, session 17).
 COMPACT_QUANT: dict[str, Any] = {
     "codebook_bits": 8,
     "alloc_weighting": "sensitivity",
