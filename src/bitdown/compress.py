@@ -43,7 +43,7 @@ from .teachercap import TeacherInputs, block_run, plan_capture
 from .scalar import (empty_like_plan, is_quantized, quantize_fp16, quantize_module_fp16, quantize_module_scalar,
                      quantize_scalar, round_scalars_)
 from .stats import (LayerStats, StatsCollector, StopForward, capture_input, collect_stats, subsample_positions,
-                    teacher_target_weight)
+                    target_is_determined, teacher_target_weight)
 
 log = logging.getLogger(__name__)
 
@@ -650,7 +650,7 @@ class _BlockRun:
                 continue
             st = self._layer_stats(plan, s_block, s_in, t_block, t_in)
             w0 = self.t_modules[name].weight.detach().cpu()
-            target = teacher_target_weight(w0, st, em.target_damp) if em.teacher_target else w0
+            target = self._teacher_target(name, w0, st)
             if plan.scalar_bits:        # new codes on the (reconstructed) scales
                 res = dist.on_main(lambda: quantize_scalar(target, st.full_gram, plan.scalar_bits, em.damp,
                                                            scale=module.scale.detach().cpu(), zero=module.zero.cpu()),
@@ -715,6 +715,19 @@ class _BlockRun:
         bn = self.bn_after.get(name)                    # 'bn': the post-BatchNorm error; weight 1 without one
         return bn_gain(self.modules[bn]) if bn is not None else None
 
+    def _teacher_target(self, name: str, w0: torch.Tensor, st: LayerStats) -> torch.Tensor:
+        """The weight the layer's EM quantizes: the teacher target (EMConfig.teacher_target) where the calibration
+        inputs determine it (`stats.target_is_determined`, EMConfig.target_min_rows), else `w0` itself."""
+        em = self.config.em
+        if not em.teacher_target:
+            return w0
+        if not target_is_determined(st, em.target_min_rows):
+            log.info("%s: no teacher target (%d calibration input rows for %d weights per output row, below "
+                     "target_min_rows %g): its own weight is quantized", name, st.n_rows, st.full_gram.shape[-1],
+                     em.target_min_rows)
+            return w0
+        return teacher_target_weight(w0, st, em.target_damp)
+
     def _quantize_layer(self, i: int, plan: LayerPlan, s_block: nn.Module, s_in: Cached, t_block, t_in) -> None:
         t1 = time.perf_counter()
         cfg, em = self.config, self.config.em
@@ -722,10 +735,8 @@ class _BlockRun:
         st = self._layer_stats(plan, s_block, s_in, t_block, t_in)
         check_samples(plan, st.n_rows * (plan.row_length // plan.block_size), self.n_calib, self.n_calib)
         w0 = module.weight.detach().cpu()
-        target, shift = w0, {}
-        if em.teacher_target:
-            target = teacher_target_weight(w0, st, em.target_damp)
-            shift = {"target_shift": float((target - w0).norm() / w0.norm())}
+        target = self._teacher_target(plan.name, w0, st)
+        shift = {"target_shift": float((target - w0).norm() / w0.norm())} if target is not w0 else {}
         t_stats = time.perf_counter() - t1
         row_weights = self._row_weights(plan.name, st)
         owner = _shared_param(self.modules, self.plans, plan.share) if plan.share is not None else None
@@ -791,7 +802,10 @@ ADDED_KEYS = {"alloc_max_error": None, "mixup": 0.0, "loss": "auto", "alloc_menu
               "stats_positions": 0, "forward_mb": 16.0, "alloc_sensitivity_loss": "mse",
               "alloc_sensitivity_norm": "sum", "schedule": "step",
               "alloc_cap_rule": "tightest"}
-ADDED_EM_KEYS = {"mean_correction": False}
+ADDED_EM_KEYS = {"mean_correction": False, "target_min_rows": 1.0}
+# target_min_rows (session 17) at its default 1.0 keeps earlier checkpoints resuming: it changes only layers with
+# fewer calibration input rows than weights per row, which were rare (EfficientNet-Lite0's fc, its last layer) and
+# are each quantized validly either way; a checkpoint that already holds such a layer keeps it as it was quantized
 # config keys that change no result, fingerprinted at one fixed value: QuantConfig.cache_mb only moves cached
 # activations between RAM and spill files read back exactly. Its value before session 11's default (512) was
 # 4096, the one checkpoints made then carry in their fingerprint, so any cache_mb matches them.
