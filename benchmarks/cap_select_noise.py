@@ -8,8 +8,8 @@ with the cap selection's KL measured on the first 64 images (the default) and on
 
 Session 17: written for the DESIGN note on the rule's noise."""
 import functools
-import shutil
 import json
+import shutil
 import sys
 import tempfile
 import time
